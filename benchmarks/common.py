@@ -1,0 +1,82 @@
+"""Shared pieces of the benchmarks: synthetic data, steady-state throughput, model FLOPs, tables."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LLAMA_095B = {  # the 0.95B shape of the GPU performance issue
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
+
+
+def random_text(path: Path, n_bytes: int, seed: int = 0) -> Path:
+    """Random printable text; with the byte tokenizer each byte is one token."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz     .,"
+    with path.open("w") as f:
+        while n_bytes > 0:
+            doc = "".join(rng.choice(alphabet) for _ in range(4000))
+            f.write(json.dumps({"text": doc}) + "\n")
+            n_bytes -= len(doc)
+    return path
+
+
+def matmul_tflops(n: int = 8192, repeats: int = 50) -> float:
+    """Measured bf16 matmul rate of this GPU (the MFU denominator)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def flops_per_token(config: dict[str, Any], seq: int) -> float:
+    """6·N (weights, forward + backward) plus 12·layers·hidden·seq (attention scores); no recomputation."""
+    h, layers, inter, vocab = (
+        config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    )
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
+    n_params = layers * per_layer + 2 * vocab * h
+    return 6 * n_params + 12 * layers * h * seq
+
+
+def steady_tokens_per_s(run_dir: Path, skip: int = 3) -> float:
+    """Tokens/s of the median step after the first `skip` (warm-up and compilation excluded; a rare
+    stall, such as a garbage-collection pause, does not move the median)."""
+    import statistics
+
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "step"][skip:]
+    rates = [
+        (b["tokens_seen"] - a["tokens_seen"]) / (b["time"] - a["time"]) for a, b in itertools.pairwise(steps)
+    ]
+    return statistics.median(rates)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = [" | ".join(c.ljust(widths[c]) for c in columns), "-|-".join("-" * widths[c] for c in columns)]
+    lines += [" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text

@@ -1,0 +1,100 @@
+"""Full fine-tuning throughput through `fulcrum train` (run_job) on one GPU: tokens/s, MFU, peak memory.
+
+python benchmarks/full_finetune.py --out /tmp/bench [--steps 20] [--variants mb4-ckpt,mb8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from benchmarks.common import (
+    LLAMA_095B,
+    flops_per_token,
+    matmul_tflops,
+    print_table,
+    random_text,
+    steady_tokens_per_s,
+)
+from cluster.local import ensure_ray
+from trainers.run import run_job
+from trainers.spec import parse_spec
+
+SEQ = 2048
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mb4-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True},
+    "mb4": {"micro_batch_size": 4, "gradient_checkpointing": False},
+    "mb8": {"micro_batch_size": 8, "gradient_checkpointing": False},
+    "mb8-compile": {"micro_batch_size": 8, "gradient_checkpointing": False, "compile": True},
+    "mb16-ckpt": {"micro_batch_size": 16, "gradient_checkpointing": True},
+    "mb4-zero3-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True, "zero_stage": 3},
+}
+
+
+def run_variant(name: str, out: Path, data: Path, steps: int) -> dict[str, Any]:
+    v = dict(VARIANTS[name])
+    zero = v.pop("zero_stage", "auto")
+    spec = parse_spec(
+        {
+            "name": f"bench-{name}",
+            "model": {"config": LLAMA_095B, "tokenizer": "bytes", "dtype": "bfloat16"},
+            "method": {"kind": "full"},
+            "objective": {"kind": "cpt"},
+            "data": {"train": str(data), "max_length": SEQ, "eval_fraction": 0},
+            "train": {
+                "max_steps": steps,
+                "batch_size": v["micro_batch_size"],
+                "lr": 1e-4,
+                "log_every": 1,
+                "checkpoint_every": 0,
+                "eval_every": 0,
+                **v,
+            },
+            "scaling": {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 4, "zero_stage": zero},
+            "eval": {"samples": 0},
+            "output": str(out / name),
+        }
+    )
+    summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
+    tps = steady_tokens_per_s(out / name)
+    return {
+        "variant": name,
+        "tokens/s": tps,
+        "peak GiB": (summary["peak_memory_bytes"] or 0) / 2**30,
+        "engine": summary["engine"],
+        "ckpt": summary["gradient_checkpointing"],
+        "loss": f"{summary['first_loss']:.3f}->{summary['last_loss']:.3f}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    peak = matmul_tflops()
+    per_token = flops_per_token(LLAMA_095B, SEQ)
+    data = random_text(args.out / "random.jsonl", SEQ * 8 * (args.steps + 2))
+    ensure_ray(min_cpus=6)
+    rows = []
+    for name in args.variants.split(","):
+        try:
+            row = run_variant(name, args.out, data, args.steps)
+            row["MFU %"] = 100 * row["tokens/s"] * per_token / (peak * 1e12)
+        except Exception as e:  # one variant's OOM must not lose the others' numbers
+            row = {"variant": name, "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
+        rows.append({k: (f"{x:.1f}" if isinstance(x, float) else x) for k, x in row.items()})
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"matmul bf16 8192^3: {peak:.0f} TFLOP/s; model FLOPs/token: {per_token / 1e9:.2f} G")
+    print_table(rows, ["variant", "engine", "ckpt", "tokens/s", "MFU %", "peak GiB", "loss"])
+
+
+if __name__ == "__main__":
+    main()

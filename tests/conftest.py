@@ -1,0 +1,29 @@
+"""One Ray cluster for the whole session; tiny models built from a config; data made here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Materialized bases go to a per-session cache; workers inherit the variable from the driver."""
+    cache = Path(os.environ.get("FULCRUM_TEST_CACHE") or tmp_path_factory.mktemp("fulcrum-cache"))
+    os.environ["FULCRUM_CACHE"] = str(cache)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(_cache: Path) -> Any:
+    import ray
+
+    from cluster.local import ensure_ray
+
+    ensure_ray(min_cpus=6)  # logical CPUs: 2 workers, a third for a relaunch, one for the evaluation
+    yield ray
+    ray.shutdown()

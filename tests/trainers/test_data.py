@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from tests.helpers import TINY_LLAMA, alpaca_rows, chat_rows, text_rows, tiny_spec, write_jsonl
+from trainers.data import (
+    IGNORE,
+    collate,
+    pack_greedy,
+    pack_stream,
+    prepare,
+    shard_rows,
+    tokenize_sft,
+    total_steps,
+)
+from trainers.errors import DataError
+from trainers.models import byte_tokenizer, load_model, materialize_base
+from trainers.spec import parse_spec
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def spec_for(tmp_path: Path, rows: list[dict] | None = None, objective: str = "cpt", **data: object):
+    if rows is not None:
+        write_jsonl(tmp_path / "train.jsonl", rows)
+    return parse_spec(tiny_spec(tmp_path, objective={"kind": objective}, data={"eval_fraction": 0.0, **data}))
+
+
+def test_sft_prompt_tokens_carry_ignore_label(tok) -> None:
+    messages = [{"role": "user", "content": "add 2 and 3"}, {"role": "assistant", "content": "5"}]
+    ids, labels = tokenize_sft(tok, messages, 256)
+    answer = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    assert answer == "5<|im_end|>\n"
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    prompt_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert all(lab == IGNORE for lab in labels[:prompt_len])
+    assert all(lab != IGNORE for lab in labels[prompt_len:])
+
+
+def test_chat_rows_train_only_on_assistant_turns(tok) -> None:
+    messages = chat_rows(1)[0]["messages"]
+    ids, labels = tokenize_sft(tok, messages, 512)
+    labelled = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    word = messages[1]["content"]
+    assert labelled == f"{word} {word}<|im_end|>\n" * 2
+    assert "Repeat" not in labelled and "again" not in labelled
+
+
+def test_formats_are_detected_and_checked_against_objective(tmp_path: Path, tok) -> None:
+    assert prepare(spec_for(tmp_path, alpaca_rows(30), "sft"), tok).format == "alpaca"
+    assert prepare(spec_for(tmp_path, chat_rows(30), "sft"), tok).format == "chat"
+    assert prepare(spec_for(tmp_path, text_rows(30), "cpt"), tok).format == "text"
+    with pytest.raises(DataError, match="objective `sft` trains on alpaca or chat"):
+        prepare(spec_for(tmp_path, text_rows(30), "sft"), tok)
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        prepare(spec_for(tmp_path, [{"question": "q", "answer": "a"}] * 5, "sft"), tok)
+
+
+def test_bad_json_line_is_named_or_skipped(tmp_path: Path, tok) -> None:
+    lines = [json.dumps(r) for r in alpaca_rows(30)]
+    lines[6] = '{"instruction": "broken", "output": '
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        prepare(spec_for(tmp_path, None, "sft"), tok)
+    assert "train.jsonl: line 7: not valid JSON" in str(info.value)
+    data = prepare(spec_for(tmp_path, None, "sft", skip_bad_rows=True), tok)
+    assert len(data.skipped) == 1 and data.train.rows_read == 30 and data.train.rows_skipped == 1
+
+
+def test_bad_field_names_line_and_field(tmp_path: Path, tok) -> None:
+    rows = alpaca_rows(30)
+    rows[11]["output"] = ""
+    rows[20] = {"instruction": "x", "output": 5}  # a number: mixed column types
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        prepare(spec_for(tmp_path, None, "sft"), tok)
+    assert "line 12" in str(info.value) and "field `output`" in str(info.value)
+    data = prepare(spec_for(tmp_path, None, "sft", skip_bad_rows=True), tok)
+    assert data.train.rows_skipped == 2 and data.train.table.num_rows == 28
+
+
+def test_bad_chat_row(tmp_path: Path, tok) -> None:
+    rows = chat_rows(10)
+    rows[3] = {"messages": [{"role": "user", "content": "hi"}]}
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match="line 4: field `messages` has no assistant answer"):
+        prepare(spec_for(tmp_path, None, "sft"), tok)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "json", "saved"])
+def test_other_file_kinds(tmp_path: Path, tok, kind: str) -> None:
+    rows = alpaca_rows(25)
+    ds = datasets.Dataset.from_list(rows)
+    target = {
+        "parquet": tmp_path / "d.parquet",
+        "csv": tmp_path / "d.csv",
+        "json": tmp_path / "d.json",
+        "saved": tmp_path / "saved",
+    }[kind]
+    if kind == "parquet":
+        ds.to_parquet(target)
+    elif kind == "csv":
+        ds.to_csv(target, index=False)
+    elif kind == "json":
+        target.write_text(json.dumps(rows))
+    else:
+        ds.save_to_disk(str(target))
+    spec = parse_spec(
+        tiny_spec(tmp_path, objective={"kind": "sft"}, data={"train": str(target), "eval_fraction": 0})
+    )
+    data = prepare(spec, tok)
+    assert data.format == "alpaca" and data.train.table.num_rows == 25
+
+
+def test_unknown_file_type(tmp_path: Path, tok) -> None:
+    (tmp_path / "d.xml").write_text("<x/>")
+    spec = parse_spec(tiny_spec(tmp_path, data={"train": str(tmp_path / "d.xml")}))
+    with pytest.raises(DataError, match=r"unknown data file type `\.xml`"):
+        prepare(spec, tok)
+
+
+def test_shards_are_disjoint_equal_and_cover_the_data() -> None:
+    for world in (1, 2, 3):
+        shards = [shard_rows(101, r, world, seed=5) for r in range(world)]
+        sizes = {len(s) for s in shards}
+        assert sizes == {101 // world}
+        flat = [i for s in shards for i in s]
+        assert len(flat) == len(set(flat))  # disjoint
+        assert len(flat) > 101 - world  # only the remainder is left out
+
+
+def test_packing_cpt_makes_full_blocks_with_document_positions(tmp_path: Path, tok) -> None:
+    data = prepare(spec_for(tmp_path, text_rows(40, words=8), "cpt"), tok)
+    table = data.train.table.to_pydict()
+    assert all(len(ids) == 64 for ids in table["input_ids"])
+    assert any(0 in pos[1:] for pos in table["position_ids"])  # a new document starts inside a block
+    for pos, labels in zip(table["position_ids"], table["labels"], strict=True):
+        assert all(lab == IGNORE for p, lab in zip(pos, labels, strict=True) if p == 0)
+
+
+def test_packed_documents_do_not_attend_to_each_other(tok) -> None:
+    """Two documents packed in one row give the same logits as each on its own."""
+    from types import SimpleNamespace
+
+    source = materialize_base(SimpleNamespace(base=None, config=TINY_LLAMA, tokenizer="bytes"))
+    model = load_model(source, dtype=torch.float32)
+    a, b = tok("first document")["input_ids"], tok("second one")["input_ids"]
+    packed = collate(pack_greedy([a, b], [a, b], 64), tok.pad_token_id, packed=True)
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        first = next(d for d in (a, b) if d == packed["input_ids"][0, : len(d)].tolist())
+        second = b if first is a else a
+        alone = model(input_ids=torch.tensor([second])).logits[0]
+    assert torch.allclose(together[len(first) : len(first) + len(second)], alone, atol=1e-5)
+
+
+def test_stream_packing_drops_only_the_tail() -> None:
+    docs = [[1] * 10, [2] * 7, [3] * 20]
+    packed = pack_stream(docs, docs, 8)
+    assert len(packed["input_ids"]) == 37 // 8
+    assert packed["position_ids"][1][:3] == [
+        0,
+        1,
+        0,
+    ]  # rest of document 1 (positions restart per block), then 2
+
+
+def test_total_steps_and_too_little_data(tmp_path: Path, tok) -> None:
+    spec = parse_spec(tiny_spec(tmp_path, train={"max_steps": None, "epochs": 2, "batch_size": 8}))
+    assert total_steps(spec, 40) == 2 * (40 // 8)
+    spec.train.max_steps = 17
+    assert total_steps(spec, 40) == 17  # max_steps overrides epochs, looping over the data
+    with pytest.raises(DataError, match="fewer than one optimizer step"):
+        total_steps(spec, 5)

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from tests.helpers import tiny_spec, write_spec
+from trainers.errors import SpecError
+from trainers.spec import load_spec
+
+
+def error_of(tmp_path: Path, spec: dict | str) -> str:
+    path = write_spec(tmp_path, spec) if isinstance(spec, dict) else tmp_path / "spec.yaml"
+    if isinstance(spec, str):
+        path.write_text(spec)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return str(info.value)
+
+
+def test_valid_spec_resolves_defaults_and_paths(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, tiny_spec(tmp_path, output=None)))
+    assert spec.output == str(Path("runs/tiny").resolve())
+    assert Path(spec.data.train).is_absolute()
+    assert spec.train.seed == 0 and spec.scaling.zero_stage == "auto" and spec.packing is True
+    assert spec.grad_accum == 2  # 8 sequences / (4 per micro-batch x 1 worker)
+
+
+def test_data_path_relative_to_the_spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = tiny_spec(tmp_path)
+    spec["data"]["train"] = "train.jsonl"
+    path = write_spec(tmp_path, spec)
+    monkeypatch.chdir("/")
+    assert load_spec(path).data.train == str(tmp_path / "train.jsonl")
+
+
+def test_unknown_field_names_line_field_and_suggestion(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    spec["train"]["micro_batch_sise"] = 2
+    msg = error_of(tmp_path, spec)
+    assert "train.micro_batch_sise" in msg and "did you mean `micro_batch_size`" in msg
+    assert msg.startswith(f"{tmp_path / 'spec.yaml'}:")
+    line = int(msg.split(":")[1])
+    assert "micro_batch_sise" in (tmp_path / "spec.yaml").read_text().splitlines()[line - 1]
+
+
+def test_wrong_type_names_the_field(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, train={"lr": "fast"}))
+    assert "train.lr" in msg and "'fast'" in msg
+
+
+def test_lora_options_on_full_are_rejected(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, method={"kind": "full", "rank": 8}))
+    assert "method.rank" in msg and "method `full`" in msg
+
+
+def test_unknown_method_kind(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, method={"kind": "lorax"}))
+    assert "method.kind" in msg and "lora" in msg
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    spec["data"]["train"] = "nowhere.jsonl"
+    msg = error_of(tmp_path, spec)
+    assert "data.train" in msg and "nowhere.jsonl" in msg and "not found" in msg
+
+
+def test_workers_below_one(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, scaling={"workers": 0}))
+    assert "scaling.workers" in msg and "greater than or equal to 1" in msg
+
+
+def test_batch_size_must_split_into_micro_batches(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, train={"batch_size": 10, "micro_batch_size": 4}))
+    assert "train.batch_size" in msg and "multiple" in msg
+
+
+def test_zero_stage_only_for_full(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, method={"kind": "lora"}, scaling={"zero_stage": 3}))
+    assert "scaling.zero_stage" in msg
+
+
+def test_model_needs_exactly_one_source(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    spec["model"]["base"] = "some/model"
+    assert "model" in error_of(tmp_path, spec) and "exactly one" in error_of(tmp_path, spec)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "name: x\nmodel: {base: [oops\n")
+    assert "spec.yaml:" in msg and "not valid YAML" in msg
+
+
+def test_cli_bad_spec_one_line_exit_2_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tiny_spec(tmp_path, method={"kind": "full", "alpha": 16})
+    code = main(["train", str(write_spec(tmp_path, spec))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "method.alpha" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_validate_prints_resolved_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(write_spec(tmp_path, tiny_spec(tmp_path))), "--show"]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "micro_batch_size: 4" in out
+
+
+def test_docs_spec_reference_is_current() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    from spec_reference import render
+
+    docs = (Path(__file__).parents[2] / "docs" / "spec.md").read_text()
+    assert render() in docs, "docs/spec.md is stale: regenerate its field tables with tools/spec_reference.py"

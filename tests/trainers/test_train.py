@@ -1,0 +1,180 @@
+"""Real training jobs on the session's Ray cluster: Ray Train workers, DeepSpeed engines, PEFT."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from tests.helpers import chat_rows, tiny_spec, write_jsonl, write_spec
+from trainers.run import run_job
+from trainers.spec import load_spec
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def train(tmp_path: Path, evaluate: bool = False, **overrides: Any) -> tuple[dict[str, Any], Path]:
+    spec = load_spec(write_spec(tmp_path, tiny_spec(tmp_path, **overrides)))
+    summary = run_job(spec, console=Console(file=io.StringIO(), width=120), evaluate=evaluate)
+    return summary, Path(str(spec.output))
+
+
+def steps_of(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "step"]
+
+
+def base_weights(summary: dict[str, Any]) -> dict[str, torch.Tensor]:
+    spec = load_spec(Path(summary["run_dir"]) / "spec.yaml")
+    from trainers.models import materialize_base
+
+    return load_file(str(Path(materialize_base(spec.model)) / "model.safetensors"))
+
+
+def test_zero3_two_workers_shards_parameters_and_learns(tmp_path: Path) -> None:
+    summary, run = train(
+        tmp_path,
+        evaluate=True,
+        scaling={"workers": 2, "zero_stage": 3},
+        train={"max_steps": 8, "checkpoint_every": 4, "eval_every": 4},
+    )
+    ranks = [r for r in summary["ranks"] if r["start_step"] == 0]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:  # each rank holds about half of every parameter (its ds_tensor)
+        assert r["engine"] == "deepspeed-zero3"
+        assert r["held_fraction"] == pytest.approx(0.5, abs=0.01)
+        assert r["largest_param_fraction"] <= 0.51
+    assert summary["last_loss"] < 0.9 * summary["first_loss"]
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+    for name in ("spec.yaml", "metrics.jsonl", "loss.png", "eval.json", "summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoint_000004" / "trainer_state.json").is_file()
+    assert [s["step"] for s in steps_of(run)] == list(range(1, 9))
+    # The gathered model loads with plain transformers and differs from the base.
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(run / "model")
+    base = base_weights(summary)
+    assert not torch.equal(
+        tuned.state_dict()["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert summary["trainable_params"] == summary["total_params"] == sum(v.numel() for v in base.values())
+    assert summary["artifact_bytes"] > 0 and summary["tokens_seen"] == 8 * 8 * 64
+    assert summary["tokens_per_s"] > 0 and summary["train_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    ("workers", "stage", "offload"),
+    [(1, 0, "none"), (2, 1, "none"), (2, 2, "optimizer"), (2, 3, "all")],
+)
+def test_full_fine_tuning_every_zero_stage(tmp_path: Path, workers: int, stage: int, offload: str) -> None:
+    summary, _ = train(tmp_path, scaling={"workers": workers, "zero_stage": stage, "offload": offload})
+    assert summary["engine"] == f"deepspeed-zero{stage}"
+    assert summary["last_loss"] < 0.9 * summary["first_loss"]
+
+
+def test_zero_stage_auto_on_one_worker_is_zero0(tmp_path: Path) -> None:
+    summary, _ = train(tmp_path, train={"max_steps": 2})
+    assert summary["engine"] == "deepspeed-zero0"
+
+
+def test_lora_ddp_two_workers(tmp_path: Path) -> None:
+    summary, run = train(
+        tmp_path,
+        method={"kind": "lora", "rank": 16, "alpha": 32},
+        scaling={"workers": 2},
+        train={"lr": 5.0e-2, "max_steps": 10, "scheduler": "constant"},
+    )
+    assert summary["engine"] == "ddp"
+    # A frozen random head starts at uniform loss (ln 259 = 5.56); the adapter must pull it down.
+    assert summary["last_loss"] < summary["first_loss"] - 0.2
+    assert {p.name for p in (run / "adapter").iterdir()} >= {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    }
+    assert 0 < summary["trainable_params"] < 0.5 * summary["total_params"]
+    assert summary["artifact_bytes"] < 4 * summary["total_params"]  # smaller than the fp32 base
+    # The adapter changes the output, and the base weights under it are untouched.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = load_spec(run / "spec.yaml")
+    from trainers.models import materialize_base
+
+    source = materialize_base(spec.model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source), run / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    assert not torch.allclose(tuned, plain, atol=1e-4)
+    base = base_weights(summary)
+    merged_free = model.get_base_model().state_dict()
+    assert torch.equal(
+        merged_free["model.layers.0.self_attn.q_proj.base_layer.weight"],
+        base["model.layers.0.self_attn.q_proj.weight"],
+    )
+
+
+def test_qlora_nf4_on_cpu(tmp_path: Path) -> None:
+    summary, run = train(
+        tmp_path,
+        method={"kind": "qlora", "rank": 16, "alpha": 32},
+        train={"lr": 3.0e-2, "max_steps": 10, "scheduler": "constant"},
+    )
+    assert summary["last_loss"] < summary["first_loss"] - 0.2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    assert summary["trainable_params"] < 0.5 * summary["total_params"]
+
+
+def test_freeze_trains_only_the_top_layers(tmp_path: Path) -> None:
+    summary, run = train(tmp_path, method={"kind": "freeze", "top_layers": 1}, train={"max_steps": 6})
+    assert summary["last_loss"] < 0.95 * summary["first_loss"]
+    tuned, base = load_file(str(run / "model" / "model.safetensors")), base_weights(summary)
+    bottom = [k for k in base if k.startswith("model.layers.0.")]
+    top = [k for k in base if k.startswith("model.layers.1.")]
+    assert bottom and all(torch.equal(tuned[k], base[k]) for k in bottom)
+    assert torch.equal(tuned["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert all(not torch.equal(tuned[k], base[k]) for k in top if k.endswith("proj.weight"))
+    assert not torch.equal(tuned["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_sft_chat_with_before_after_eval(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "chat.jsonl", chat_rows(80))
+    summary, run = train(
+        tmp_path,
+        evaluate=True,
+        objective={"kind": "sft"},
+        data={"train": str(tmp_path / "chat.jsonl"), "max_length": 128, "eval_fraction": 0.1},
+        method={"kind": "lora", "rank": 8, "alpha": 16},
+        train={"lr": 1.0e-2, "max_steps": 10},
+        eval={"samples": 2, "max_new_tokens": 8},
+    )
+    report = json.loads((run / "eval.json").read_text())
+    assert report["after"]["loss"] < report["before"]["loss"]
+    assert report["after"]["perplexity"] < report["before"]["perplexity"]
+    assert len(report["samples"]) == 2 and all(s["reference"] for s in report["samples"])
+    assert summary["eval_loss_before"] == pytest.approx(report["before"]["loss"])
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path: Path) -> None:
+    lines = [json.dumps(r) for r in chat_rows(40)] + ["not json", json.dumps({"messages": []})]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    summary, _ = train(
+        tmp_path,
+        objective={"kind": "sft"},
+        method={"kind": "lora"},
+        data={"train": str(tmp_path / "chat.jsonl"), "max_length": 128, "skip_bad_rows": True},
+        train={"max_steps": 2},
+    )
+    assert len(summary["rows_skipped"]) == 2
+    assert "line 41: not valid JSON" in summary["rows_skipped"][0]
+    assert "line 42: field `messages`" in summary["rows_skipped"][1]

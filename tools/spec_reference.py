@@ -1,0 +1,70 @@
+"""Prints docs/spec.md's field tables from the JobSpec models, so the reference cannot drift.
+
+python tools/spec_reference.py > docs/spec-fields.md
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from trainers import spec as s
+
+SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("top level", s.JobSpec),
+    ("model", s.ModelSpec),
+    ("method: full", s.FullMethod),
+    ("method: freeze", s.FreezeMethod),
+    ("method: lora", s.LoraMethod),
+    ("method: qlora", s.QLoraMethod),
+    ("objective: cpt", s.CptObjective),
+    ("objective: sft", s.SftObjective),
+    ("data", s.DataSpec),
+    ("train", s.TrainSpec),
+    ("scaling", s.ScalingSpec),
+    ("eval", s.EvalSpec),
+]
+
+
+def type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    if typing.get_origin(annotation) is typing.Annotated:
+        return "section (by kind)"
+    text = str(annotation).replace("typing.", "").replace("NoneType", "null")
+    if "trainers.spec." in text:  # the method / objective unions
+        return "section (by kind)"
+    text = text.replace("<class '", "").replace("'>", "").replace("Union[", "").replace("Literal", "")
+    return text.replace("]]", "]").replace("|", "\\|")
+
+
+def default_of(field: Any) -> str:
+    if field.default_factory is not None:
+        return "(section defaults)" if field.default_factory not in (list, dict) else "[]"
+    if field.default is PydanticUndefined:
+        return "**required**"
+    return json.dumps(field.default)
+
+
+def render() -> str:
+    out = []
+    for title, model in SECTIONS:
+        out.append(f"### {title}\n")
+        if model.__doc__ and model.__module__ == s.__name__ and model is not s.JobSpec:
+            out.append(model.__doc__.strip().splitlines()[0] + "\n")
+        out.append("| field | type | default | meaning |\n| --- | --- | --- | --- |")
+        for name, field in model.model_fields.items():
+            meaning = (field.description or ("Selects this variant." if name == "kind" else "")).replace(
+                "|", "\\|"
+            )
+            out.append(f"| `{name}` | `{type_name(field.annotation)}` | {default_of(field)} | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

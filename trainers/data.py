@@ -1,0 +1,501 @@
+"""Data: read (jsonl, json, parquet, csv, a saved `datasets` dir) -> check rows -> format -> tokenize -> pack.
+
+Everything here runs on the driver once; workers receive the tokenized table through the Ray
+object store and take a disjoint shard of it (`shard_rows`), so the same code works on a laptop and
+on a cluster whose workers cannot see the driver's disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import torch
+
+from trainers.errors import DataError
+
+IGNORE = -100  # label value that the loss skips
+FORMATS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+OBJECTIVE_FORMATS = {"cpt": ("text",), "sft": ("alpaca", "chat")}
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class RawRows:
+    rows: datasets.Dataset | list[dict[str, Any]]  # plain dicts when the Arrow reader gave up
+    path: str
+    where: Callable[[int], str]  # row index -> "line 17" / "row 17"
+    skipped: list[str] = field(default_factory=list)  # descriptions of skipped rows
+
+
+def _json_line_numbers(path: str) -> list[int]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [i for i, line in enumerate(f, 1) if line.strip()]
+
+
+def _read_json_by_hand(path: str, skip_bad: bool) -> RawRows:
+    """Slow path, used when the Arrow reader rejects a file: find (or skip) the bad lines."""
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    skipped: list[str] = []
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from None
+        pairs = [(i + 1, item) for i, item in enumerate(items)]
+        label = "item"
+    else:
+        pairs = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                msg = f"{path}: line {lineno}: not valid JSON: {e.msg} (column {e.colno})"
+                if not skip_bad:
+                    raise DataError(msg + "; fix the line or set data.skip_bad_rows: true") from None
+                skipped.append(msg)
+        label = "line"
+    for lineno, item in pairs:
+        if not isinstance(item, dict):
+            msg = f"{path}: {label} {lineno}: expected a JSON object, got {type(item).__name__}"
+            if not skip_bad:
+                raise DataError(msg)
+            skipped.append(msg)
+            continue
+        rows.append(item)
+        lines.append(lineno)
+    # Kept as dicts: columns of mixed types (a number where others have text) cannot become Arrow
+    # columns until check_rows has named or dropped the bad rows.
+    return RawRows(rows, path, lambda i: f"{label} {lines[i]}", skipped)
+
+
+def column_names(raw: RawRows) -> list[str]:
+    if isinstance(raw.rows, datasets.Dataset):
+        return raw.rows.column_names
+    return sorted({k for row in raw.rows[:100] for k in row})
+
+
+def _plain_text_columns(rows: datasets.Dataset) -> bool:
+    text_fields = ("text", "instruction", "input", "output")
+    return all(
+        getattr(rows.features[c], "dtype", None) in ("string", "large_string", "null")
+        for c in text_fields
+        if c in rows.features
+    )
+
+
+def read_rows(path: str, skip_bad: bool) -> RawRows:
+    """Read one data file or saved dataset directory into a `datasets.Dataset`."""
+    p = Path(path)
+    suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
+    try:
+        if p.is_dir():
+            loaded = datasets.load_from_disk(str(p))
+            if isinstance(loaded, datasets.DatasetDict):
+                if "train" not in loaded:
+                    raise DataError(f"{path}: a saved DatasetDict without a `train` split: {list(loaded)}")
+                loaded = loaded["train"]
+            return RawRows(loaded, path, lambda i: f"row {i}")
+        builder = {
+            ".jsonl": "json",
+            ".json": "json",
+            ".jsonl.gz": "json",
+            ".parquet": "parquet",
+            ".csv": "csv",
+        }
+        if suffix not in builder:
+            raise DataError(
+                f"{path}: unknown data file type `{suffix or '(none)'}`; "
+                "use .jsonl, .json, .parquet, .csv or a directory saved with datasets' save_to_disk"
+            )
+        options: dict[str, Any] = {}
+        if suffix == ".csv":
+            # Cells stay text: "42" is an answer, not a number, and an empty cell is "", not NaN.
+            with open(p, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            options = {
+                "features": datasets.Features({c: datasets.Value("string") for c in header}),
+                "keep_default_na": False,
+            }
+        loaded = datasets.load_dataset(builder[suffix], data_files=str(p), split="train", **options)
+    except DataError:
+        raise
+    except Exception as e:
+        if suffix in (".jsonl", ".json"):
+            return _read_json_by_hand(path, skip_bad)
+        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+    if suffix in (".jsonl", ".json") and not _plain_text_columns(loaded):
+        return _read_json_by_hand(path, skip_bad)  # mixed types: Arrow would silently coerce them
+    if suffix == ".jsonl":
+        numbers: list[int] = []
+
+        def where(i: int) -> str:
+            if not numbers:
+                numbers.extend(_json_line_numbers(path))
+            return f"line {numbers[i]}"
+
+        return RawRows(loaded, path, where)
+    if suffix == ".csv":
+        return RawRows(loaded, path, lambda i: f"row {i + 1} (line {i + 2})")
+    return RawRows(loaded, path, lambda i: f"row {i}")
+
+
+# --------------------------------------------------------------------------- checking
+def detect_format(raw: RawRows, declared: str, objective: str) -> str:
+    columns = set(column_names(raw))
+    if declared != "auto":
+        fmt = declared
+    else:
+        found = [name for name, needs in FORMATS.items() if set(needs) <= columns]
+        if not found:
+            raise DataError(
+                f"{raw.path}: cannot tell the data format from the columns {sorted(columns)}; expected "
+                "`text` (cpt), `instruction`/`input`/`output` (alpaca) or `messages` (chat); "
+                "rename the columns or set data.format"
+            )
+        fmt = found[0]
+    missing = [c for c in FORMATS[fmt] if c not in columns]
+    if missing:
+        raise DataError(f"{raw.path}: format `{fmt}` needs the column(s) {missing}; found {sorted(columns)}")
+    if fmt not in OBJECTIVE_FORMATS[objective]:
+        wanted = " or ".join(OBJECTIVE_FORMATS[objective])
+        raise DataError(
+            f"{raw.path}: rows are `{fmt}` but objective `{objective}` trains on {wanted} rows; "
+            "change objective.kind or the data"
+        )
+    return fmt
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def row_problem(row: dict[str, Any], fmt: str) -> str | None:
+    """What is wrong with one row, naming the field, or None."""
+    if fmt == "text":
+        return None if _nonempty_str(row.get("text")) else "field `text` must be a non-empty string"
+    if fmt == "alpaca":
+        for name in ("instruction", "output"):
+            if not _nonempty_str(row.get(name)):
+                return f"field `{name}` must be a non-empty string"
+        if row.get("input") not in (None, "") and not isinstance(row.get("input"), str):
+            return "field `input` must be a string"
+        return None
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "field `messages` must be a non-empty list of {role, content}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"field `messages[{i}]` must be {{role: system|user|assistant, content: string}}"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages[1:]):
+        return "field `messages` has no assistant answer after the first message"
+    return None
+
+
+def check_rows(raw: RawRows, fmt: str, skip_bad: bool) -> datasets.Dataset:
+    columns = [c for c in ("text", "instruction", "input", "output", "messages") if c in column_names(raw)]
+    rows = raw.rows.select_columns(columns) if isinstance(raw.rows, datasets.Dataset) else raw.rows
+    bad: list[int] = []
+    for i, row in enumerate(rows):
+        problem = row_problem(row, fmt)
+        if problem is None:
+            continue
+        msg = f"{raw.path}: {raw.where(i)}: {problem}"
+        if not skip_bad:
+            raise DataError(msg + "; fix the row or set data.skip_bad_rows: true")
+        raw.skipped.append(msg)
+        bad.append(i)
+    bad_set = set(bad)
+    if isinstance(raw.rows, list):
+        return datasets.Dataset.from_list(
+            [{c: row.get(c) for c in columns} for i, row in enumerate(raw.rows) if i not in bad_set]
+        )
+    return raw.rows.select([i for i in range(len(raw.rows)) if i not in bad_set]) if bad else raw.rows
+
+
+# --------------------------------------------------------------------------- formatting + tokenizing
+def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    if fmt == "chat":
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def answer_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant answers in it.
+
+    Relies on the chat template being prefix-stable (rendering the first k turns gives a prefix of
+    rendering all of them), which holds for the common templates; a template that breaks it is reported.
+    """
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start_text = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        end_text = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(start_text) and full.startswith(end_text)):
+            raise DataError(
+                "the tokenizer's chat template is not prefix-stable, so answer tokens cannot be located; "
+                "set model.tokenizer to one with a standard template"
+            )
+        spans.append((len(start_text), len(end_text)))
+    return full, spans
+
+
+def tokenize_sft(
+    tokenizer: Any, messages: list[dict[str, str]], max_length: int
+) -> tuple[list[int], list[int]]:
+    text, spans = answer_spans(tokenizer, messages)
+    enc = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
+    ids = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    for k, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(s <= start < e for s, e in spans):
+            labels[k] = ids[k]
+    return ids, labels
+
+
+def tokenize_rows(rows: datasets.Dataset, fmt: str, tokenizer: Any, max_length: int) -> datasets.Dataset:
+    columns = rows.column_names
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        n = len(batch[columns[0]])
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        for i in range(n):
+            row = {c: batch[c][i] for c in columns}
+            if fmt == "text":
+                ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                labels = list(ids)
+            else:
+                ids, labels = tokenize_sft(tokenizer, to_messages(row, fmt), max_length)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+        return out
+
+    return rows.map(encode, batched=True, remove_columns=columns, keep_in_memory=True, desc="tokenizing")
+
+
+def pack_stream(ids: list[list[int]], labels: list[list[int]], block: int) -> dict[str, list[list[int]]]:
+    """Concatenate documents and cut fixed-length blocks; position_ids restart at each document so
+    attention never crosses documents (transformers builds a block-diagonal mask from them)."""
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    cur_pos: list[int] = []
+    for doc_ids, doc_labels in zip(ids, labels, strict=True):
+        pos = 0
+        for tok, lab in zip(doc_ids, doc_labels, strict=True):
+            cur_ids.append(tok)
+            cur_labels.append(
+                lab if pos else IGNORE
+            )  # never predict a document's first token from the last one
+            cur_pos.append(pos)
+            pos += 1
+            if len(cur_ids) == block:
+                out["input_ids"].append(cur_ids)
+                out["labels"].append(cur_labels)
+                out["position_ids"].append(cur_pos)
+                cur_ids, cur_labels, cur_pos, pos = [], [], [], 0
+    return out  # the last partial block is dropped, as usual for packing
+
+
+def pack_greedy(ids: list[list[int]], labels: list[list[int]], block: int) -> dict[str, list[list[int]]]:
+    """SFT packing: whole examples into rows of at most `block` tokens (first fit, longest first)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(ids[i])
+        for b, free in enumerate(room):
+            if free >= n:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(block - n)
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in bins:
+        out["input_ids"].append([t for i in members for t in ids[i]])
+        out["labels"].append([t for i in members for t in labels[i]])
+        out["position_ids"].append([p for i in members for p in range(len(ids[i]))])
+    return out
+
+
+@dataclass
+class PreparedSplit:
+    table: pa.Table  # input_ids, labels and (when packed) position_ids
+    rows_read: int
+    rows_skipped: int
+    tokens: int  # label-carrying tokens
+    prompts: list[dict[str, Any]]  # a few raw rows for before/after answers
+
+
+@dataclass
+class PreparedData:
+    train: PreparedSplit
+    eval: PreparedSplit | None
+    format: str
+    skipped: list[str]
+
+
+def _finish(
+    rows: datasets.Dataset, fmt: str, tokenizer: Any, max_length: int, packing: bool, objective: str
+) -> pa.Table:
+    tok = tokenize_rows(rows, fmt, tokenizer, max_length)
+    ids, labels = tok["input_ids"], tok["labels"]
+    if packing:
+        packed = (
+            pack_stream(ids, labels, max_length)
+            if objective == "cpt"
+            else pack_greedy(ids, labels, max_length)
+        )
+        if not packed["input_ids"]:
+            raise DataError(
+                f"the data holds fewer than max_length={max_length} tokens, so packing made no block; "
+                "lower data.max_length or add data"
+            )
+        return pa.table(packed)
+    if objective == "cpt":  # unpacked raw text: long documents are cut into max_length pieces
+        cut_ids = [d[i : i + max_length] for d in ids for i in range(0, len(d), max_length)]
+        return pa.table({"input_ids": cut_ids, "labels": cut_ids})
+    keep = [i for i, lab in enumerate(labels) if any(x != IGNORE for x in lab)]
+    if not keep:
+        raise DataError(f"no row has an answer token within max_length={max_length}; raise data.max_length")
+    return pa.table({"input_ids": [ids[i] for i in keep], "labels": [labels[i] for i in keep]})
+
+
+def _count_label_tokens(table: pa.Table) -> int:
+    return sum(sum(1 for x in row if x != IGNORE) for row in table.column("labels").to_pylist())
+
+
+def prepare(spec: Any, tokenizer: Any) -> PreparedData:
+    """Read, check, split, tokenize and pack the train (and eval) data of a JobSpec."""
+    d = spec.data
+    raw = read_rows(d.train, d.skip_bad_rows)
+    fmt = detect_format(raw, d.format, spec.objective.kind)
+    train_read = len(raw.rows) + len(raw.skipped)  # rows plus lines that were not even JSON
+    rows = check_rows(raw, fmt, d.skip_bad_rows)
+    skipped = list(raw.skipped)
+    eval_rows = None
+    if d.eval:
+        raw_eval = read_rows(d.eval, d.skip_bad_rows)
+        detect_format(raw_eval, fmt, spec.objective.kind)
+        eval_rows = check_rows(raw_eval, fmt, d.skip_bad_rows)
+        skipped += raw_eval.skipped
+    elif d.eval_fraction > 0 and len(rows) >= 20:
+        split = rows.train_test_split(
+            test_size=max(1, int(len(rows) * d.eval_fraction)), seed=spec.train.seed
+        )
+        rows, eval_rows = split["train"], split["test"]
+    if len(rows) == 0:
+        raise DataError(f"{d.train}: no usable rows left (skipped {len(skipped)})")
+
+    def split_of(r: datasets.Dataset, read: int) -> PreparedSplit:
+        table = _finish(r, fmt, tokenizer, d.max_length, spec.packing, spec.objective.kind)
+        sample = [dict(x) for x in r.select(range(min(len(r), 32)))]
+        return PreparedSplit(table, read, read - len(r), _count_label_tokens(table), sample)
+
+    train = split_of(rows, train_read)
+    evals = split_of(eval_rows, len(eval_rows)) if eval_rows is not None and len(eval_rows) else None
+    return PreparedData(train, evals, fmt, skipped)
+
+
+# --------------------------------------------------------------------------- in the worker
+def shard_rows(num_rows: int, rank: int, world: int, seed: int) -> list[int]:
+    """Row indices of this rank: a seeded shuffle cut into `world` equal, disjoint parts.
+
+    Equal sizes matter: every rank must run the same number of steps or collectives hang.
+    """
+    order = list(range(num_rows))
+    random.Random(seed).shuffle(order)
+    per_rank = num_rows // world
+    return order[rank * per_rank : (rank + 1) * per_rank]
+
+
+def shard_order(indices: list[int], seed: int, shuffle: bool) -> list[int]:
+    """One epoch's order of a rank's rows: reshuffled each epoch, the same again on resume."""
+    order = list(indices)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+def micro_batches(
+    table: pa.Table, order: list[int], micro_batch_size: int, pad_id: int, drop_last: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded micro-batches over the rows `order` names, in that order."""
+    packed = "position_ids" in table.column_names
+    stop = len(order) - micro_batch_size + 1 if drop_last else len(order)
+    for start in range(0, max(stop, 0), micro_batch_size):
+        rows = table.take(order[start : start + micro_batch_size]).to_pydict()
+        yield collate(rows, pad_id, packed)
+
+
+def collate(rows: dict[str, list[list[int]]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    width = max(len(x) for x in rows["input_ids"])
+    n = len(rows["input_ids"])
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        # Packed rows carry position_ids and no attention mask (a block-diagonal mask is derived
+        # from the position resets); padding continues the last document and is never a label.
+        position_ids = torch.arange(width).repeat(n, 1)
+        batch["position_ids"] = position_ids
+    else:
+        batch["attention_mask"] = torch.zeros((n, width), dtype=torch.long)
+    for i, ids in enumerate(rows["input_ids"]):
+        k = len(ids)
+        input_ids[i, :k] = torch.tensor(ids)
+        labels[i, :k] = torch.tensor(rows["labels"][i])
+        if packed:
+            pos = torch.tensor(rows["position_ids"][i])
+            position_ids[i, :k] = pos
+            position_ids[i, k:] = (
+                torch.arange(pos[-1] + 1, pos[-1] + 1 + width - k) if k < width else position_ids[i, k:]
+            )
+        else:
+            batch["attention_mask"][i, :k] = 1
+    return batch
+
+
+def steps_per_epoch(rows_per_rank: int, micro_batch_size: int, grad_accum: int) -> int:
+    return rows_per_rank // (micro_batch_size * grad_accum)
+
+
+def total_steps(spec: Any, train_rows: int) -> int:
+    per_rank = train_rows // spec.scaling.workers
+    per_epoch = steps_per_epoch(per_rank, spec.train.micro_batch_size, spec.grad_accum)
+    if per_epoch == 0:
+        raise DataError(
+            f"{spec.data.train}: {train_rows} training rows are fewer than one optimizer step needs "
+            f"(train.batch_size={spec.train.batch_size}); add data or lower batch_size"
+        )
+    return spec.train.max_steps or math.ceil(spec.train.epochs * per_epoch)  # max_steps overrides epochs

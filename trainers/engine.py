@@ -1,0 +1,230 @@
+"""The two ways a worker steps a model: a DeepSpeed ZeRO engine (method `full`) or plain PyTorch with
+DDP (PEFT and `freeze`, whose few trainable weights gain nothing from sharding).
+
+Both expose the same small surface so that loop.py reads as one plain loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def choose_zero_stage(n_params: int, workers: int, device_bytes: int | None) -> int:
+    """The lowest ZeRO stage whose per-device model state fits in 60% of the device (the rest is
+    left for activations). Mixed-precision Adam keeps 2 (weights) + 2 (grads) + 12 (fp32 master,
+    m, v) bytes per parameter; on one device ZeRO only adds work, so that case is always stage 0."""
+    if workers == 1 or device_bytes is None:
+        return 0
+    budget = 0.6 * device_bytes
+    n, w = n_params, workers
+    per_stage = {0: 16 * n, 1: 4 * n + 12 * n / w, 2: 2 * n + 14 * n / w, 3: 16 * n / w}
+    for stage, need in per_stage.items():
+        if need <= budget:
+            return stage
+    return 3
+
+
+def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype) -> dict[str, Any]:
+    t, s = spec.train, spec.scaling
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+    if s.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if s.offload in ("parameters", "all"):
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_optimization": zero,
+        # We pass torch's AdamW (fused on GPUs); DeepSpeed's own CPU Adam needs compiled ops.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_optimizer(model: torch.nn.Module, spec: Any, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    on_gpu = device.type == "cuda" and spec.scaling.offload in ("none", "parameters")
+    return torch.optim.AdamW(
+        params,
+        lr=spec.train.lr,
+        weight_decay=spec.train.weight_decay,
+        betas=(0.9, 0.95),
+        fused=on_gpu or None,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: Any, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[spec.train.scheduler]
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=int(spec.train.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+
+
+class DeepSpeedEngine:
+    """Full fine-tuning through DeepSpeed ZeRO stage 0-3 with optional CPU offload."""
+
+    def __init__(
+        self, model: torch.nn.Module, spec: Any, stage: int, dtype: torch.dtype, total_steps: int
+    ) -> None:
+        import deepspeed
+
+        self.stage = stage
+        device = next(model.parameters()).device
+        optimizer = make_optimizer(model, spec, device)
+        scheduler = make_scheduler(optimizer, spec, total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(spec, stage, dtype),
+            dist_init_required=False,  # Ray Train already set up torch.distributed
+        )
+        self.module = self.engine.module
+
+    def forward_model(self) -> Any:
+        return self.engine
+
+    def compile(self) -> None:
+        self.engine.compile()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps itself; undo that so the caller's
+        # token-weighted scaling stays exact.
+        self.engine.backward(loss * self.engine.gradient_accumulation_steps())
+
+    def step(self) -> None:
+        # DeepSpeed counts micro-steps; the optimizer runs on the accumulation boundary.
+        self.engine.step()
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag="state")
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="state")
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """All weights, gathered on rank 0 (collective: every rank calls it)."""
+        if self.stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict() if torch.distributed.get_rank() == 0 else None
+
+
+class TorchEngine:
+    """Plain PyTorch steps with DDP across workers: for PEFT methods and `freeze`."""
+
+    def __init__(self, model: torch.nn.Module, spec: Any, total_steps: int, world: int) -> None:
+        self.module = model
+        self.wrapped: torch.nn.Module = model
+        if world > 1:
+            device = next(p for p in model.parameters() if p.requires_grad).device
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.optimizer = make_optimizer(model, spec, next(model.parameters()).device)
+        self.scheduler = make_scheduler(self.optimizer, spec, total_steps)
+        self.max_grad_norm = spec.train.max_grad_norm
+        self.accum = spec.grad_accum
+        self.micro = 0
+        self._grad_norm: torch.Tensor | None = None
+
+    def forward_model(self) -> Any:
+        return self.wrapped
+
+    def compile(self) -> None:
+        self.wrapped = torch.compile(self.wrapped)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.micro += 1
+        last = self.micro % self.accum == 0
+        if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and not last:
+            with self.wrapped.no_sync():  # all-reduce gradients once per optimizer step
+                loss.backward()
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        if self.micro % self.accum:
+            return
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.max_grad_norm > 0:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        return None if self._grad_norm is None else float(self._grad_norm)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        trainable = {
+            n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters() if p.requires_grad
+        }
+        save_file(trainable, str(directory / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "micro": self.micro,
+            },
+            directory / "optimizer.pt",
+        )
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(directory / "trainable.safetensors"))
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return self.module.state_dict()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temp file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

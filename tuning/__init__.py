@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over the same TorchTrainer as trainers.run (arrives with the tuning issue)."""
