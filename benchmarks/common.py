@@ -23,13 +23,14 @@ LLAMA_095B = {  # the 0.95B shape of the GPU performance issue
 }
 
 
-def random_text(path: Path, n_bytes: int, seed: int = 0) -> Path:
-    """Random printable text; with the byte tokenizer each byte is one token."""
+def random_text(path: Path, n_bytes: int, seed: int = 0, doc_bytes: int = 4000) -> Path:
+    """Random printable text; with the byte tokenizer each byte is one token. Documents shorter than a
+    sequence put boundaries inside packed rows (block-diagonal attention masks)."""
     rng = random.Random(seed)
     alphabet = "abcdefghijklmnopqrstuvwxyz     .,"
     with path.open("w") as f:
         while n_bytes > 0:
-            doc = "".join(rng.choice(alphabet) for _ in range(4000))
+            doc = "".join(rng.choice(alphabet) for _ in range(doc_bytes))
             f.write(json.dumps({"text": doc}) + "\n")
             n_bytes -= len(doc)
     return path

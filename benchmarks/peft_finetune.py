@@ -1,0 +1,165 @@
+"""LoRA and QLoRA throughput through `fulcrum train` (run_job) against a plain transformers + peft loop with
+the same settings, in the same run, on one GPU. Prints tokens/s, peak memory and the loss curves.
+
+    python benchmarks/peft_finetune.py --out /tmp/peft [--shape 0.95b|8b] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from rich.console import Console
+
+from benchmarks.common import LLAMA_095B, print_table, random_text, steady_tokens_per_s
+from cluster.local import ensure_ray
+from trainers.models import materialize_base
+from trainers.run import run_job
+from trainers.spec import parse_spec
+
+LLAMA3_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
+SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
+SEQ, MICRO, RANK = 2048, 2, 16
+
+
+def spec_for(name: str, config: dict[str, Any], data: Path, out: Path, steps: int, **method: Any) -> Any:
+    return parse_spec(
+        {
+            "name": name,
+            "model": {"config": config, "tokenizer": "bytes", "dtype": "bfloat16"},
+            "method": {"kind": "lora", "rank": RANK, "alpha": 2 * RANK, "dropout": 0.0, **method},
+            "objective": {"kind": "cpt"},
+            "data": {"train": str(data), "max_length": SEQ, "eval_fraction": 0},
+            "train": {
+                "max_steps": steps,
+                "batch_size": MICRO,
+                "micro_batch_size": MICRO,
+                "lr": 1e-4,
+                "gradient_checkpointing": True,
+                "checkpoint_every": 0,
+                "eval_every": 0,
+                "warmup_ratio": 0,
+                "scheduler": "constant",
+                "max_grad_norm": 0,
+            },
+            "scaling": {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 4},
+            "eval": {"samples": 0},
+            "output": str(out / name),
+        }
+    )
+
+
+@ray.remote(num_gpus=1)
+def plain_peft_loop(source: str, table: Any, steps: int, quantize: bool) -> dict[str, Any]:
+    """The baseline a user writes by hand: transformers + peft, bf16 weights, checkpointing, AdamW."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model.cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+    ids = torch.tensor(table.column("input_ids").to_pylist()[: steps * MICRO]).cuda()
+    losses, times = [], []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps):
+        batch = ids[step * MICRO : (step + 1) * MICRO]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # syncs: the step is over when this returns
+        times.append(time.perf_counter())
+    import statistics
+
+    step_s = statistics.median(b - a for a, b in itertools.pairwise(times[3:]))
+    return {
+        "tokens/s": MICRO * SEQ / step_s,
+        "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
+        "losses": losses,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shape", choices=SHAPES, default="0.95b")
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = SHAPES[args.shape]
+    # One long document per sequence: plain causal attention, as in the hand-written loop.
+    data = random_text(args.out / "random.jsonl", SEQ * MICRO * (args.steps + 2), doc_bytes=1 << 20)
+    ensure_ray(min_cpus=6)
+    rows = []
+    for kind in ("lora", "qlora"):
+        spec = spec_for(f"{args.shape}-{kind}", config, data, args.out, args.steps, kind=kind)
+        summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
+        steps = [json.loads(x) for x in (args.out / spec.name / "metrics.jsonl").read_text().splitlines()]
+        rows.append(
+            {
+                "run": f"fulcrum {kind}",
+                "tokens/s": steady_tokens_per_s(args.out / spec.name),
+                "peak GiB": summary["peak_memory_bytes"] / 2**30,
+                "losses": [round(r["loss"], 3) for r in steps if r["event"] == "step"],
+            }
+        )
+        from trainers.data import prepare
+        from trainers.models import load_tokenizer
+
+        source = materialize_base(spec.model)
+        table = prepare(spec, load_tokenizer(source)).train.table
+        plain = ray.get(plain_peft_loop.remote(source, table, args.steps, kind == "qlora"))
+        rows.append({"run": f"plain peft {kind}", **plain, "losses": [round(x, 3) for x in plain["losses"]]})
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    for r in rows:
+        print(r["run"], r["losses"])
+    print_table(
+        [
+            {k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
+            for r in rows
+        ],
+        ["run", "tokens/s", "peak GiB"],
+    )
+
+
+if __name__ == "__main__":
+    main()
