@@ -23,6 +23,19 @@ LLAMA_095B = {  # the 0.95B shape of the GPU performance issue
 }
 
 
+LLAMA3_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
+
+
 def random_text(path: Path, n_bytes: int, seed: int = 0, doc_bytes: int = 4000) -> Path:
     """Random printable text; with the byte tokenizer each byte is one token. Documents shorter than a
     sequence put boundaries inside packed rows (block-diagonal attention masks)."""

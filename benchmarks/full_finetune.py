@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.common import (
+    LLAMA3_8B,
     LLAMA_095B,
     flops_per_token,
     matmul_tflops,
@@ -32,39 +33,45 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mb8": {"micro_batch_size": 8, "gradient_checkpointing": False},
     "mb8-compile": {"micro_batch_size": 8, "gradient_checkpointing": False, "compile": True},
     "mb16-ckpt": {"micro_batch_size": 16, "gradient_checkpointing": True},
+    "mb1-zero3-ckpt": {"micro_batch_size": 1, "gradient_checkpointing": True, "zero_stage": 3},
     "mb4-zero3-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True, "zero_stage": 3},
 }
 
 
-def run_variant(name: str, out: Path, data: Path, steps: int) -> dict[str, Any]:
+SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
+
+
+def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shape: str) -> dict[str, Any]:
     v = dict(VARIANTS[name])
     zero = v.pop("zero_stage", "auto")
     spec = parse_spec(
         {
-            "name": f"bench-{name}",
-            "model": {"config": LLAMA_095B, "tokenizer": "bytes", "dtype": "bfloat16"},
+            "name": f"bench-{name}-w{workers}",
+            "model": {"config": SHAPES[shape], "tokenizer": "bytes", "dtype": "bfloat16"},
             "method": {"kind": "full"},
             "objective": {"kind": "cpt"},
             "data": {"train": str(data), "max_length": SEQ, "eval_fraction": 0},
             "train": {
                 "max_steps": steps,
-                "batch_size": v["micro_batch_size"],
+                "batch_size": v["micro_batch_size"] * workers,
                 "lr": 1e-4,
                 "log_every": 1,
                 "checkpoint_every": 0,
                 "eval_every": 0,
                 **v,
             },
-            "scaling": {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 4, "zero_stage": zero},
+            "scaling": {"workers": workers, "gpus_per_worker": 1, "cpus_per_worker": 4, "zero_stage": zero},
             "eval": {"samples": 0},
-            "output": str(out / name),
+            "output": str(out / f"{name}-w{workers}"),
         }
     )
     summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
-    tps = steady_tokens_per_s(out / name)
+    tps = steady_tokens_per_s(out / f"{name}-w{workers}")
     return {
         "variant": name,
+        "workers": workers,
         "tokens/s": tps,
+        "tokens/s/GPU": tps / workers,
         "peak GiB": (summary["peak_memory_bytes"] or 0) / 2**30,
         "engine": summary["engine"],
         "ckpt": summary["gradient_checkpointing"],
@@ -77,23 +84,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--shape", choices=["0.95b", "8b"], default="0.95b")
+    parser.add_argument("--workers", default="1", help="comma-separated worker (GPU) counts, e.g. 1,2")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     peak = matmul_tflops()
-    per_token = flops_per_token(LLAMA_095B, SEQ)
-    data = random_text(args.out / "random.jsonl", SEQ * 8 * (args.steps + 2))
-    ensure_ray(min_cpus=6)
+    per_token = flops_per_token(SHAPES[args.shape], SEQ)
+    most_workers = max(int(w) for w in args.workers.split(","))
+    data = random_text(args.out / "random.jsonl", SEQ * 8 * most_workers * (args.steps + 2))
+    ensure_ray(min_cpus=4 * most_workers + 2)
     rows = []
-    for name in args.variants.split(","):
+    runs = [(name, int(w)) for w in args.workers.split(",") for name in args.variants.split(",")]
+    for name, workers in runs:
         try:
-            row = run_variant(name, args.out, data, args.steps)
-            row["MFU %"] = 100 * row["tokens/s"] * per_token / (peak * 1e12)
+            row = run_variant(name, args.out, data, args.steps, workers, args.shape)
+            row["MFU %"] = 100 * row["tokens/s/GPU"] * per_token / (peak * 1e12)
         except Exception as e:  # one variant's OOM must not lose the others' numbers
-            row = {"variant": name, "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
+            row = {"variant": name, "workers": workers, "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
         rows.append({k: (f"{x:.1f}" if isinstance(x, float) else x) for k, x in row.items()})
         (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"matmul bf16 8192^3: {peak:.0f} TFLOP/s; model FLOPs/token: {per_token / 1e9:.2f} G")
-    print_table(rows, ["variant", "engine", "ckpt", "tokens/s", "MFU %", "peak GiB", "loss"])
+    print_table(
+        rows,
+        ["variant", "workers", "engine", "ckpt", "tokens/s", "tokens/s/GPU", "MFU %", "peak GiB", "loss"],
+    )
 
 
 if __name__ == "__main__":

@@ -18,23 +18,12 @@ import ray
 import torch
 from rich.console import Console
 
-from benchmarks.common import LLAMA_095B, print_table, random_text, steady_tokens_per_s
+from benchmarks.common import LLAMA3_8B, LLAMA_095B, print_table, random_text, steady_tokens_per_s
 from cluster.local import ensure_ray
 from trainers.models import materialize_base
 from trainers.run import run_job
 from trainers.spec import parse_spec
 
-LLAMA3_8B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rope_theta": 500000.0,
-}
 SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
 SEQ, MICRO, RANK = 2048, 2, 16
 

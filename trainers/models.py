@@ -88,7 +88,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     _publish(tmp, target)
 
 
-def _build_from_config(config: dict[str, Any], tokenizer_name: str | None, target: Path) -> None:
+def _build_from_config(
+    config: dict[str, Any], tokenizer_name: str | None, target: Path, dtype: torch.dtype
+) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = load_tokenizer(tokenizer_name or "bytes")
@@ -98,7 +100,7 @@ def _build_from_config(config: dict[str, Any], tokenizer_name: str | None, targe
     cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
     model_config = AutoConfig.for_model(**cfg)
     torch.manual_seed(0)  # every worker and the evaluation must start from the same weights
-    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -111,10 +113,13 @@ def materialize_base(model_spec: Any) -> str:
     models_dir = cache_root() / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     if base is None:
-        key = hashlib.sha256(json.dumps([model_spec.config, model_spec.tokenizer], sort_keys=True).encode())
+        # Stored in the spec's dtype (float32 for `auto`): a large shape need not be written in fp32.
+        dtype = resolve_dtype(model_spec.dtype, torch.device("cpu"))
+        parts = [model_spec.config, model_spec.tokenizer, str(dtype)]
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
         target = models_dir / f"inline-{model_spec.config['model_type']}-{key.hexdigest()[:12]}"
         if not target.exists():
-            _build_from_config(model_spec.config, model_spec.tokenizer, target)
+            _build_from_config(model_spec.config, model_spec.tokenizer, target, dtype)
         return str(target)
     gguf = _gguf_location(base)
     if gguf is not None:

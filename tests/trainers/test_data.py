@@ -150,7 +150,7 @@ def test_packed_documents_do_not_attend_to_each_other(tok) -> None:
     """Two documents packed in one row give the same logits as each on its own."""
     from types import SimpleNamespace
 
-    source = materialize_base(SimpleNamespace(base=None, config=TINY_LLAMA, tokenizer="bytes"))
+    source = materialize_base(SimpleNamespace(base=None, config=TINY_LLAMA, tokenizer="bytes", dtype="auto"))
     model = load_model(source, dtype=torch.float32)
     a, b = tok("first document")["input_ids"], tok("second one")["input_ids"]
     packed = collate(pack_greedy([a, b], [a, b], 64), tok.pad_token_id, packed=True)
