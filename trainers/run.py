@@ -309,6 +309,7 @@ def run_job(
         with console.status("before/after evaluation"):
             comparison = compare_before_after(run_dir, spec, base_source, tokenizer_source, data, gpus)
         summary["eval_loss_before"] = comparison.get("before", {}).get("loss")
+        plot_loss(run_dir)  # again, now with the base model's eval loss at step 0
         console.print(comparison_table(comparison))
     summary["wall_seconds"] = time.time() - wall_start
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
