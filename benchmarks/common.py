@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from trainers.report import read_metrics
+
 LLAMA_095B = {  # the 0.95B shape of the GPU performance issue
     "model_type": "llama",
     "hidden_size": 2048,
@@ -34,6 +36,7 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192,
     "rope_theta": 500000.0,
 }
+SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
 
 
 def random_text(path: Path, n_bytes: int, seed: int = 0, doc_bytes: int = 4000) -> Path:
@@ -79,8 +82,7 @@ def steady_tokens_per_s(run_dir: Path, skip: int = 3) -> float:
     stall, such as a garbage-collection pause, does not move the median)."""
     import statistics
 
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if r["event"] == "step"][skip:]
+    steps = [r for r in read_metrics(run_dir) if r["event"] == "step"][skip:]
     rates = [
         (b["tokens_seen"] - a["tokens_seen"]) / (b["time"] - a["time"]) for a, b in itertools.pairwise(steps)
     ]

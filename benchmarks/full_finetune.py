@@ -14,8 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.common import (
-    LLAMA3_8B,
-    LLAMA_095B,
+    SHAPES,
     flops_per_token,
     matmul_tflops,
     print_table,
@@ -38,10 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
-
-
 def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shape: str) -> dict[str, Any]:
+    run_dir = out / f"{name}-w{workers}"
     v = dict(VARIANTS[name])
     zero = v.pop("zero_stage", "auto")
     spec = parse_spec(
@@ -62,11 +59,11 @@ def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shap
             },
             "scaling": {"workers": workers, "gpus_per_worker": 1, "cpus_per_worker": 4, "zero_stage": zero},
             "eval": {"samples": 0},
-            "output": str(out / f"{name}-w{workers}"),
+            "output": str(run_dir),
         }
     )
     summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
-    tps = steady_tokens_per_s(out / f"{name}-w{workers}")
+    tps = steady_tokens_per_s(run_dir)
     return {
         "variant": name,
         "workers": workers,
@@ -84,7 +81,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--shape", choices=["0.95b", "8b"], default="0.95b")
+    parser.add_argument("--shape", choices=SHAPES, default="0.95b")
     parser.add_argument("--workers", default="1", help="comma-separated worker (GPU) counts, e.g. 1,2")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

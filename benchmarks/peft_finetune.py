@@ -18,13 +18,13 @@ import ray
 import torch
 from rich.console import Console
 
-from benchmarks.common import LLAMA3_8B, LLAMA_095B, print_table, random_text, steady_tokens_per_s
+from benchmarks.common import SHAPES, print_table, random_text, steady_tokens_per_s
 from cluster.local import ensure_ray
 from trainers.models import materialize_base
+from trainers.report import read_metrics
 from trainers.run import run_job
 from trainers.spec import parse_spec
 
-SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
 SEQ, MICRO, RANK = 2048, 2, 16
 
 
@@ -122,7 +122,7 @@ def main() -> None:
     for kind in ("lora", "qlora"):
         spec = spec_for(f"{args.shape}-{kind}", config, data, args.out, args.steps, kind=kind)
         summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
-        steps = [json.loads(x) for x in (args.out / spec.name / "metrics.jsonl").read_text().splitlines()]
+        steps = read_metrics(args.out / spec.name)
         rows.append(
             {
                 "run": f"fulcrum {kind}",

@@ -55,9 +55,10 @@ def plot_loss(run_dir: Path) -> Path | None:
     records = read_metrics(run_dir)
     steps = [(r["step"], r["loss"]) for r in records if r.get("event") == "step"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
-    before = run_dir / "eval.json"
-    if before.exists() and "loss" in json.loads(before.read_text()).get("before", {}):
-        evals.insert(0, (0, json.loads(before.read_text())["before"]["loss"]))  # the base model, at step 0
+    comparison = run_dir / "eval.json"
+    before = json.loads(comparison.read_text()).get("before", {}) if comparison.exists() else {}
+    if "loss" in before:
+        evals.insert(0, (0, before["loss"]))  # the base model, at step 0
     if not steps:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
