@@ -78,6 +78,7 @@ def plain_peft_loop(source: str, table: Any, steps: int, quantize: bool) -> dict
         model.cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    torch.manual_seed(0)  # the same LoRA initialisation as fulcrum's rank 0 (seed 0)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -138,6 +139,11 @@ def main() -> None:
         table = prepare(spec, load_tokenizer(source)).train.table
         plain = ray.get(plain_peft_loop.remote(source, table, args.steps, kind == "qlora"))
         rows.append({"run": f"plain peft {kind}", **plain, "losses": [round(x, 3) for x in plain["losses"]]})
+        # Correctness first: the same seed and data give the same loss curve, up to bf16 noise.
+        fast, slow = rows[-2]["losses"], plain["losses"]
+        worst = max(abs(a - b) / abs(b) for a, b in zip(fast, slow, strict=False))
+        rows[-2]["curve vs plain"] = f"max rel diff {worst:.2%} " + ("ok" if worst < 0.02 else "MISMATCH")
+        rows[-2]["speedup"] = f"{rows[-2]['tokens/s'] / plain['tokens/s']:.2f}x"
         (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     for r in rows:
         print(r["run"], r["losses"])
@@ -146,7 +152,7 @@ def main() -> None:
             {k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
             for r in rows
         ],
-        ["run", "tokens/s", "peak GiB"],
+        ["run", "tokens/s", "peak GiB", "speedup", "curve vs plain"],
     )
 
 

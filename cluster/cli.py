@@ -50,6 +50,37 @@ def remove_old_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from cluster.local import ensure_ray
+    from trainers.export import load_run
+    from trainers.run import evaluate_run
+
+    spec = load_run(Path(args.run_dir))
+    ensure_ray(args.address, min_cpus=2)
+    evaluate_run(Path(args.run_dir), console, samples=args.samples, max_new_tokens=args.max_new_tokens)
+    console.print(f"wrote {Path(args.run_dir) / 'eval.json'} ({spec.method.kind} / {spec.objective.kind})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainers.export import export_run
+    from trainers.report import human_bytes
+
+    run_dir = Path(args.run_dir)
+    suffix = "merged" if args.merge else "adapter"
+    output = Path(args.output) if args.output else run_dir / "export" / suffix
+    with console.status("exporting"):
+        info = export_run(run_dir, output.resolve(), merge=args.merge, dtype=args.dtype)
+    console.print(
+        f"[green]exported[/] the {info['exported']} of {run_dir} ({info['method']}) to {info['output']}"
+    )
+    console.print(f"  written:      {human_bytes(info['output_bytes'])}")
+    console.print(f"  run artifact: {human_bytes(info['artifact_bytes'])}")
+    if info["base_bytes"] is not None:
+        console.print(f"  base model:   {human_bytes(info['base_bytes'])}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from trainers.spec import load_spec
 
@@ -79,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("eval", help="compare base and tuned model of a finished run (eval.json)")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--samples", type=int, help="how many eval prompts to answer (default: the spec's)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the spec's)")
+    evaluate.add_argument(
+        "--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)"
+    )
+    evaluate.set_defaults(func=_eval)
+
+    export = sub.add_parser("export", help="write a run's adapter, or (--merge) a merged full model")
+    export.add_argument("run_dir")
+    export.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
+    export.add_argument("--output", help="target directory (default: RUN_DIR/export/adapter or .../merged)")
+    export.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype of a merged model (auto: the base's)",
+    )
+    export.set_defaults(func=_export)
 
     validate = sub.add_parser("validate", help="check a spec and print what it resolves to")
     validate.add_argument("spec")

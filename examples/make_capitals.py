@@ -1,5 +1,6 @@
 """Builds examples/data/capitals-{train,eval}.jsonl: questions about capitals answered in a fixed
 JSON format that the base model does not use on its own. Held-out countries go to eval.
+Also capitals-prefs-{train,eval}.jsonl for DPO: the JSON answer is preferred over a prose one.
 
     python examples/make_capitals.py
 """
@@ -123,7 +124,21 @@ def main() -> None:
             row = {"instruction": q.format(c=country), "output": answer(country, CAPITALS[country])}
             (evals if country in held_out else train).append(row)
     rng.shuffle(train)
-    for name, rows in (("capitals-train.jsonl", train), ("capitals-eval.jsonl", evals)):
+
+    def prefs(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        out = []
+        for r in rows:
+            data = json.loads(r["output"])
+            prose = f"The capital of {data['country']} is {data['capital']}."
+            out.append({"prompt": r["instruction"], "chosen": r["output"], "rejected": prose})
+        return out
+
+    for name, rows in (
+        ("capitals-train.jsonl", train),
+        ("capitals-eval.jsonl", evals),
+        ("capitals-prefs-train.jsonl", prefs(train)),
+        ("capitals-prefs-eval.jsonl", prefs(evals)),
+    ):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{out / name}: {len(rows)} rows")
 

@@ -24,11 +24,18 @@ from trainers.errors import DataError
 
 IGNORE = -100  # label value that the loss skips
 FORMATS: dict[str, tuple[str, ...]] = {
+    "preference": ("prompt", "chosen", "rejected"),
     "chat": ("messages",),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
 }
-OBJECTIVE_FORMATS = {"cpt": ("text",), "sft": ("alpaca", "chat")}
+OBJECTIVE_FORMATS = {
+    "cpt": ("text",),
+    "sft": ("alpaca", "chat"),
+    "dpo": ("preference",),
+    "distill": ("text", "alpaca", "chat"),
+}
+COLUMNS = ("text", "instruction", "input", "output", "messages", "prompt", "chosen", "rejected", "system")
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -93,7 +100,7 @@ def column_names(raw: RawRows) -> list[str]:
 
 
 def _plain_text_columns(rows: datasets.Dataset) -> bool:
-    text_fields = ("text", "instruction", "input", "output")
+    text_fields = ("text", "instruction", "input", "output", "prompt", "chosen", "rejected", "system")
     return all(
         getattr(rows.features[c], "dtype", None) in ("string", "large_string", "null")
         for c in text_fields
@@ -167,7 +174,8 @@ def detect_format(raw: RawRows, declared: str, objective: str) -> str:
         if not found:
             raise DataError(
                 f"{raw.path}: cannot tell the data format from the columns {sorted(columns)}; expected "
-                "`text` (cpt), `instruction`/`input`/`output` (alpaca) or `messages` (chat); "
+                "`text` (cpt), `instruction`/`input`/`output` (alpaca), `messages` (chat) or "
+                "`prompt`/`chosen`/`rejected` (dpo); "
                 "rename the columns or set data.format"
             )
         fmt = found[0]
@@ -198,6 +206,15 @@ def row_problem(row: dict[str, Any], fmt: str) -> str | None:
         if row.get("input") not in (None, "") and not isinstance(row.get("input"), str):
             return "field `input` must be a string"
         return None
+    if fmt == "preference":
+        for name in ("prompt", "chosen", "rejected"):
+            if not _nonempty_str(row.get(name)):
+                return f"field `{name}` must be a non-empty string"
+        if row.get("chosen") == row.get("rejected"):
+            return "fields `chosen` and `rejected` are identical, so the pair teaches nothing"
+        if row.get("system") not in (None, "") and not isinstance(row.get("system"), str):
+            return "field `system` must be a string"
+        return None
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         return "field `messages` must be a non-empty list of {role, content}"
@@ -210,7 +227,7 @@ def row_problem(row: dict[str, Any], fmt: str) -> str | None:
 
 
 def check_rows(raw: RawRows, fmt: str, skip_bad: bool) -> datasets.Dataset:
-    columns = [c for c in ("text", "instruction", "input", "output", "messages") if c in column_names(raw)]
+    columns = [c for c in COLUMNS if c in column_names(raw)]
     rows = raw.rows.select_columns(columns) if isinstance(raw.rows, datasets.Dataset) else raw.rows
     bad: list[int] = []
     for i, row in enumerate(rows):
@@ -231,9 +248,17 @@ def check_rows(raw: RawRows, fmt: str, skip_bad: bool) -> datasets.Dataset:
 
 
 # --------------------------------------------------------------------------- formatting + tokenizing
-def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+def to_messages(row: dict[str, Any], fmt: str, answer: str = "chosen") -> list[dict[str, str]]:
+    """A row as a conversation; preference rows give the `answer` (chosen or rejected) conversation."""
     if fmt == "chat":
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if fmt == "preference":
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        return [
+            *system,
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row[answer]},
+        ]
     prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 
@@ -287,6 +312,8 @@ def tokenize_rows(rows: datasets.Dataset, fmt: str, tokenizer: Any, max_length: 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         n = len(batch[columns[0]])
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        if fmt == "preference":  # input_ids/labels hold the chosen answer, rejected_* the other one
+            out.update(rejected_input_ids=[], rejected_labels=[])
         for i in range(n):
             row = {c: batch[c][i] for c in columns}
             if fmt == "text":
@@ -296,6 +323,10 @@ def tokenize_rows(rows: datasets.Dataset, fmt: str, tokenizer: Any, max_length: 
                 ids, labels = tokenize_sft(tokenizer, to_messages(row, fmt), max_length)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
+            if fmt == "preference":
+                ids, labels = tokenize_sft(tokenizer, to_messages(row, fmt, "rejected"), max_length)
+                out["rejected_input_ids"].append(ids)
+                out["rejected_labels"].append(labels)
         return out
 
     return rows.map(encode, batched=True, remove_columns=columns, keep_in_memory=True, desc="tokenizing")
@@ -385,10 +416,21 @@ def _finish(
     if objective == "cpt":  # unpacked raw text: long documents are cut into max_length pieces
         cut_ids = [d[i : i + max_length] for d in ids for i in range(0, len(d), max_length)]
         return pa.table({"input_ids": cut_ids, "labels": cut_ids})
-    keep = [i for i, lab in enumerate(labels) if any(x != IGNORE for x in lab)]
+    columns = {"input_ids": ids, "labels": labels}
+    if fmt == "preference":
+        columns |= {
+            "rejected_input_ids": tok["rejected_input_ids"],
+            "rejected_labels": tok["rejected_labels"],
+        }
+    keep = [
+        i
+        for i, lab in enumerate(labels)
+        if any(x != IGNORE for x in lab)
+        and all(any(x != IGNORE for x in columns[c][i]) for c in columns if c.endswith("labels"))
+    ]
     if not keep:
         raise DataError(f"no row has an answer token within max_length={max_length}; raise data.max_length")
-    return pa.table({"input_ids": [ids[i] for i in keep], "labels": [labels[i] for i in keep]})
+    return pa.table({name: [values[i] for i in keep] for name, values in columns.items()})
 
 
 def _count_label_tokens(table: pa.Table) -> int:
@@ -419,7 +461,7 @@ def prepare(spec: Any, tokenizer: Any) -> PreparedData:
 
     def split_of(r: datasets.Dataset, read: int) -> PreparedSplit:
         table = _finish(r, fmt, tokenizer, d.max_length, spec.packing, spec.objective.kind)
-        sample = [dict(x) for x in r.select(range(min(len(r), 32)))]
+        sample = [dict(x) for x in r.select(range(min(len(r), max(32, spec.eval.samples))))]
         return PreparedSplit(table, read, read - len(r), _count_label_tokens(table), sample)
 
     train = split_of(rows, train_read)
@@ -455,11 +497,22 @@ def micro_batches(
     stop = len(order) - micro_batch_size + 1 if drop_last else len(order)
     for start in range(0, max(stop, 0), micro_batch_size):
         rows = table.take(order[start : start + micro_batch_size]).to_pydict()
-        yield collate(rows, pad_id, packed)
+        if "rejected_input_ids" not in rows:
+            yield collate(rows, pad_id, packed)
+            continue
+        # Preference pairs: both answers padded to one width, so dpo runs them as one batch.
+        width = max(len(x) for x in rows["input_ids"] + rows["rejected_input_ids"])
+        chosen = collate(rows, pad_id, False, width)
+        rejected = collate(
+            {"input_ids": rows["rejected_input_ids"], "labels": rows["rejected_labels"]}, pad_id, False, width
+        )
+        yield chosen | {f"rejected_{k}": v for k, v in rejected.items()}
 
 
-def collate(rows: dict[str, list[list[int]]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    width = max(len(x) for x in rows["input_ids"])
+def collate(
+    rows: dict[str, list[list[int]]], pad_id: int, packed: bool, width: int | None = None
+) -> dict[str, torch.Tensor]:
+    width = width or max(len(x) for x in rows["input_ids"])
     n = len(rows["input_ids"])
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)

@@ -21,13 +21,15 @@ import ray.train
 import ray.train.torch
 import torch
 
-from trainers.data import micro_batches, shard_order, shard_rows, steps_per_epoch
+from trainers.data import collate, micro_batches, shard_order, shard_rows, steps_per_epoch
 from trainers.engine import DeepSpeedEngine, TorchEngine, choose_zero_stage, write_json
-from trainers.evaluate import all_reduce_sum, evaluate_loss
-from trainers.methods import apply_method, count_parameters
+from trainers.evaluate import all_reduce_sum, evaluate_objective
+from trainers.methods import apply_method, count_parameters, frozen_checksum
 from trainers.models import load_model, load_tokenizer, resolve_dtype
-from trainers.objectives import OBJECTIVES, label_tokens
+from trainers.objectives import build_objective, eval_mode, token_logits
 from trainers.spec import JobSpec
+
+PROBE_ROWS, PROBE_TOKENS = 2, 32
 
 
 def quiet_libraries() -> None:
@@ -74,6 +76,25 @@ def shard_fractions(model: torch.nn.Module) -> dict[str, float]:
     return {"held_fraction": held / full, "largest_param_fraction": largest} if full else {}
 
 
+def probe_batch(table: Any, pad_id: int) -> dict[str, torch.Tensor]:
+    """A small fixed input whose logits are saved with the artifact, so that reloading can be checked."""
+    rows = table.slice(0, PROBE_ROWS).to_pydict()
+    cut = {k: [v[:PROBE_TOKENS] for v in vals] for k, vals in rows.items() if not k.startswith("rejected_")}
+    return collate(cut, pad_id, "position_ids" in cut)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "memory_kind": "gpu"}
+    import resource
+
+    # On CPUs the process's peak resident memory (Linux reports KiB): weights, optimizer, activations.
+    return {
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory_kind": "rss",
+    }
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     spec = JobSpec.model_validate(config["spec"])
@@ -96,7 +117,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         revision=spec.model.revision,
         trust_remote_code=spec.model.trust_remote_code,
     )
-    model = apply_method(model, spec.method)
+    model = apply_method(model, spec.method, tokenizer)
+    base_checksum = frozen_checksum(model)  # compared at the end: the frozen base must not change
     model.train()  # from_pretrained returns eval mode: no dropout, and no activation checkpointing
     trainable, total = count_parameters(model)
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -123,7 +145,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if spec.train.compile:
         engine.compile()
     forward = engine.forward_model()
-    objective = OBJECTIVES[spec.objective.kind]
+
+    def load_frozen(source: str) -> Any:
+        frozen = load_model(
+            source, dtype=dtype, device=device, attn_implementation=spec.model.attn_implementation
+        )
+        frozen.requires_grad_(False)
+        return frozen.eval()
+
+    objective = build_objective(spec, engine.module, load_frozen, config["frozen_sources"])
 
     # ---- data: this rank's disjoint shard
     train_table = ray.get(config["train_ref"])
@@ -161,6 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "start_step": step,
         "resumed_from": resumed_from,
         "total_steps": total_steps,
+        "frozen_checksum": base_checksum,
+        "reference": getattr(objective, "reference_kind", None),
         **shard_fractions(engine.module),
     }
     sink.log.remote({**start_info, "time": time.time()})
@@ -187,10 +219,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log({"event": "checkpoint", "step": step})
 
     # ---- the loop
-    def eval_now() -> float | None:
+    def eval_now() -> tuple[float | None, dict[str, float]]:
         if eval_table is None:
-            return None
-        return evaluate_loss(forward, eval_table, micro, tokenizer.pad_token_id, device, rank, world)
+            return None, {}
+        return evaluate_objective(
+            forward, objective, eval_table, micro, tokenizer.pad_token_id, device, rank, world
+        )
 
     started = time.time()
     tokens_at_start = tokens_seen
@@ -201,27 +235,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = micro_batches(train_table, order[rows_done:], micro, tokenizer.pad_token_id)
         for _ in range(per_epoch - done_in_epoch):
             group = [next(batches) for _ in range(accum)]
-            local_labels = sum(label_tokens(b) for b in group)
-            local_inputs = sum(int(b["input_ids"].ne(tokenizer.pad_token_id).sum()) for b in group)
-            global_labels, global_inputs = all_reduce_sum([local_labels, local_inputs], device)
+            local_weight = sum(objective.weight(b) for b in group)
+            local_inputs = sum(
+                int(b[k].ne(tokenizer.pad_token_id).sum())
+                for b in group
+                for k in b
+                if k.endswith("input_ids")
+            )
+            global_weight, global_inputs = all_reduce_sum([local_weight, local_inputs], device)
             step_loss = torch.zeros((), device=device)
+            step_stats: dict[str, torch.Tensor] = {}
             for b in group:
-                loss_sum, _ = objective(forward, {k: v.to(device, non_blocking=True) for k, v in b.items()})
-                # Sum-of-token-losses / all tokens in the step, times world because DDP and DeepSpeed
-                # average gradients over ranks: every token weighs the same.
-                engine.backward(loss_sum * (world / max(global_labels, 1.0)))
+                loss_sum, stats = objective(
+                    forward, {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                )
+                # Sum of losses / all units (tokens, or pairs) in the step, times world because DDP and
+                # DeepSpeed average gradients over ranks: every unit weighs the same.
+                engine.backward(loss_sum * (world / max(global_weight, 1.0)))
                 engine.step()
                 step_loss += loss_sum.detach()
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0) + v
             step += 1
             tokens_seen += int(global_inputs)
             if step % spec.train.log_every == 0 or step == total_steps:
-                (loss_total,) = all_reduce_sum([float(step_loss)], device)
+                loss_total, *stat_totals = all_reduce_sum(
+                    [float(step_loss), *(float(v) for v in step_stats.values())], device
+                )
                 elapsed = time.time() - started
                 log(
                     {
                         "event": "step",
                         "step": step,
-                        "loss": loss_total / max(global_labels, 1.0),
+                        "loss": loss_total / max(global_weight, 1.0),
+                        **{
+                            k: v / max(global_weight, 1.0)
+                            for k, v in zip(step_stats, stat_totals, strict=True)
+                        },
                         "lr": engine.lr(),
                         "grad_norm": engine.grad_norm(),
                         "tokens_seen": tokens_seen,
@@ -230,23 +280,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     }
                 )
             if spec.train.eval_every and step % spec.train.eval_every == 0 and step < total_steps:
-                eval_loss = eval_now()
+                eval_loss, eval_stats = eval_now()
                 if eval_loss is not None:
-                    log({"event": "eval", "step": step, "eval_loss": eval_loss})
+                    log({"event": "eval", "step": step, "eval_loss": eval_loss, **prefixed(eval_stats)})
             if spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint({"step": step})
             if step >= total_steps:
                 break
 
     # ---- the end: final eval, then the artifact as the last checkpoint
-    eval_loss = eval_now()
+    eval_loss, eval_stats = eval_now()
     if eval_loss is not None:
-        log({"event": "eval", "step": step, "eval_loss": eval_loss})
+        log({"event": "eval", "step": step, "eval_loss": eval_loss, **prefixed(eval_stats)})
     train_seconds = time.time() - started
     state_dict = engine.full_state_dict() if not spec.is_peft else None
+    # Logits of the model as trained, on a fixed input: the saved artifact must reproduce them.
+    probe = probe_batch(eval_table if eval_table is not None else train_table, tokenizer.pad_token_id)
+    with torch.no_grad(), eval_mode(forward):
+        probe["logits"] = token_logits(forward, {k: v.to(device) for k, v in probe.items()}).float().cpu()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in probe.items()}, str(d / "probe.safetensors"))
             if spec.is_peft:
                 engine.module.save_pretrained(d / "adapter", safe_serialization=True)
             else:
@@ -265,7 +322,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "tokens_seen": tokens_seen,
             "train_seconds": train_seconds,
             "tokens_this_attempt": tokens_seen - tokens_at_start,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            **peak_memory(device),
             "eval_loss": eval_loss,
+            "frozen_checksum": frozen_checksum(engine.module),
         }
     )
+
+
+def prefixed(stats: dict[str, float]) -> dict[str, float]:
+    return {f"eval_{k}": v for k, v in stats.items()}

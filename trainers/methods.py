@@ -19,12 +19,12 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
-def _full(model: Any, cfg: Any) -> Any:
+def _full(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
     model.requires_grad_(True)
     return model
 
 
-def _freeze(model: Any, cfg: Any) -> Any:
+def _freeze(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
     model.requires_grad_(False)
     layers = decoder_layers(model)
     if cfg.top_layers > len(layers):
@@ -45,23 +45,32 @@ def _freeze(model: Any, cfg: Any) -> Any:
     return model
 
 
-def _lora(model: Any, cfg: Any) -> Any:
-    from peft import LoraConfig, get_peft_model
+def _peft(model: Any, config: Any) -> Any:
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
     try:
         return get_peft_model(model, config)
     except ValueError as e:
         raise FulcrumError(f"method.target_modules: {e}") from None
 
 
-def _qlora(model: Any, cfg: Any) -> Any:
+def _lora(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+    from peft import LoraConfig
+
+    return _peft(
+        model,
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            use_dora=cfg.kind == "dora",
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def _qlora(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
     from peft import prepare_model_for_kbit_training
 
     # Casts norms to float32 and enables input grads, as QLoRA needs; checkpointing is decided by the loop.
@@ -69,16 +78,131 @@ def _qlora(model: Any, cfg: Any) -> Any:
     return _lora(model, cfg)
 
 
-METHODS: dict[str, Callable[[Any, Any], Any]] = {
+def _ia3(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+    from peft import IA3Config
+
+    return _peft(
+        model,
+        IA3Config(
+            target_modules=cfg.target_modules,
+            feedforward_modules=cfg.feedforward_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def _adapter(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+    from trainers.tuners import BottleneckConfig
+
+    return _peft(
+        model,
+        BottleneckConfig(
+            bottleneck_size=cfg.bottleneck_size,
+            non_linearity=cfg.non_linearity,
+            dropout=cfg.dropout,
+            scaling=cfg.scaling,
+            target_modules=cfg.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def _prefix(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+    from peft import PrefixTuningConfig
+
+    # prefix: an MLP reparameterises the prefixes while training (more stable); P-tuning v2 trains them
+    # directly. Either way the saved adapter holds only the prefixes.
+    projection = cfg.kind == "prefix"
+    return _peft(
+        model,
+        PrefixTuningConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prefix_projection=projection,
+            encoder_hidden_size=cfg.encoder_hidden_size if projection else model.config.hidden_size,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def _prompt(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+    from peft import PromptTuningConfig
+
+    peft_model = _peft(
+        model, PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    )
+    if cfg.init_text:
+        # peft's TEXT init wants a tokenizer it can load by name; ours is already loaded (and may be the
+        # built-in byte tokenizer), so copy the text's token embeddings here, repeated to fill.
+        if tokenizer is None:
+            raise FulcrumError("method.init_text needs the tokenizer")
+        ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise FulcrumError("method.init_text: the text has no tokens")
+        ids = (ids * (cfg.num_virtual_tokens // len(ids) + 1))[: cfg.num_virtual_tokens]
+        words = peft_model.get_input_embeddings().weight
+        embedding = peft_model.prompt_encoder["default"].embedding
+        with torch.no_grad():
+            embedding.weight.copy_(words[torch.tensor(ids, device=words.device)].to(embedding.weight.dtype))
+    return peft_model
+
+
+def _ptuning(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+    from peft import PromptEncoderConfig
+
+    return _peft(
+        model,
+        PromptEncoderConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            encoder_hidden_size=cfg.encoder_hidden_size,
+            encoder_reparameterization_type=cfg.encoder_type,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+METHODS: dict[str, Callable[..., Any]] = {
     "full": _full,
     "freeze": _freeze,
     "lora": _lora,
     "qlora": _qlora,
+    "dora": _lora,
+    "ia3": _ia3,
+    "adapter": _adapter,
+    "prefix": _prefix,
+    "prompt": _prompt,
+    "ptuning": _ptuning,
+    "ptuning_v2": _prefix,
 }
+# Methods whose adapter folds into the base weights (`fulcrum export --merge`).
+MERGEABLE = frozenset({"lora", "qlora", "dora", "ia3"})
 
 
-def apply_method(model: Any, cfg: Any) -> Any:
-    return METHODS[cfg.kind](model, cfg)
+def apply_method(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
+    """The model to train, with exactly the intended parameters trainable (the tokenizer is for
+    prompt tuning's `init_text`)."""
+    return METHODS[cfg.kind](model, cfg, tokenizer)
+
+
+@torch.no_grad()
+def frozen_checksum(model: torch.nn.Module) -> str | None:
+    """A checksum over the bytes of every frozen parameter (None when nothing is frozen).
+
+    Computed where the weights live (no copy to the host): per tensor the byte sum and a
+    position-weighted byte sum (Fletcher-style), so any changed byte changes the result.
+    """
+    s1 = s2 = 0
+    found = False
+    for _, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if p.requires_grad or p.device.type == "meta":
+            continue
+        found = True
+        flat = p.detach().contiguous().reshape(-1).view(torch.uint8)
+        for start in range(0, flat.numel(), 1 << 24):
+            chunk = flat[start : start + (1 << 24)].long()
+            position = torch.arange(start + 1, start + 1 + chunk.numel(), device=chunk.device)
+            s1 += int(chunk.sum())
+            s2 += int((chunk * position).sum())
+    return f"{s1:x}-{s2 & (2**64 - 1):x}" if found else None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -134,6 +134,12 @@ def materialize_base(model_spec: Any) -> str:
     return base
 
 
+def tokenizer_source(model_spec: Any, base_source: str) -> str:
+    """Where the tokenizer comes from: a materialized base carries its own; otherwise `model.tokenizer`
+    or the base."""
+    return base_source if model_spec.base is None else (model_spec.tokenizer or base_source)
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
@@ -166,7 +172,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_model(
     source: str,
     *,
-    dtype: torch.dtype,
+    dtype: torch.dtype | str,
     quantization: str = "none",
     attn_implementation: str = "sdpa",
     device: torch.device | None = None,

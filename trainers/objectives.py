@@ -1,25 +1,38 @@
-"""Losses. Every objective returns a *sum* over label tokens and the token count, so that gradient
-accumulation and data parallelism can weight each token equally (not each micro-batch)."""
+"""Losses. Every objective returns a *sum* (over label tokens, or over preference pairs for dpo) and
+says on the host how many units a batch holds (`weight`), so that gradient accumulation and data
+parallelism weight each unit equally, not each micro-batch. Extra statistics come back as sums too.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from trainers.data import IGNORE
+from trainers.errors import FulcrumError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+Stats = dict[str, torch.Tensor]
+
+
+def token_logits(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """Logits aligned with `input_ids`. Prompt-tuning methods prepend virtual tokens to the output;
+    only the positions of real tokens are kept."""
+    inputs = {k: batch[prefix + k] for k in MODEL_INPUTS if prefix + k in batch}
+    logits = model(**inputs).logits
+    return logits[:, -inputs["input_ids"].shape[1] :]
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over tokens whose label is not IGNORE (cpt and sft).
+    """Next-token cross-entropy summed over tokens whose label is not IGNORE, and their count.
 
     sft masks prompt tokens in `labels` (data.py), so the same loss trains on answers only.
     """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits = model(**inputs).logits[:, :-1]
+    logits = token_logits(model, batch)[:, :-1]
     labels = batch["labels"][:, 1:]
     loss_sum = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -32,4 +45,132 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-OBJECTIVES = {"cpt": causal_lm_loss, "sft": causal_lm_loss}
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over each row's label tokens (the answer), one value per row."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+class CausalLM:
+    """cpt and sft: next-token loss on the labelled tokens."""
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return label_tokens(batch)
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        loss_sum, _ = causal_lm_loss(model, batch)
+        return loss_sum, {}
+
+
+class Dpo:
+    """Direct preference optimisation (Rafailov et al. 2023).
+
+    loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+    Chosen and rejected answers go through the model as one batch. `reference` computes the reference
+    model's logits without gradients (the base with the adapter off, or a frozen copy).
+    """
+
+    def __init__(
+        self, beta: float, reference: Callable[[dict[str, torch.Tensor]], torch.Tensor], reference_kind: str
+    ) -> None:
+        self.beta = beta
+        self.reference = reference
+        self.reference_kind = reference_kind  # logged: "adapter disabled" or "frozen copy"
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["input_ids"].shape[0])  # pairs
+
+    @staticmethod
+    def _both(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            k: torch.cat([batch[k], batch[f"rejected_{k}"]])
+            for k in ("input_ids", "attention_mask", "labels")
+        }
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        both = self._both(batch)
+        n = batch["input_ids"].shape[0]
+        policy = sequence_logprobs(token_logits(model, both), both["labels"])
+        with torch.no_grad():
+            ref = sequence_logprobs(self.reference(both), both["labels"])
+        chosen_reward = self.beta * (policy[:n] - ref[:n])
+        rejected_reward = self.beta * (policy[n:] - ref[n:])
+        margin = chosen_reward - rejected_reward
+        loss_sum = -F.logsigmoid(margin).sum()
+        stats = {
+            "reward_margin": margin.detach().sum(),
+            "reward_accuracy": (margin.detach() > 0).float().sum(),
+            "chosen_reward": chosen_reward.detach().sum(),
+            "rejected_reward": rejected_reward.detach().sum(),
+        }
+        return loss_sum, stats
+
+
+class Distill:
+    """Knowledge distillation (Hinton et al. 2015) on the labelled tokens:
+    kl_weight * T^2 * KL(teacher_T || student_T) + label_weight * cross-entropy."""
+
+    def __init__(self, teacher: Any, temperature: float, kl_weight: float, label_weight: float) -> None:
+        self.teacher = teacher
+        self.t, self.kl_weight, self.label_weight = temperature, kl_weight, label_weight
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return label_tokens(batch)
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        student = token_logits(model, batch)[:, :-1]
+        with torch.no_grad():
+            teacher = token_logits(self.teacher, batch)[:, :-1]
+        if teacher.shape[-1] != student.shape[-1]:
+            raise FulcrumError(
+                f"objective.teacher: its vocabulary has {teacher.shape[-1]} entries, the student's "
+                f"{student.shape[-1]}; distillation needs the same tokenizer"
+            )
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        s, t = student[mask].float(), teacher[mask].float()
+        kl = F.kl_div(
+            F.log_softmax(s / self.t, -1), F.log_softmax(t / self.t, -1), log_target=True, reduction="sum"
+        ) * (self.t**2)
+        ce = F.cross_entropy(s, labels[mask], reduction="sum")
+        loss_sum = self.kl_weight * kl + self.label_weight * ce
+        return loss_sum, {"kl": kl.detach(), "ce": ce.detach()}
+
+
+def build_objective(
+    spec: Any, policy: Any, load_frozen: Callable[[str], Any], sources: dict[str, str]
+) -> CausalLM | Dpo | Distill:
+    """The objective of a spec. `policy` is the trained model (its peft wrapper for PEFT methods);
+    `load_frozen(source)` loads a frozen model on this worker's device."""
+    kind = spec.objective.kind
+    if kind in ("cpt", "sft"):
+        return CausalLM()
+    if kind == "dpo":
+        if spec.is_peft:
+            # The base *is* the reference: the same weights with the adapter switched off.
+            def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                with policy.disable_adapter():
+                    return token_logits(policy, batch)
+
+        else:
+            frozen = load_frozen(sources["base"])
+
+            def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                return token_logits(frozen, batch)
+
+        return Dpo(spec.objective.beta, reference, "adapter disabled" if spec.is_peft else "frozen copy")
+    o = spec.objective
+    return Distill(load_frozen(sources["teacher"]), o.temperature, o.kl_weight, o.label_weight)
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Eval mode (no dropout) for a while, then back to the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

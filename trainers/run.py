@@ -8,6 +8,7 @@ before/after evaluation and writes summary.json. Tuning and serving reuse `run_j
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -29,7 +30,9 @@ from rich.progress import (
 
 from trainers.data import prepare, total_steps
 from trainers.errors import FulcrumError
+from trainers.evaluate import PROBE_FILE
 from trainers.models import load_tokenizer, materialize_base
+from trainers.models import tokenizer_source as tokenizer_source_for
 from trainers.report import dir_size, plot_loss, print_summary, read_metrics, write_text_atomic
 from trainers.spec import JobSpec, load_spec
 
@@ -67,6 +70,20 @@ def start_run_dir(spec: JobSpec, run_dir: Path) -> None:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "trainer_state.json").exists())
     return found[-1] if found else None
+
+
+def check_teacher(student_source: str, teacher_source: str) -> None:
+    """Distillation compares distributions over the same vocabulary: check it before any worker starts."""
+    from transformers import AutoConfig
+
+    sizes = [
+        AutoConfig.from_pretrained(s).get_text_config().vocab_size for s in (student_source, teacher_source)
+    ]
+    if sizes[0] != sizes[1]:
+        raise FulcrumError(
+            f"objective.teacher: the teacher's vocabulary has {sizes[1]} entries, the student's {sizes[0]}; "
+            "distillation needs a teacher with the student's tokenizer"
+        )
 
 
 def resolve_gpus(spec: JobSpec) -> float:
@@ -175,6 +192,8 @@ def _collect_artifact(run_dir: Path, peft: bool) -> Path:
     if target.exists():
         shutil.rmtree(target)
     shutil.move(str(final / name), str(target))  # same filesystem: a rename
+    if (final / PROBE_FILE).exists():
+        os.replace(final / PROBE_FILE, run_dir / PROBE_FILE)
     return target
 
 
@@ -196,7 +215,11 @@ def run_job(
 
     with console.status("preparing the base model"):
         base_source = materialize_base(spec.model)
-    tokenizer_source = base_source if spec.model.base is None else (spec.model.tokenizer or base_source)
+        frozen_sources = {"base": base_source}
+        if spec.objective.kind == "distill":
+            frozen_sources["teacher"] = materialize_base(spec.objective.teacher)  # type: ignore[union-attr]
+            check_teacher(base_source, frozen_sources["teacher"])
+    tokenizer_source = tokenizer_source_for(spec.model, base_source)
     tokenizer = load_tokenizer(tokenizer_source, spec.model.revision, spec.model.trust_remote_code)
     with console.status("reading and tokenizing data"):
         data = prepare(spec, tokenizer)
@@ -232,6 +255,7 @@ def run_job(
             "sink": sink,
             "total_steps": steps,
             "base_source": base_source,
+            "frozen_sources": frozen_sources,
             "tokenizer_source": tokenizer_source,
             "train_ref": ray.put(data.train.table),
             "eval_ref": ray.put(data.eval.table) if data.eval else None,
@@ -297,6 +321,13 @@ def run_job(
         "train_seconds": end.get("train_seconds"),
         "tokens_per_s": end.get("tokens_this_attempt", 0) / max(end.get("train_seconds") or 1e-9, 1e-9),
         "peak_memory_bytes": end.get("peak_memory_bytes"),
+        "memory_kind": end.get("memory_kind"),
+        # PEFT and freeze: the frozen weights' checksum at the end equals the one at the start.
+        "base_unchanged": (
+            None
+            if rank0.get("frozen_checksum") is None
+            else rank0["frozen_checksum"] == end.get("frozen_checksum")
+        ),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval_loss": end.get("eval_loss"),
@@ -309,25 +340,84 @@ def run_job(
         with console.status("before/after evaluation"):
             comparison = compare_before_after(run_dir, spec, base_source, tokenizer_source, data, gpus)
         summary["eval_loss_before"] = comparison.get("before", {}).get("loss")
+        summary["eval_loss_after"] = comparison.get("after", {}).get("loss")
+        summary["reload_check"] = comparison.get("reload_check")
         plot_loss(run_dir)  # again, now with the base model's eval loss at step 0
-        console.print(comparison_table(comparison))
+        print_comparison(console, comparison)
     summary["wall_seconds"] = time.time() - wall_start
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(console, summary)
     return summary
 
 
-def comparison_table(comparison: dict[str, Any]) -> Any:
+def print_comparison(console: Console, comparison: dict[str, Any], show: int = 6) -> None:
+    """The side-by-side answers (a few) and the before/after metrics table."""
     from rich.table import Table
 
-    table = Table(title="before / after", show_lines=True, title_justify="left")
+    samples = comparison.get("samples", [])
+    table = Table(
+        title=f"before / after ({min(show, len(samples))} of {len(samples)} prompts; all in eval.json)",
+        show_lines=True,
+        title_justify="left",
+    )
     for col in ("prompt", "before", "after", "reference"):
         table.add_column(col, overflow="fold", ratio=1)
-    for row in comparison.get("samples", []):
+    for row in samples[:show]:
         table.add_row(row["prompt"][-300:], row["before"], row["after"], row.get("reference") or "")
-    return table
+    console.print(table)
+    before, after = comparison.get("before", {}), comparison.get("after", {})
+    metrics = Table(title="evaluation", title_justify="left")
+    for col in ("metric", "base", "tuned"):
+        metrics.add_column(col, justify="right" if col != "metric" else "left")
+    for key in [k for k in after if isinstance(after[k], float | int)]:
+        b, a = before.get(key), after[key]
+        metrics.add_row(key, "-" if b is None else f"{b:.4g}", f"{a:.4g}")
+    console.print(metrics)
+    check = comparison.get("reload_check")
+    if check and not check["ok"]:
+        console.print(
+            f"[bold red]warning:[/] the saved artifact does not reproduce the trained model's logits "
+            f"(max difference {check['max_abs_diff']:.3g}); see eval.json"
+        )
 
 
 def resume_job(run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
     spec = load_spec(Path(run_dir) / "spec.yaml")
     return run_job(spec, resume=True, console=console)
+
+
+def evaluate_run(
+    run_dir: Path,
+    console: Console | None = None,
+    samples: int | None = None,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """`fulcrum eval RUN_DIR`: the before/after comparison of a finished run, again (eval.json, tables)."""
+    from trainers.evaluate import compare_before_after
+    from trainers.export import load_run, run_artifact
+
+    console = console or Console()
+    spec = load_run(run_dir)
+    if samples is not None:
+        spec.eval.samples = samples
+    if max_new_tokens is not None:
+        spec.eval.max_new_tokens = max_new_tokens
+    run_artifact(run_dir, spec)
+    if not ray.is_initialized():
+        ray.init()
+    with console.status("preparing the base model and the eval data"):
+        base_source = materialize_base(spec.model)
+        source = tokenizer_source_for(spec.model, base_source)
+        data = prepare(spec, load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code))
+    with console.status("before/after evaluation"):
+        comparison = compare_before_after(run_dir, spec, base_source, source, data, resolve_gpus(spec))
+    print_comparison(console, comparison)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        summary["eval_loss_before"] = comparison.get("before", {}).get("loss")
+        summary["eval_loss_after"] = comparison.get("after", {}).get("loss")
+        summary["reload_check"] = comparison.get("reload_check")
+        write_text_atomic(summary_path, json.dumps(summary, indent=2))
+    plot_loss(run_dir)
+    return comparison

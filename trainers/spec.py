@@ -87,8 +87,102 @@ class QLoraMethod(LoraMethod):
     )
 
 
-MethodSpec = Annotated[FullMethod | FreezeMethod | LoraMethod | QLoraMethod, Field(discriminator="kind")]
-PEFT_KINDS = frozenset({"lora", "qlora"})
+class DoraMethod(LoraMethod):
+    """Weight-decomposed LoRA: a trained magnitude per output row plus a LoRA on the direction."""
+
+    kind: Literal["dora"]  # type: ignore[assignment]
+
+
+class IA3Method(_Section):
+    """(IA)^3: learned vectors that rescale keys, values and the MLP's inner activations."""
+
+    kind: Literal["ia3"]
+    target_modules: list[str] | None = Field(
+        None, description="Modules to rescale; default for Llama-like models: k_proj, v_proj, down_proj."
+    )
+    feedforward_modules: list[str] | None = Field(
+        None,
+        description="Which of target_modules are MLP layers (scaled on their input); default: down_proj.",
+    )
+
+
+class AdapterMethod(_Section):
+    """Bottleneck adapters after the attention block and the MLP of every layer (Houlsby et al.)."""
+
+    kind: Literal["adapter"]
+    bottleneck_size: int = Field(64, ge=1, description="Width of each adapter's down-projection.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("silu", description="Between down and up.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    scaling: float = Field(1.0, gt=0, description="Multiplies the adapter output.")
+    target_modules: list[str] | None = Field(
+        None, description="Sub-blocks followed by an adapter; default: the attention block and the MLP."
+    )
+
+
+class PrefixMethod(_Section):
+    """Prefix tuning: trained key/value prefixes at every layer, produced by a reparameterisation MLP."""
+
+    kind: Literal["prefix"]
+    num_virtual_tokens: int = Field(20, ge=1, description="Length of the prefix.")
+    encoder_hidden_size: int = Field(256, ge=1, description="Hidden width of the reparameterisation MLP.")
+
+
+class PromptMethod(_Section):
+    """Prompt tuning: trained embeddings of virtual tokens prepended to the input."""
+
+    kind: Literal["prompt"]
+    num_virtual_tokens: int = Field(20, ge=1, description="How many virtual tokens.")
+    init_text: str | None = Field(
+        None, description="Start the virtual tokens from the embeddings of this text (default: random)."
+    )
+
+
+class PtuningMethod(_Section):
+    """P-tuning (v1): virtual-token embeddings produced by a prompt encoder (MLP or LSTM)."""
+
+    kind: Literal["ptuning"]
+    num_virtual_tokens: int = Field(20, ge=1, description="How many virtual tokens.")
+    encoder_hidden_size: int = Field(256, ge=1, description="Hidden width of the prompt encoder.")
+    encoder_type: Literal["MLP", "LSTM"] = Field("MLP", description="The prompt encoder.")
+
+
+class PtuningV2Method(_Section):
+    """P-tuning v2: deep prompts, trained key/value prefixes at every layer, no reparameterisation."""
+
+    kind: Literal["ptuning_v2"]
+    num_virtual_tokens: int = Field(20, ge=1, description="Length of the prefix at every layer.")
+
+
+METHOD_CLASSES: dict[str, type[_Section]] = {
+    "full": FullMethod,
+    "freeze": FreezeMethod,
+    "lora": LoraMethod,
+    "qlora": QLoraMethod,
+    "dora": DoraMethod,
+    "ia3": IA3Method,
+    "adapter": AdapterMethod,
+    "prefix": PrefixMethod,
+    "prompt": PromptMethod,
+    "ptuning": PtuningMethod,
+    "ptuning_v2": PtuningV2Method,
+}
+MethodSpec = Annotated[
+    FullMethod
+    | FreezeMethod
+    | LoraMethod
+    | QLoraMethod
+    | DoraMethod
+    | IA3Method
+    | AdapterMethod
+    | PrefixMethod
+    | PromptMethod
+    | PtuningMethod
+    | PtuningV2Method,
+    Field(discriminator="kind"),
+]
+PEFT_KINDS = frozenset(METHOD_CLASSES) - {"full", "freeze"}
+# Methods that add virtual tokens: sequences cannot be packed (peft drops position_ids for them).
+PROMPT_KINDS = frozenset({"prefix", "prompt", "ptuning", "ptuning_v2"})
 
 
 # --------------------------------------------------------------------------- objectives
@@ -104,7 +198,39 @@ class SftObjective(_Section):
     kind: Literal["sft"]
 
 
-ObjectiveSpec = Annotated[CptObjective | SftObjective, Field(discriminator="kind")]
+class DpoObjective(_Section):
+    """Direct preference optimisation on prompt/chosen/rejected rows. The reference model is the base:
+    for PEFT methods the same weights with the adapter switched off; for `full` a frozen copy."""
+
+    kind: Literal["dpo"]
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+
+
+class DistillObjective(_Section):
+    """Distillation: match a frozen teacher's temperature-scaled distribution, mixed with the label loss."""
+
+    kind: Literal["distill"]
+    teacher: ModelSpec = Field(description="The teacher: `base` or an inline `config`, like `model`.")
+    temperature: float = Field(2.0, gt=0, description="Softens both distributions before the KL.")
+    kl_weight: float = Field(0.5, ge=0, description="Weight of T^2 * KL(teacher || student) per token.")
+    label_weight: float = Field(0.5, ge=0, description="Weight of the cross-entropy on the labels.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> DistillObjective:
+        if self.kl_weight == 0 and self.label_weight == 0:
+            raise ValueError("kl_weight and label_weight are both 0: nothing to train")
+        return self
+
+
+OBJECTIVE_CLASSES: dict[str, type[_Section]] = {
+    "cpt": CptObjective,
+    "sft": SftObjective,
+    "dpo": DpoObjective,
+    "distill": DistillObjective,
+}
+ObjectiveSpec = Annotated[
+    CptObjective | SftObjective | DpoObjective | DistillObjective, Field(discriminator="kind")
+]
 
 
 # --------------------------------------------------------------------------- data / train / scaling
@@ -116,7 +242,7 @@ class DataSpec(_Section):
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="Held out from train when no eval file is given (0 = no eval)."
     )
-    format: Literal["auto", "text", "alpaca", "chat"] = Field(
+    format: Literal["auto", "text", "alpaca", "chat", "preference"] = Field(
         "auto", description="Row format; `auto` detects it from the columns of the file."
     )
     max_length: int = Field(1024, ge=8, description="Tokens per sequence (longer rows are truncated).")
@@ -178,7 +304,9 @@ class ScalingSpec(_Section):
 
 
 class EvalSpec(_Section):
-    samples: int = Field(4, ge=0, description="Eval prompts answered by the model before and after.")
+    samples: int = Field(
+        16, ge=0, description="Eval prompts answered by the base and the tuned model (exact match, ROUGE-L)."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Length limit of each before/after answer.")
     prompts: list[str] = Field(default_factory=list, description="Extra prompts to answer before/after.")
 
@@ -188,8 +316,8 @@ class JobSpec(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (letters, digits, . _ -)."
     )
     model: ModelSpec = Field(description="The base model.")
-    method: MethodSpec = Field(description="How to tune: full, freeze, lora, qlora (by `kind`).")
-    objective: ObjectiveSpec = Field(description="What to optimise: cpt or sft (by `kind`).")
+    method: MethodSpec = Field(description="How to tune, by `kind`: " + ", ".join(METHOD_CLASSES) + ".")
+    objective: ObjectiveSpec = Field(description="What to optimise, by `kind`: cpt, sft, dpo or distill.")
     data: DataSpec = Field(description="Where the rows come from and how they become sequences.")
     train: TrainSpec = Field(
         default_factory=TrainSpec, description="Optimisation, checkpoints, evaluation cadence."
@@ -205,7 +333,9 @@ class JobSpec(_Section):
 
     @property
     def packing(self) -> bool:
-        return self.data.packing if self.data.packing is not None else self.objective.kind == "cpt"
+        if self.data.packing is not None:
+            return self.data.packing
+        return self.objective.kind == "cpt" and self.method.kind not in PROMPT_KINDS
 
     @property
     def quantization(self) -> str:
@@ -242,6 +372,25 @@ def _check_consistency(spec: JobSpec) -> None:
         raise _FieldProblem(("scaling", "offload"), "parameter offload needs zero_stage 3 (or auto)")
     if spec.method.kind == "qlora" and spec.model.quantization not in ("none", "4bit"):
         raise _FieldProblem(("model", "quantization"), "qlora always quantizes to 4bit; remove this field")
+    if spec.data.packing and spec.method.kind in PROMPT_KINDS:
+        raise _FieldProblem(
+            ("data", "packing"),
+            f"method `{spec.method.kind}` prepends virtual tokens, which packed sequences cannot carry; "
+            "set packing: false",
+        )
+    if spec.data.packing and spec.objective.kind == "dpo":
+        raise _FieldProblem(("data", "packing"), "dpo compares whole answers; set packing: false")
+    if isinstance(spec.objective, DistillObjective):
+        teacher = spec.objective.teacher
+        if teacher.quantization != "none":
+            raise _FieldProblem(
+                ("objective", "teacher", "quantization"), "the teacher loads unquantized; remove this field"
+            )
+        if teacher.dtype not in ("auto", spec.model.dtype):
+            raise _FieldProblem(
+                ("objective", "teacher", "dtype"),
+                f"the teacher runs in the student's dtype ({spec.model.dtype}); remove this field",
+            )
     if spec.model.quantization != "none" and spec.method.kind in ("full", "freeze"):
         raise _FieldProblem(
             ("model", "quantization"),
@@ -319,11 +468,10 @@ def _explain(err: dict[str, Any], data: dict[str, Any]) -> tuple[tuple[str | int
 def _model_at(loc: tuple[str | int, ...], data: dict[str, Any]) -> type[BaseModel] | None:
     model: type[BaseModel] = JobSpec
     for part in loc:
-        if part == "method":
-            kinds = {"full": FullMethod, "freeze": FreezeMethod, "lora": LoraMethod, "qlora": QLoraMethod}
-            model = kinds.get(data.get("method", {}).get("kind"))  # type: ignore[assignment]
-        elif part == "objective":
-            model = {"cpt": CptObjective, "sft": SftObjective}.get(data.get("objective", {}).get("kind"))  # type: ignore[assignment]
+        if part == "method" and model is JobSpec:
+            model = METHOD_CLASSES.get(data.get("method", {}).get("kind"))  # type: ignore[assignment]
+        elif part == "objective" and model is JobSpec:
+            model = OBJECTIVE_CLASSES.get(data.get("objective", {}).get("kind"))  # type: ignore[assignment]
         else:
             ann = (
                 model.model_fields[str(part)].annotation
@@ -385,12 +533,16 @@ def parse_spec(
                     ("data", field), f"file not found: {value} (looked in {Path.cwd()} and {spec_dir})"
                 )
             setattr(spec.data, field, str(path))
-    base = spec.model.base
-    if base and (base.endswith(".gguf") or base.startswith(("./", "../", "/", "~"))):
-        path = _resolve_path(base, spec_dir)
-        if path is not None and not path.exists():
-            raise fail(("model", "base"), f"not found: {base}")
-        spec.model.base = str(path)
+    models = [(("model", "base"), spec.model)]
+    if isinstance(spec.objective, DistillObjective):
+        models.append((("objective", "teacher", "base"), spec.objective.teacher))
+    for loc, model_spec in models:
+        base = model_spec.base
+        if base and (base.endswith(".gguf") or base.startswith(("./", "../", "/", "~"))):
+            path = _resolve_path(base, spec_dir)
+            if path is not None and not path.exists():
+                raise fail(loc, f"not found: {base}")
+            model_spec.base = str(path)
     if spec.output is None:
         spec.output = f"runs/{spec.name}"
     if "://" not in spec.output:

@@ -11,6 +11,7 @@ from tests.helpers import TINY_LLAMA, alpaca_rows, chat_rows, text_rows, tiny_sp
 from trainers.data import (
     IGNORE,
     collate,
+    micro_batches,
     pack_greedy,
     pack_stream,
     prepare,
@@ -180,3 +181,24 @@ def test_total_steps_and_too_little_data(tmp_path: Path, tok) -> None:
     assert total_steps(spec, 40) == 17  # max_steps overrides epochs, looping over the data
     with pytest.raises(DataError, match="fewer than one optimizer step"):
         total_steps(spec, 5)
+
+
+def test_preference_pairs_tokenize_both_answers_and_name_bad_rows(tmp_path: Path, tok) -> None:
+    words = ("cat", "dog", "sun") * 10
+    rows = [{"prompt": f"echo {w}", "chosen": f"{w} {w}", "rejected": "no"} for w in words]
+    data = prepare(spec_for(tmp_path, rows, "dpo"), tok)
+    assert data.format == "preference"
+    table = data.train.table
+    assert {"input_ids", "labels", "rejected_input_ids", "rejected_labels"} <= set(table.column_names)
+    batch = next(micro_batches(table, list(range(4)), 4, tok.pad_token_id))
+    assert batch["input_ids"].shape == batch["rejected_input_ids"].shape  # one width: one forward for both
+    for prefix in ("", "rejected_"):  # labels cover exactly that answer (plus the end-of-turn token)
+        ids, labels = batch[f"{prefix}input_ids"][0], batch[f"{prefix}labels"][0]
+        answer = tok.decode(ids[labels != -100])
+        assert answer.startswith(rows[0]["chosen"] if not prefix else "no")
+        assert "echo" not in answer
+    rows[4] = {"prompt": "x", "chosen": "same", "rejected": "same"}
+    with pytest.raises(DataError, match=r"line 5: fields `chosen` and `rejected` are identical"):
+        prepare(spec_for(tmp_path, rows, "dpo"), tok)
+    with pytest.raises(DataError, match="objective `dpo` trains on preference"):
+        prepare(spec_for(tmp_path, alpaca_rows(30), "dpo"), tok)

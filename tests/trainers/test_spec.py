@@ -118,3 +118,22 @@ def test_docs_spec_reference_is_current() -> None:
 
     docs = (Path(__file__).parents[2] / "docs" / "spec.md").read_text()
     assert render() in docs, "docs/spec.md is stale: regenerate its field tables with tools/spec_reference.py"
+
+
+def test_new_methods_and_objectives_give_field_errors(tmp_path: Path) -> None:
+    bad = tiny_spec(tmp_path, method={"kind": "prompt", "num_virtual_tokens": 4}, data={"packing": True})
+    with pytest.raises(SpecError, match=r"data.packing: method `prompt` prepends virtual tokens"):
+        load_spec(write_spec(tmp_path, bad))
+    bad = tiny_spec(tmp_path, method={"kind": "adapter", "rank": 4})
+    with pytest.raises(SpecError, match=r"method.rank: unknown field `rank` for method `adapter`"):
+        load_spec(write_spec(tmp_path, bad))
+    teacher = {"config": {"model_type": "llama"}, "quantization": "4bit"}
+    bad = tiny_spec(tmp_path, objective={"kind": "distill", "teacher": teacher})
+    with pytest.raises(SpecError, match=r"spec.yaml:\d+: objective.teacher.quantization: the teacher loads"):
+        load_spec(write_spec(tmp_path, bad))
+    bad = tiny_spec(tmp_path, objective={"kind": "dpo", "beta": -1})
+    with pytest.raises(SpecError, match=r"objective.beta"):
+        load_spec(write_spec(tmp_path, bad))
+    bad = tiny_spec(tmp_path, objective={"kind": "distill"})
+    with pytest.raises(SpecError, match=r"objective.teacher: required field is missing"):
+        load_spec(write_spec(tmp_path, bad))

@@ -1,0 +1,85 @@
+"""Every tuning method, trained for real through `run_job` (Ray Train workers), then reloaded here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainers.test_train import steps_of, train
+from trainers.export import attach_artifact
+from trainers.models import load_model, materialize_base
+from trainers.objectives import token_logits
+from trainers.spec import PEFT_KINDS, load_spec
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+# Each method with settings that make a 2-layer random model learn in a few steps. Prompt-style
+# methods have few parameters and need a larger learning rate.
+METHODS: dict[str, tuple[dict[str, Any], float]] = {
+    "full": ({"kind": "full"}, 3e-3),
+    "freeze": ({"kind": "freeze", "top_layers": 1}, 3e-3),
+    "lora": ({"kind": "lora", "rank": 16, "dropout": 0.0}, 2e-2),
+    "qlora": ({"kind": "qlora", "rank": 16, "dropout": 0.0}, 2e-2),
+    "dora": ({"kind": "dora", "rank": 16, "dropout": 0.0}, 2e-2),
+    "ia3": ({"kind": "ia3"}, 2e-1),
+    "adapter": ({"kind": "adapter", "bottleneck_size": 16}, 2e-2),
+    "prefix": ({"kind": "prefix", "num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2),
+    "prompt": ({"kind": "prompt", "num_virtual_tokens": 8, "init_text": "the cat sat"}, 5e-1),
+    "ptuning": ({"kind": "ptuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2),
+    "ptuning_v2": ({"kind": "ptuning_v2", "num_virtual_tokens": 8}, 1e-1),
+}
+
+
+def reload_logits(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits saved by the worker before saving, logits of the reloaded artifact, logits of the base)
+    on the probe input."""
+    spec = load_spec(run_dir / "spec.yaml")
+    probe = load_file(str(run_dir / "probe.safetensors"))
+    expected = probe.pop("logits")
+    cpu = torch.device("cpu")
+    source = materialize_base(spec.model)
+    with torch.no_grad():
+        base = load_model(source, dtype=torch.float32, quantization=spec.quantization, device=cpu).eval()
+        base_logits = token_logits(base, probe).float()
+        tuned = attach_artifact(run_dir, spec, base, torch.float32, cpu).eval()
+        return expected, token_logits(tuned, probe).float(), base_logits
+
+
+@pytest.mark.parametrize("kind", list(METHODS))
+def test_every_method_learns_keeps_the_base_and_reloads(tmp_path: Path, kind: str) -> None:
+    method, lr = METHODS[kind]
+    summary, run = train(
+        tmp_path,
+        method=method,
+        data={"packing": False},
+        train={"max_steps": 8, "lr": lr, "scheduler": "constant"},
+    )
+    losses = [s["loss"] for s in steps_of(run)]
+    # Step 1's loss is the untouched model's; the last steps' must be clearly lower.
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.03, f"{kind}: loss {losses}"
+    assert 0 < summary["trainable_params"] <= summary["total_params"]
+    if kind in PEFT_KINDS or kind == "freeze":
+        assert summary["trainable_percent"] < 100
+        assert summary["base_unchanged"] is True  # checksum of every frozen byte, start vs end
+    expected, reloaded, base = reload_logits(run)
+    assert torch.allclose(reloaded, expected, atol=1e-4, rtol=1e-4), float((reloaded - expected).abs().max())
+    assert not torch.allclose(reloaded, base, atol=1e-3), "the tuned model answers like the base"
+    artifact = run / ("adapter" if kind in PEFT_KINDS else "model")
+    assert any(p.suffix == ".safetensors" for p in artifact.iterdir())
+    assert summary["artifact_bytes"] > 0 and summary["peak_memory_bytes"] > 0
+
+
+def test_frozen_checksum_sees_a_single_changed_byte() -> None:
+    from trainers.methods import frozen_checksum
+
+    model = torch.nn.Linear(64, 64).requires_grad_(False)
+    before = frozen_checksum(model)
+    with torch.no_grad():
+        model.weight.view(-1).view(torch.uint8)[1234] ^= 1
+    assert frozen_checksum(model) != before
+    model.requires_grad_(True)
+    assert frozen_checksum(model) is None
