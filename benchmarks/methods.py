@@ -30,7 +30,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "lora": ({"kind": "lora", "rank": 16, "alpha": 32}, 5e-4),
     "qlora": ({"kind": "qlora", "rank": 16, "alpha": 32}, 5e-4),
     "dora": ({"kind": "dora", "rank": 16, "alpha": 32}, 5e-4),
-    "ia3": ({"kind": "ia3"}, 5e-3),
+    "ia3": ({"kind": "ia3"}, 3e-2),
     "adapter": ({"kind": "adapter", "bottleneck_size": 64}, 1e-3),
     "prefix": ({"kind": "prefix", "num_virtual_tokens": 20}, 5e-3),
     "prompt": ({"kind": "prompt", "num_virtual_tokens": 20, "init_text": "Answer with JSON."}, 3e-2),

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from trainers.data import IGNORE
 from trainers.errors import FulcrumError
@@ -27,6 +28,32 @@ def token_logits(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") -
     return logits[:, -inputs["input_ids"].shape[1] :]
 
 
+CE_CHUNK_ELEMENTS = 1 << 26  # logits per cross-entropy chunk (256 MiB in float32)
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, chunk: int = CE_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Sum of cross-entropy over (tokens, vocab) logits, computed in float32.
+
+    With a large vocabulary the float32 copy of the logits and the softmax kept for backward are the
+    largest tensors of a step (4 GiB each for 4096 tokens x 128k vocab). Above `chunk` elements the sum is
+    taken chunk by chunk, each chunk recomputed in backward, so only one chunk is ever in float32.
+    """
+    rows = max(1, chunk // logits.size(-1))
+    if logits.size(0) <= rows or not torch.is_grad_enabled():
+        return _ce_sum(logits, labels)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.size(0), rows):
+        part = (logits[start : start + rows], labels[start : start + rows])
+        total = total + torch.utils.checkpoint.checkpoint(_ce_sum, *part, use_reentrant=False)
+    return total
+
+
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over tokens whose label is not IGNORE, and their count.
 
@@ -34,9 +61,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     """
     logits = token_logits(model, batch)[:, :-1]
     labels = batch["labels"][:, 1:]
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+    loss_sum = token_cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
     return loss_sum, (labels != IGNORE).sum()
 
 

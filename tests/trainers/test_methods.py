@@ -83,3 +83,19 @@ def test_frozen_checksum_sees_a_single_changed_byte() -> None:
     assert frozen_checksum(model) != before
     model.requires_grad_(True)
     assert frozen_checksum(model) is None
+
+
+def test_chunked_cross_entropy_equals_the_whole_one() -> None:
+    from trainers.objectives import token_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(50, 37, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 37, (50,))
+    labels[::7] = -100
+    whole = token_cross_entropy(logits, labels, chunk=10**9)
+    (grad_whole,) = torch.autograd.grad(whole, logits)
+    chunked = token_cross_entropy(logits, labels, chunk=37 * 8)  # 7 chunks of 8 rows
+    (grad_chunked,) = torch.autograd.grad(chunked, logits)
+    assert chunked.dtype == torch.float32
+    assert torch.allclose(chunked, whole, rtol=1e-6)
+    assert torch.equal(grad_chunked, grad_whole)
