@@ -70,14 +70,6 @@ def _lora(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
     )
 
 
-def _qlora(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
-    # peft's prepare_model_for_kbit_training would cast every unquantized weight (embeddings, head, norms)
-    # to float32: +4 GiB on an 8B Llama-3 (128k vocabulary) and float32 logits. Norms already compute in
-    # float32 inside (RMSNorm upcasts), so the base stays in its dtype; input grads for checkpointing are
-    # enabled by the loop.
-    return _lora(model, cfg)
-
-
 def _ia3(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
     from peft import IA3Config
 
@@ -164,7 +156,11 @@ METHODS: dict[str, Callable[..., Any]] = {
     "full": _full,
     "freeze": _freeze,
     "lora": _lora,
-    "qlora": _qlora,
+    # qlora is LoRA on a base that models.py loaded in 4-bit. peft's prepare_model_for_kbit_training is
+    # not called: it casts every unquantized weight (embeddings, head, norms) to float32, +2 GiB and a
+    # float32 head matmul on an 8B Llama-3; RMSNorm already computes in float32 inside, and the loop enables
+    # input grads for checkpointing itself.
+    "qlora": _lora,
     "dora": _lora,
     "ia3": _ia3,
     "adapter": _adapter,
