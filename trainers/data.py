@@ -100,7 +100,7 @@ def column_names(raw: RawRows) -> list[str]:
 
 
 def _plain_text_columns(rows: datasets.Dataset) -> bool:
-    text_fields = ("text", "instruction", "input", "output", "prompt", "chosen", "rejected", "system")
+    text_fields = [c for c in COLUMNS if c != "messages"]  # every column that must hold text
     return all(
         getattr(rows.features[c], "dtype", None) in ("string", "large_string", "null")
         for c in text_fields

@@ -69,13 +69,12 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str = "auto") ->
         elif not merge:
             shutil.copytree(artifact, tmp)
         else:
-            from peft import PeftModel
-
             # Merged into the base at full precision, even for qlora (which trained against its 4-bit
             # rounding): the merged model is a plain model, not a quantized one.
             torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-            base = load_model(base_source, dtype=torch_dtype, device=torch.device("cpu"))
-            merged = PeftModel.from_pretrained(base, artifact).merge_and_unload()
+            cpu = torch.device("cpu")
+            base = load_model(base_source, dtype=torch_dtype, device=cpu)
+            merged = attach_artifact(run_dir, spec, base, base.dtype, cpu).merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(tokenizer_source(spec.model, base_source)).save_pretrained(tmp)
             kind = "merged model"

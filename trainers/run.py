@@ -339,15 +339,22 @@ def run_job(
     if evaluate:
         with console.status("before/after evaluation"):
             comparison = compare_before_after(run_dir, spec, base_source, tokenizer_source, data, gpus)
-        summary["eval_loss_before"] = comparison.get("before", {}).get("loss")
-        summary["eval_loss_after"] = comparison.get("after", {}).get("loss")
-        summary["reload_check"] = comparison.get("reload_check")
+        summary.update(summary_of_comparison(comparison))
         plot_loss(run_dir)  # again, now with the base model's eval loss at step 0
         print_comparison(console, comparison)
     summary["wall_seconds"] = time.time() - wall_start
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(console, summary)
     return summary
+
+
+def summary_of_comparison(comparison: dict[str, Any]) -> dict[str, Any]:
+    """The fields of summary.json that come from eval.json."""
+    return {
+        "eval_loss_before": comparison.get("before", {}).get("loss"),
+        "eval_loss_after": comparison.get("after", {}).get("loss"),
+        "reload_check": comparison.get("reload_check"),
+    }
 
 
 def print_comparison(console: Console, comparison: dict[str, Any], show: int = 6) -> None:
@@ -415,9 +422,7 @@ def evaluate_run(
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        summary["eval_loss_before"] = comparison.get("before", {}).get("loss")
-        summary["eval_loss_after"] = comparison.get("after", {}).get("loss")
-        summary["reload_check"] = comparison.get("reload_check")
+        summary.update(summary_of_comparison(comparison))
         write_text_atomic(summary_path, json.dumps(summary, indent=2))
     plot_loss(run_dir)
     return comparison
