@@ -96,3 +96,10 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def print_failure(run_dir: Path, error: Exception, lines: int = 40) -> None:
+    """A failed run's last traceback lines (from its error.log), so a benchmark log says why."""
+    log = run_dir / "error.log"
+    tail = log.read_text().splitlines()[-lines:] if log.exists() else [repr(error)]
+    print(f"--- {run_dir.name} failed:", *tail, sep="\n", flush=True)

@@ -17,6 +17,7 @@ from benchmarks.common import (
     SHAPES,
     flops_per_token,
     matmul_tflops,
+    print_failure,
     print_table,
     random_text,
     steady_tokens_per_s,
@@ -26,21 +27,36 @@ from trainers.run import run_job
 from trainers.spec import parse_spec
 
 SEQ = 2048
+EAGER = {"compile": False}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "mb4-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True},
-    "mb4": {"micro_batch_size": 4, "gradient_checkpointing": False},
-    "mb8": {"micro_batch_size": 8, "gradient_checkpointing": False},
+    "mb4-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True, **EAGER},
+    "mb4": {"micro_batch_size": 4, "gradient_checkpointing": False, **EAGER},
+    "mb8": {"micro_batch_size": 8, "gradient_checkpointing": False, **EAGER},
     "mb8-compile": {"micro_batch_size": 8, "gradient_checkpointing": False, "compile": True},
-    "mb16-ckpt": {"micro_batch_size": 16, "gradient_checkpointing": True},
-    "mb1-zero3-ckpt": {"micro_batch_size": 1, "gradient_checkpointing": True, "zero_stage": 3},
-    "mb4-zero3-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True, "zero_stage": 3},
+    "mb16-ckpt": {"micro_batch_size": 16, "gradient_checkpointing": True, **EAGER},
+    "mb1-zero3-ckpt": {"micro_batch_size": 1, "gradient_checkpointing": True, "zero_stage": 3, **EAGER},
+    "mb4-zero3-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True, "zero_stage": 3, **EAGER},
+    # ZeRO-3 with the optimizer state split between GPU and host (`auto`: only what does not fit goes
+    # to the host); 8 micro-batches a step spread the host's Adam step over 16k tokens.
+    "mb1x8-zero3-offload": {
+        "micro_batch_size": 1,
+        "accumulate": 8,
+        "gradient_checkpointing": True,
+        "zero_stage": 3,
+        "offload": "optimizer",
+        "offload_ratio": "auto",
+        "cpus_per_worker": 14,  # DeepSpeed's CPU Adam runs on the worker's threads
+        **EAGER,
+    },
 }
+SCALING_KEYS = ("zero_stage", "offload", "offload_ratio", "cpus_per_worker")
 
 
 def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shape: str) -> dict[str, Any]:
     run_dir = out / f"{name}-w{workers}"
     v = dict(VARIANTS[name])
-    zero = v.pop("zero_stage", "auto")
+    scaling = {k: v.pop(k) for k in SCALING_KEYS if k in v}
+    accumulate = v.pop("accumulate", 1)
     spec = parse_spec(
         {
             "name": f"bench-{name}-w{workers}",
@@ -50,14 +66,14 @@ def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shap
             "data": {"train": str(data), "max_length": SEQ, "eval_fraction": 0},
             "train": {
                 "max_steps": steps,
-                "batch_size": v["micro_batch_size"] * workers,
+                "batch_size": v["micro_batch_size"] * accumulate * workers,
                 "lr": 1e-4,
                 "log_every": 1,
                 "checkpoint_every": 0,
                 "eval_every": 0,
                 **v,
             },
-            "scaling": {"workers": workers, "gpus_per_worker": 1, "cpus_per_worker": 4, "zero_stage": zero},
+            "scaling": {"workers": workers, "gpus_per_worker": 1, "cpus_per_worker": 4} | scaling,
             "eval": {"samples": 0},
             "output": str(run_dir),
         }
@@ -72,6 +88,7 @@ def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shap
         "peak GiB": (summary["peak_memory_bytes"] or 0) / 2**30,
         "engine": summary["engine"],
         "ckpt": summary["gradient_checkpointing"],
+        "offload": summary["offload_ratio"],
         "loss": f"{summary['first_loss']:.3f}->{summary['last_loss']:.3f}",
     }
 
@@ -97,13 +114,25 @@ def main() -> None:
             row = run_variant(name, args.out, data, args.steps, workers, args.shape)
             row["MFU %"] = 100 * row["tokens/s/GPU"] * per_token / (peak * 1e12)
         except Exception as e:  # one variant's OOM must not lose the others' numbers
+            print_failure(args.out / f"{name}-w{workers}", e)
             row = {"variant": name, "workers": workers, "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
         rows.append({k: (f"{x:.1f}" if isinstance(x, float) else x) for k, x in row.items()})
         (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"matmul bf16 8192^3: {peak:.0f} TFLOP/s; model FLOPs/token: {per_token / 1e9:.2f} G")
     print_table(
         rows,
-        ["variant", "workers", "engine", "ckpt", "tokens/s", "tokens/s/GPU", "MFU %", "peak GiB", "loss"],
+        [
+            "variant",
+            "workers",
+            "engine",
+            "ckpt",
+            "offload",
+            "tokens/s",
+            "tokens/s/GPU",
+            "MFU %",
+            "peak GiB",
+            "loss",
+        ],
     )
 
 

@@ -18,7 +18,7 @@ import ray
 import torch
 from rich.console import Console
 
-from benchmarks.common import SHAPES, print_table, random_text, steady_tokens_per_s
+from benchmarks.common import SHAPES, print_failure, print_table, random_text, steady_tokens_per_s
 from cluster.local import ensure_ray
 from trainers.models import materialize_base
 from trainers.report import read_metrics
@@ -28,7 +28,9 @@ from trainers.spec import parse_spec
 SEQ, MICRO, RANK = 2048, 2, 16
 
 
-def spec_for(name: str, config: dict[str, Any], data: Path, out: Path, steps: int, **method: Any) -> Any:
+def spec_for(
+    name: str, config: dict[str, Any], data: Path, out: Path, steps: int, checkpointing: Any, **method: Any
+) -> Any:
     return parse_spec(
         {
             "name": name,
@@ -41,7 +43,7 @@ def spec_for(name: str, config: dict[str, Any], data: Path, out: Path, steps: in
                 "batch_size": MICRO,
                 "micro_batch_size": MICRO,
                 "lr": 1e-4,
-                "gradient_checkpointing": True,
+                "gradient_checkpointing": checkpointing,
                 "checkpoint_every": 0,
                 "eval_every": 0,
                 "warmup_ratio": 0,
@@ -113,7 +115,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shape", choices=SHAPES, default="0.95b")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--kinds", default="lora,qlora", help="comma-separated: lora, qlora")
+    parser.add_argument(
+        "--kinds",
+        default="lora,qlora",
+        help="comma-separated: lora, qlora (each against the plain loop), lora-auto (fulcrum's default "
+        "activation checkpointing, `auto`: only as many layers as the GPU needs; no plain run)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config = SHAPES[args.shape]
@@ -122,24 +129,45 @@ def main() -> None:
     ensure_ray(min_cpus=6)
     rows = []
     for kind in args.kinds.split(","):
-        spec = spec_for(f"{args.shape}-{kind}", config, data, args.out, args.steps, kind=kind)
-        summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
+        method, _, mode = kind.partition("-")
+        checkpointing = "auto" if mode == "auto" else True  # True: the plain loop's setting
+        spec = spec_for(
+            f"{args.shape}-{kind}", config, data, args.out, args.steps, checkpointing, kind=method
+        )
+        try:
+            summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
+        except Exception as e:  # one kind's failure must not lose the others' numbers
+            print_failure(args.out / spec.name, e)
+            continue
         steps = read_metrics(args.out / spec.name)
         rows.append(
             {
                 "run": f"fulcrum {kind}",
                 "tokens/s": steady_tokens_per_s(args.out / spec.name),
                 "peak GiB": summary["peak_memory_bytes"] / 2**30,
+                "compiled": summary["compiled"],
+                "checkpointed layers": summary["checkpointed_layers"],
                 "losses": [round(r["loss"], 3) for r in steps if r["event"] == "step"],
             }
         )
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+        if mode == "auto":
+            continue
         from trainers.data import prepare
         from trainers.models import load_tokenizer
 
         source = materialize_base(spec.model)
         table = prepare(spec, load_tokenizer(source)).train.table
         plain = ray.get(plain_peft_loop.remote(source, table, args.steps, kind == "qlora"))
-        rows.append({"run": f"plain peft {kind}", **plain, "losses": [round(x, 3) for x in plain["losses"]]})
+        rows.append(
+            {
+                "run": f"plain peft {kind}",
+                **plain,
+                "compiled": False,
+                "checkpointed layers": config["num_hidden_layers"],
+                "losses": [round(x, 3) for x in plain["losses"]],
+            }
+        )
         # Correctness first: the same seed and data give the same loss curve, up to bf16 noise. 3%: the
         # plain QLoRA loop runs embeddings and head in float32 (peft's prepare_model_for_kbit_training),
         # fulcrum in bf16; over 10 steps at lr 1e-4 that alone moves the curve by up to ~2.5%.
@@ -155,7 +183,7 @@ def main() -> None:
             {k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
             for r in rows
         ],
-        ["run", "tokens/s", "peak GiB", "speedup", "curve vs plain"],
+        ["run", "tokens/s", "peak GiB", "compiled", "checkpointed layers", "speedup", "curve vs plain"],
     )
 
 

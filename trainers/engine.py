@@ -7,6 +7,7 @@ Both expose the same small surface so that loop.py reads as one plain loop.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,27 @@ def choose_zero_stage(n_params: int, workers: int, device_bytes: int | None) -> 
     return 3
 
 
-def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype) -> dict[str, Any]:
+def optimizer_offload_ratio(
+    spec: Any, n_params: int, device_bytes: int | None, activation_bytes: int
+) -> float:
+    """The share of the optimizer state to put on the host (DeepSpeed ZeRO-Offload++ `ratio`).
+
+    A number in the spec is taken as is. `auto` keeps on the GPU what fits in 80% of it beside the 16-bit
+    weights and gradients (4 bytes per parameter) and the activations; each offloaded parameter frees 16
+    bytes there (fp32 master weight, both Adam moments, fp32 gradient). The host holds the rest.
+    """
+    ratio = spec.scaling.offload_ratio
+    if ratio != "auto":
+        return float(ratio)
+    if device_bytes is None:
+        return 1.0
+    n = n_params / spec.scaling.workers  # ZeRO-3: each GPU holds a 1/workers slice
+    room = 0.8 * device_bytes - 4 * n - activation_bytes
+    on_gpu = min(max(room / (16 * n), 0.0), 1.0)
+    return max(0.05, math.ceil((1 - on_gpu) * 20) / 20)  # in steps of 5%, never nothing
+
+
+def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype, offload_ratio: float = 1.0) -> dict[str, Any]:
     t, s = spec.train, spec.scaling
     zero: dict[str, Any] = {
         "stage": stage,
@@ -39,6 +60,10 @@ def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype) -> dict[str, Any
     }
     if s.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if offload_ratio < 1.0:
+            zero["offload_optimizer"]["ratio"] = offload_ratio
+            # The ratio is applied per sub-group of parameters: smaller groups split it finely.
+            zero["sub_group_size"] = 100_000_000
     if s.offload in ("parameters", "all"):
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -49,7 +74,7 @@ def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype) -> dict[str, Any
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
         "zero_optimization": zero,
-        # We pass torch's AdamW (fused on GPUs); DeepSpeed's own CPU Adam needs compiled ops.
+        # We pass torch's AdamW (fused on GPUs), or DeepSpeed's CPU Adam where a GPU job offloads.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
@@ -59,7 +84,10 @@ def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype) -> dict[str, Any
 
 def make_optimizer(model: torch.nn.Module, spec: Any, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    on_gpu = device.type == "cuda" and spec.scaling.offload in ("none", "parameters")
+    offloaded = spec.scaling.offload in ("optimizer", "all")
+    if offloaded and device.type == "cuda":
+        return cpu_adam(params, spec)
+    on_gpu = device.type == "cuda" and not offloaded
     return torch.optim.AdamW(
         params,
         lr=spec.train.lr,
@@ -67,6 +95,24 @@ def make_optimizer(model: torch.nn.Module, spec: Any, device: torch.device) -> t
         betas=(0.9, 0.95),
         fused=on_gpu or None,
     )
+
+
+def cpu_adam(params: list[torch.nn.Parameter], spec: Any) -> torch.optim.Optimizer:
+    """DeepSpeed's vectorised CPU AdamW: in place (torch's CPU AdamW makes full-size temporaries, which an
+    8B model's host memory has no room for) and several times faster. Built on first use."""
+    from trainers.errors import FulcrumError
+
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            params, lr=spec.train.lr, betas=(0.9, 0.95), weight_decay=spec.train.weight_decay, adamw_mode=True
+        )
+    except Exception as e:  # the op is compiled on first use: no compiler, no ninja, no Python headers
+        raise FulcrumError(
+            f"scaling.offload: DeepSpeed's CPU Adam could not be built on this worker ({e}); it needs g++, "
+            "ninja and the Python headers, or set offload: none"
+        ) from e
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: Any, total_steps: int) -> Any:
@@ -85,7 +131,13 @@ class DeepSpeedEngine:
     """Full fine-tuning through DeepSpeed ZeRO stage 0-3 with optional CPU offload."""
 
     def __init__(
-        self, model: torch.nn.Module, spec: Any, stage: int, dtype: torch.dtype, total_steps: int
+        self,
+        model: torch.nn.Module,
+        spec: Any,
+        stage: int,
+        dtype: torch.dtype,
+        total_steps: int,
+        offload_ratio: float = 1.0,
     ) -> None:
         import deepspeed
 
@@ -97,7 +149,7 @@ class DeepSpeedEngine:
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(spec, stage, dtype),
+            config=deepspeed_config(spec, stage, dtype, offload_ratio),
             dist_init_required=False,  # Ray Train already set up torch.distributed
         )
         self.module = self.engine.module
@@ -142,13 +194,24 @@ class DeepSpeedEngine:
 class TorchEngine:
     """Plain PyTorch steps with DDP across workers: for PEFT methods and `freeze`."""
 
-    def __init__(self, model: torch.nn.Module, spec: Any, total_steps: int, world: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, spec: Any, total_steps: int, world: int, dtype: torch.dtype
+    ) -> None:
         self.module = model
         self.wrapped: torch.nn.Module = model
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        if dtype in (torch.bfloat16, torch.float16):
+            # peft keeps adapter weights in float32 (their updates are too small for bf16) and by default
+            # casts every LoRA input up to float32 to match: a float32 copy of each activation, kept for
+            # backward. Under autocast the adapter matmuls run in 16-bit on the 16-bit input instead.
+            if spec.method.kind in ("lora", "qlora"):
+                for m in model.modules():
+                    if hasattr(m, "cast_input_dtype_enabled"):
+                        m.cast_input_dtype_enabled = False
+            self.wrapped = Autocast(model, device.type, dtype)
         if world > 1:
-            device = next(p for p in model.parameters() if p.requires_grad).device
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
+                self.wrapped, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.optimizer = make_optimizer(model, spec, next(model.parameters()).device)
         self.scheduler = make_scheduler(self.optimizer, spec, total_steps)
@@ -161,7 +224,12 @@ class TorchEngine:
         return self.wrapped
 
     def compile(self) -> None:
-        self.wrapped = torch.compile(self.wrapped)
+        # Layer by layer: every decoder layer runs the same code, so one compiled graph serves them all
+        # (short warm-up), and the layers' activation checkpointing stays where transformers put it.
+        from trainers.methods import decoder_layers
+
+        for layer in decoder_layers(self.module):
+            layer.compile()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.micro += 1
@@ -221,6 +289,18 @@ class TorchEngine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.module.state_dict()
+
+
+class Autocast(torch.nn.Module):
+    """Runs the wrapped model under autocast to its 16-bit dtype (the attribute is `module`, as in DDP)."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
 
 
 def write_json(path: Path, data: Any) -> None:

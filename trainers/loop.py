@@ -22,9 +22,15 @@ import ray.train.torch
 import torch
 
 from trainers.data import collate, micro_batches, shard_order, shard_rows, steps_per_epoch
-from trainers.engine import DeepSpeedEngine, TorchEngine, choose_zero_stage, write_json
+from trainers.engine import (
+    DeepSpeedEngine,
+    TorchEngine,
+    choose_zero_stage,
+    optimizer_offload_ratio,
+    write_json,
+)
 from trainers.evaluate import all_reduce_sum, evaluate_objective
-from trainers.methods import apply_method, count_parameters, frozen_checksum
+from trainers.methods import apply_method, count_parameters, decoder_layers, frozen_checksum
 from trainers.models import load_model, load_tokenizer, resolve_dtype
 from trainers.objectives import build_objective, eval_mode, token_logits
 from trainers.spec import JobSpec
@@ -44,24 +50,64 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def want_checkpointing(
-    spec: JobSpec, model_config: Any, n_params: int, device: torch.device, stage: int
-) -> bool:
-    """`auto`: recompute activations only when they would not fit beside the model state.
+def activation_bytes_per_layer(spec: JobSpec, model_config: Any, compiled: bool) -> int:
+    """Activations one decoder layer keeps for backward for one micro-batch.
 
-    Activations: ~34 bytes per token, layer and hidden unit in 16-bit (Korthikanti et al. 2022, with
-    fused attention); model state: 16 bytes per trained parameter (weights, grads, fp32 Adam), 2 per frozen.
+    Measured on the Llama-3 8B shape with LoRA (H100, 4096 tokens a micro-batch): 32 bytes per token and
+    hidden unit compiled, 43 eager (transformers' RMSNorm keeps float32 copies). Korthikanti et al. (2022)
+    give 34 for a GPT layer with fused attention.
     """
+    per_unit = 34 if compiled else 44
+    return spec.train.micro_batch_size * spec.data.max_length * model_config.hidden_size * per_unit
+
+
+def checkpointed_layer_count(
+    spec: JobSpec, model_config: Any, state_bytes: float, device: torch.device, compiled: bool
+) -> int:
+    """How many decoder layers recompute their activations in backward.
+
+    `true`: all; `false`: none. `auto` on a GPU: as few as let the rest keep their activations within 85%
+    of this worker's share of the GPU beside the model state (a checkpointed layer keeps only its 16-bit
+    input). Each layer that keeps its activations saves a third of its compute: recomputing a layer costs
+    one more forward pass on top of forward and backward.
+    """
+    layers = model_config.num_hidden_layers
     if spec.train.gradient_checkpointing != "auto":
-        return bool(spec.train.gradient_checkpointing)
+        return layers if spec.train.gradient_checkpointing else 0
+    if device.type != "cuda":
+        return 0
+    share = spec.scaling.gpus_per_worker
+    fraction = share if isinstance(share, float | int) and 0 < share < 1 else 1.0
+    budget = 0.85 * fraction * torch.cuda.get_device_properties(device).total_memory - state_bytes
+    whole = activation_bytes_per_layer(spec, model_config, compiled)
+    kept_input = spec.train.micro_batch_size * spec.data.max_length * model_config.hidden_size * 2
+    return fewest_checkpointed_layers(layers, budget, whole, kept_input)
+
+
+def fewest_checkpointed_layers(layers: int, budget: float, whole: float, kept_input: float) -> int:
+    """The fewest layers to checkpoint so that (layers - k) whole activations plus k kept inputs fit."""
+    keep = int((budget - layers * kept_input) // max(whole - kept_input, 1))
+    return layers - min(max(keep, 0), layers)
+
+
+def model_state_bytes(spec: JobSpec, n_params: int, stage: int, offload_ratio: float) -> float:
+    """GPU bytes of weights, gradients and optimizer state: 16 per parameter with mixed-precision Adam
+    (less what ZeRO-3 shards away and what the optimizer offload moves to the host); 2 per frozen 16-bit
+    parameter, about 0.6 for 4-bit ones."""
+    if spec.method.kind != "full":
+        return n_params * (0.6 if spec.quantization == "4bit" else 2)
+    per_gpu = n_params / (spec.scaling.workers if stage == 3 else 1)
+    offloaded = offload_ratio if spec.scaling.offload in ("optimizer", "all") else 0.0
+    return per_gpu * (4 + 12 * (1 - offloaded))
+
+
+def want_compile(spec: JobSpec, device: torch.device, stage: int) -> bool:
+    """`auto`: on GPUs, for the methods and engines whose compiled step was measured (benchmarks/)."""
+    if spec.train.compile != "auto":
+        return bool(spec.train.compile)
     if device.type != "cuda":
         return False
-    capacity = torch.cuda.get_device_properties(device).total_memory
-    per_param = 16 if spec.method.kind == "full" else 2
-    state = n_params * per_param / (spec.scaling.workers if stage == 3 else 1)
-    layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
-    activations = spec.train.micro_batch_size * spec.data.max_length * layers * hidden * 34
-    return state + activations > 0.85 * capacity
+    return spec.method.kind in ("lora", "qlora", "freeze") or (spec.method.kind == "full" and stage == 0)
 
 
 def shard_fractions(model: torch.nn.Module) -> dict[str, float]:
@@ -129,20 +175,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if spec.scaling.zero_stage == "auto"
             else int(spec.scaling.zero_stage)
         )
-        if spec.scaling.offload in ("parameters", "all"):
-            stage = 3
-    checkpointing = want_checkpointing(spec, model.config, total, device, stage)
-    if checkpointing:
+        if spec.scaling.offload != "none" and spec.scaling.zero_stage == "auto":
+            stage = 3  # offload needs ZeRO; at stage 3 DeepSpeed can also split the optimizer state
+    offload_ratio = 1.0
+    if spec.method.kind == "full" and spec.scaling.offload in ("optimizer", "all"):
+        one_layer = activation_bytes_per_layer(spec, model.config, compiled=False)
+        offload_ratio = optimizer_offload_ratio(spec, total, device_bytes, one_layer)
+        if device.type != "cuda":
+            offload_ratio = 1.0  # the GPU share needs a GPU
+    compiled = want_compile(spec, device, stage)
+    state_bytes = model_state_bytes(spec, total, stage, offload_ratio)
+    checkpointed = checkpointed_layer_count(spec, model.config, state_bytes, device, compiled)
+    if checkpointed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec.is_peft:
             model.enable_input_require_grads()
+        layers = decoder_layers(model)
+        if checkpointed < len(layers) and all(hasattr(x, "gradient_checkpointing") for x in layers):
+            for layer in layers[checkpointed:]:  # the top layers keep their activations
+                layer.gradient_checkpointing = False
+        else:
+            checkpointed = len(layers)  # a model without per-layer switches checkpoints every layer
 
     engine: DeepSpeedEngine | TorchEngine
     if spec.method.kind == "full":
-        engine = DeepSpeedEngine(model, spec, stage, dtype, total_steps)
+        engine = DeepSpeedEngine(model, spec, stage, dtype, total_steps, offload_ratio)
     else:
-        engine = TorchEngine(model, spec, total_steps, world)
-    if spec.train.compile:
+        engine = TorchEngine(model, spec, total_steps, world, dtype)
+    if compiled:
         engine.compile()
     forward = engine.forward_model()
 
@@ -185,7 +245,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if spec.method.kind == "full"
         else ("ddp" if world > 1 else "torch"),
         "zero_stage": stage if spec.method.kind == "full" else None,
-        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing": checkpointed > 0,
+        "checkpointed_layers": checkpointed,
+        "compiled": compiled,
+        "offload_ratio": offload_ratio if spec.scaling.offload in ("optimizer", "all") else None,
         "trainable_params": trainable,
         "total_params": total,
         "start_step": step,

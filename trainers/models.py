@@ -100,9 +100,18 @@ def _build_from_config(
     cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
     model_config = AutoConfig.for_model(**cfg)
     torch.manual_seed(0)  # every worker and the evaluation must start from the same weights
-    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    # Drawn on a GPU where there is one: an 8B shape initialises in seconds there, minutes on CPUs. (The
+    # random weights then differ from a CPU-built copy; the cache is per machine.)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     tokenizer.save_pretrained(tmp)
     _publish(tmp, target)
 

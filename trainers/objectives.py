@@ -35,33 +35,98 @@ def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
 
 
+def _head_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return _ce_sum(head(hidden), labels)
+
+
 def token_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, chunk: int = CE_CHUNK_ELEMENTS
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int | None = None,
+    head: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Sum of cross-entropy over (tokens, vocab) logits, computed in float32.
 
-    With a large vocabulary the float32 copy of the logits and the softmax kept for backward are the
-    largest tensors of a step (4 GiB each for 4096 tokens x 128k vocab). Above `chunk` elements the sum is
-    taken chunk by chunk, each chunk recomputed in backward, so only one chunk is ever in float32.
+    With a large vocabulary the logits, their float32 copy and the softmax kept for backward are the
+    largest tensors of a step (4096 tokens x 128k vocab: 1 GiB in bf16, 2 GiB in float32, each). The sum
+    is taken chunk by chunk, each chunk recomputed in backward, so only one chunk ever exists. With
+    `head`, `logits` are the final hidden states and the output layer itself runs per chunk: the full
+    logits never exist at all.
     """
-    rows = max(1, chunk // logits.size(-1))
-    if logits.size(0) <= rows or not torch.is_grad_enabled():
-        return _ce_sum(logits, labels)
+    vocab = _vocab_size(head) if head is not None else logits.size(-1)
+    rows = max(1, (chunk or CE_CHUNK_ELEMENTS) // vocab)
+    piece = _ce_sum if head is None else _head_ce_sum
+    extra = () if head is None else (head,)
+    if logits.size(0) <= rows:
+        return piece(logits, labels, *extra)
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, logits.size(0), rows):
-        part = (logits[start : start + rows], labels[start : start + rows])
-        total = total + torch.utils.checkpoint.checkpoint(_ce_sum, *part, use_reentrant=False)
+        part = (logits[start : start + rows], labels[start : start + rows], *extra)
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(piece, *part, use_reentrant=False)
+        else:
+            total = total + piece(*part)
     return total
+
+
+def _vocab_size(head: torch.nn.Module) -> int:
+    out = getattr(head, "out_features", None)  # nn.Linear, and peft's wrappers of it
+    return int(out) if out is not None else int(head.weight.shape[0])
+
+
+def _unwrap(model: Any) -> Any:
+    """The transformers model under DDP / DeepSpeed (`module`), torch.compile (`_orig_mod`) and peft."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _plain_head(model: Any) -> Any:
+    """The transformers model whose logits are exactly `lm_head(final hidden state)`, or None where the
+    model post-processes them (Gemma-2 soft-capping, Cohere/Granite logit scaling): those keep the
+    full-logits path."""
+    base = _unwrap(model)
+    cfg = getattr(base, "config", None)
+    if cfg is None or not hasattr(base, "get_output_embeddings"):
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (None, 1.0):
+        return None
+    if getattr(cfg, "logits_scaling", 1.0) not in (None, 1.0):
+        return None
+    return base if isinstance(base.get_output_embeddings(), torch.nn.Module) else None
+
+
+@contextmanager
+def hidden_states_as_logits(model: Any) -> Iterator[torch.nn.Module | None]:
+    """While inside, the model's `logits` are its final hidden states (the output layer is swapped for
+    an identity) and the real output layer is yielded, for the loss to run it chunk by chunk. Works
+    through every wrapper, prompt-learning methods included. Yields None (and changes nothing) for
+    models whose logits are not a plain projection."""
+    base = _plain_head(model)
+    if base is None:
+        yield None
+        return
+    head = base.get_output_embeddings()
+    base.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        base.set_output_embeddings(head)
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over tokens whose label is not IGNORE, and their count.
 
-    sft masks prompt tokens in `labels` (data.py), so the same loss trains on answers only.
+    sft masks prompt tokens in `labels` (data.py), so the same loss trains on answers only. The output
+    layer runs inside the chunked cross-entropy, so the (tokens x vocab) logits never exist whole.
     """
-    logits = token_logits(model, batch)[:, :-1]
+    with hidden_states_as_logits(model) as head:
+        states = token_logits(model, batch)[:, :-1]
     labels = batch["labels"][:, 1:]
-    loss_sum = token_cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
+    loss_sum = token_cross_entropy(states.reshape(-1, states.size(-1)), labels.reshape(-1), head=head)
     return loss_sum, (labels != IGNORE).sum()
 
 

@@ -267,9 +267,14 @@ class TrainSpec(_Section):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="lr decay after warmup.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
-        description="Recompute activations; `auto` turns it on only when they would not fit on the GPU.",
+        description="Recompute activations in backward. `auto`: on GPUs, only in as many layers as needed "
+        "for the activations to fit (the others keep theirs); never on CPUs.",
     )
-    compile: bool = Field(False, description="torch.compile the model (fuses norms and activations on GPUs).")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile each decoder layer (fuses norms, rotary embeddings and activations). "
+        "`auto`: on GPUs for lora, qlora, freeze and full at ZeRO stage 0.",
+    )
     checkpoint_every: int = Field(200, ge=0, description="Steps between checkpoints; 0 = only at the end.")
     eval_every: int = Field(200, ge=0, description="Steps between evaluations; 0 = only at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Older checkpoints are deleted beyond this many.")
@@ -292,6 +297,11 @@ class ScalingSpec(_Section):
     offload: Literal["none", "optimizer", "parameters", "all"] = Field(
         "none", description="DeepSpeed CPU offload for `full` (parameters needs stage 3)."
     )
+    offload_ratio: float | Literal["auto"] = Field(
+        1.0,
+        description="Share of the optimizer state offloaded (ZeRO-3 on GPUs, DeepSpeed's CPU Adam). "
+        "`auto`: only the share that does not fit on the GPU.",
+    )
     max_failures: int = Field(
         0, ge=-1, description="Worker restarts from the last checkpoint (-1: no limit)."
     )
@@ -300,6 +310,8 @@ class ScalingSpec(_Section):
     def _nonnegative_gpus(self) -> ScalingSpec:
         if self.gpus_per_worker != "auto" and self.gpus_per_worker < 0:
             raise ValueError("gpus_per_worker must be >= 0 or `auto`")
+        if self.offload_ratio != "auto" and not 0 < self.offload_ratio <= 1:
+            raise ValueError("offload_ratio must be in (0, 1] or `auto`")
         return self
 
 
@@ -370,6 +382,12 @@ def _check_consistency(spec: JobSpec) -> None:
         raise _FieldProblem(("scaling", "offload"), "CPU offload applies to method `full` only")
     if s.offload in ("parameters", "all") and s.zero_stage not in ("auto", 3):
         raise _FieldProblem(("scaling", "offload"), "parameter offload needs zero_stage 3 (or auto)")
+    if s.offload_ratio != 1.0 and s.offload not in ("optimizer", "all"):
+        raise _FieldProblem(("scaling", "offload_ratio"), "applies with offload `optimizer` or `all` only")
+    if s.offload_ratio != 1.0 and s.zero_stage not in ("auto", 3):
+        raise _FieldProblem(
+            ("scaling", "offload_ratio"), "partial optimizer offload needs zero_stage 3 (or auto)"
+        )
     if spec.method.kind == "qlora" and spec.model.quantization not in ("none", "4bit"):
         raise _FieldProblem(("model", "quantization"), "qlora always quantizes to 4bit; remove this field")
     if spec.data.packing and spec.method.kind in PROMPT_KINDS:

@@ -99,3 +99,54 @@ def test_chunked_cross_entropy_equals_the_whole_one() -> None:
     assert chunked.dtype == torch.float32
     assert torch.allclose(chunked, whole, rtol=1e-6)
     assert torch.equal(grad_chunked, grad_whole)
+
+
+def test_loss_with_the_head_run_in_chunks_equals_the_full_logits_loss() -> None:
+    """causal_lm_loss swaps the output layer for an identity and runs it per chunk: the loss and every
+    gradient (LoRA on the head included) must match the model's own full-logits loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.objectives import causal_lm_loss, hidden_states_as_logits
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False),
+    )
+    ids = torch.randint(0, 300, (3, 20))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    reference = model(input_ids=ids, labels=labels).loss * (labels[:, 1:] != -100).sum()
+    expected = torch.autograd.grad(reference, [p for p in model.parameters() if p.requires_grad])
+    with hidden_states_as_logits(model) as head:
+        assert head is not None and model(input_ids=ids).logits.shape[-1] == 32  # hidden states
+    assert model.get_base_model().get_output_embeddings() is head  # put back
+    import trainers.objectives as objectives
+
+    small = objectives.CE_CHUNK_ELEMENTS
+    objectives.CE_CHUNK_ELEMENTS = 300 * 16  # several chunks of 16 tokens
+    try:
+        loss_sum, count = causal_lm_loss(model, batch)
+    finally:
+        objectives.CE_CHUNK_ELEMENTS = small
+    got = torch.autograd.grad(loss_sum, [p for p in model.parameters() if p.requires_grad])
+    assert int(count) == 3 * 15
+    assert torch.allclose(loss_sum, reference, rtol=1e-5)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fewest_checkpointed_layers_fits_the_budget() -> None:
+    from trainers.loop import fewest_checkpointed_layers
+
+    gib = 2**30
+    assert fewest_checkpointed_layers(32, 100 * gib, 0.5 * gib, 0.03 * gib) == 0  # all fit
+    assert fewest_checkpointed_layers(32, 0.5 * gib, 0.5 * gib, 0.03 * gib) == 32  # none fit
+    assert fewest_checkpointed_layers(32, -1.0, 0.5 * gib, 0.03 * gib) == 32
+    k = fewest_checkpointed_layers(32, 5 * gib, 0.5 * gib, 0.03 * gib)
+    assert (32 - k) * 0.5 + k * 0.03 <= 5 < (32 - k + 1) * 0.5 + (k - 1) * 0.03

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from tests.helpers import chat_rows, tiny_spec, write_jsonl, write_spec
+from tests.helpers import TINY_LLAMA, chat_rows, tiny_spec, write_jsonl, write_spec
 from trainers.run import run_job
 from trainers.spec import load_spec
 
@@ -82,6 +82,29 @@ def test_full_fine_tuning_every_zero_stage(tmp_path: Path, workers: int, stage: 
 def test_zero_stage_auto_on_one_worker_is_zero0(tmp_path: Path) -> None:
     summary, _ = train(tmp_path, train={"max_steps": 2})
     assert summary["engine"] == "deepspeed-zero0"
+
+
+def test_bf16_lora_compiled_with_checkpointing_learns_and_reloads(tmp_path: Path) -> None:
+    """The GPU fast path on CPUs: bf16 weights, LoRA under autocast (no float32 copies of its inputs),
+    every decoder layer torch.compiled and checkpointed, the head run in chunks inside the loss."""
+    summary, _ = train(
+        tmp_path,
+        evaluate=True,
+        model={"config": dict(TINY_LLAMA), "tokenizer": "bytes", "dtype": "bfloat16"},
+        method={"kind": "lora", "rank": 8, "alpha": 16},
+        train={
+            "lr": 3.0e-2,
+            "max_steps": 6,
+            "scheduler": "constant",
+            "compile": True,
+            "gradient_checkpointing": True,
+        },
+    )
+    assert summary["compiled"] is True and summary["dtype"] == "bfloat16"
+    assert summary["checkpointed_layers"] == TINY_LLAMA["num_hidden_layers"]
+    assert summary["last_loss"] < summary["first_loss"] - 0.2
+    assert summary["reload_check"]["ok"], summary["reload_check"]
+    assert summary["base_unchanged"] is True
 
 
 def test_lora_ddp_two_workers(tmp_path: Path) -> None:
