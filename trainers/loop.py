@@ -356,6 +356,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if eval_loss is not None:
         log({"event": "eval", "step": step, "eval_loss": eval_loss, **prefixed(eval_stats)})
     train_seconds = time.time() - started
+    if isinstance(engine, DeepSpeedEngine) and spec.scaling.offload in ("optimizer", "all"):
+        engine.release_optimizer_state()
     state_dict = engine.full_state_dict() if not spec.is_peft else None
     # Logits of the model as trained, on a fixed input: the saved artifact must reproduce them.
     probe = probe_batch(eval_table if eval_table is not None else train_table, tokenizer.pad_token_id)

@@ -137,3 +137,15 @@ def test_new_methods_and_objectives_give_field_errors(tmp_path: Path) -> None:
     bad = tiny_spec(tmp_path, objective={"kind": "distill"})
     with pytest.raises(SpecError, match=r"objective.teacher: required field is missing"):
         load_spec(write_spec(tmp_path, bad))
+
+
+def test_offload_ratio_needs_optimizer_offload_at_stage_3(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, scaling={"offload_ratio": 0.5}))
+    assert "scaling.offload_ratio: applies with offload `optimizer` or `all` only" in msg
+    msg = error_of(
+        tmp_path,
+        tiny_spec(tmp_path, scaling={"offload": "optimizer", "offload_ratio": "auto", "zero_stage": 2}),
+    )
+    assert "scaling.offload_ratio: partial optimizer offload needs zero_stage 3" in msg
+    msg = error_of(tmp_path, tiny_spec(tmp_path, scaling={"offload": "optimizer", "offload_ratio": 1.5}))
+    assert "offload_ratio must be in (0, 1]" in msg
