@@ -107,7 +107,7 @@ def want_compile(spec: JobSpec, device: torch.device, stage: int) -> bool:
         return bool(spec.train.compile)
     if device.type != "cuda":
         return False
-    return spec.method.kind in ("lora", "qlora", "freeze") or (spec.method.kind == "full" and stage == 0)
+    return spec.method.kind in ("lora", "qlora") or (spec.method.kind == "full" and stage == 0)
 
 
 def shard_fractions(model: torch.nn.Module) -> dict[str, float]:

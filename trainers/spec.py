@@ -273,7 +273,7 @@ class TrainSpec(_Section):
     compile: bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile each decoder layer (fuses norms, rotary embeddings and activations). "
-        "`auto`: on GPUs for lora, qlora, freeze and full at ZeRO stage 0.",
+        "`auto`: on GPUs for lora, qlora and full at ZeRO stage 0 (the measured ones).",
     )
     checkpoint_every: int = Field(200, ge=0, description="Steps between checkpoints; 0 = only at the end.")
     eval_every: int = Field(200, ge=0, description="Steps between evaluations; 0 = only at the end.")
