@@ -272,7 +272,8 @@ class TrainSpec(_Section):
     )
     compile: bool | Literal["auto"] = Field(
         "auto",
-        description="torch.compile each decoder layer (fuses norms, rotary embeddings and activations). "
+        description="torch.compile (PEFT: each decoder layer; full: the model, through DeepSpeed); "
+        "fuses norms, rotary embeddings and activations. "
         "`auto`: on GPUs for lora, qlora and full at ZeRO stage 0 (the measured ones).",
     )
     checkpoint_every: int = Field(200, ge=0, description="Steps between checkpoints; 0 = only at the end.")
