@@ -158,6 +158,18 @@ def run(name, loss_fn, micro, accum, ckpt, cast_input, autocast, steps=8, profil
 
 L = len(layers)
 ALL = range(L)
+
+
+def run_selective(label: str, full: dict, none: dict, fewer: list[int]) -> None:
+    """Leave the top k layers uncheckpointed, k as many as the budget allows (from the measured per-layer
+    activations: the peak without checkpointing minus the peak with it), then k minus each of `fewer`."""
+    per_layer = max((none["peak GiB"] - full["peak GiB"]) * 2**30 / L, 1.0)
+    k = int((BUDGET - full["peak GiB"] * 2**30) // per_layer)
+    print(label, "per-layer GiB", per_layer / 2**30, "k", k, flush=True)
+    for d in fewer:
+        run(f"{label} sel k={k - d} mb2", chunked_loss, 2, 1, range(L - k + d), False, True)
+
+
 only = sys.argv[1:] or ["eager", "compile"]
 if "eager" in only:
     run("plain hf-loss ckpt mb2", hf_loss, 2, 1, ALL, True, False, profile=True)
@@ -165,10 +177,7 @@ if "eager" in only:
     full = run("chunked nocast ckpt mb2", chunked_loss, 2, 1, ALL, False, True, profile=True)
     none = run("chunked nocast NOckpt mb2", chunked_loss, 2, 1, [], False, True)
     if full and none:
-        per_layer = max((none["peak GiB"] - full["peak GiB"]) * 2**30 / L, 1.0)
-        k = int((BUDGET - full["peak GiB"] * 2**30) // per_layer)
-        print("eager per-layer GiB", per_layer / 2**30, "k", k, flush=True)
-        run(f"eager sel k={k} mb2", chunked_loss, 2, 1, range(L - k), False, True)
+        run_selective("eager", full, none, [0])
     run("eager nocast NOckpt mb1x2", chunked_loss, 1, 2, [], False, True)
 if "compile" in only:
     for i in range(L):
@@ -177,11 +186,7 @@ if "compile" in only:
     full = run("compile ckpt mb2", chunked_loss, 2, 1, ALL, False, True, steps=9)
     none = run("compile NOckpt mb2", chunked_loss, 2, 1, [], False, True)
     if full and none:
-        per_layer = max((none["peak GiB"] - full["peak GiB"]) * 2**30 / L, 1.0)
-        k = int((BUDGET - full["peak GiB"] * 2**30) // per_layer)
-        print("compiled per-layer GiB", per_layer / 2**30, "k", k, flush=True)
-        run(f"compile sel k={k} mb2", chunked_loss, 2, 1, range(L - k), False, True)
-        run(f"compile sel k={k - 2} mb2", chunked_loss, 2, 1, range(L - k + 2), False, True, profile=True)
+        run_selective("compile", full, none, [0, 2])
     run("compile NOckpt mb1x2", chunked_loss, 1, 2, [], False, True)
 print("SUMMARY")
 for r in RESULTS:
