@@ -57,8 +57,12 @@ def activation_bytes_per_layer(spec: JobSpec, model_config: Any, compiled: bool)
     hidden unit compiled, 43 eager (transformers' RMSNorm keeps float32 copies). Korthikanti et al. (2022)
     give 34 for a GPT layer with fused attention.
     """
-    per_unit = 34 if compiled else 44
-    return spec.train.micro_batch_size * spec.data.max_length * model_config.hidden_size * per_unit
+    return layer_input_elements(spec, model_config) * (34 if compiled else 44)
+
+
+def layer_input_elements(spec: JobSpec, model_config: Any) -> int:
+    """Elements of one decoder layer's input for one micro-batch (tokens x hidden)."""
+    return spec.train.micro_batch_size * spec.data.max_length * model_config.hidden_size
 
 
 def checkpointed_layer_count(
@@ -80,7 +84,7 @@ def checkpointed_layer_count(
     fraction = share if isinstance(share, float | int) and 0 < share < 1 else 1.0
     budget = 0.85 * fraction * torch.cuda.get_device_properties(device).total_memory - state_bytes
     whole = activation_bytes_per_layer(spec, model_config, compiled)
-    kept_input = spec.train.micro_batch_size * spec.data.max_length * model_config.hidden_size * 2
+    kept_input = layer_input_elements(spec, model_config) * 2  # 16-bit
     return fewest_checkpointed_layers(layers, budget, whole, kept_input)
 
 
