@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("spec")
     validate.add_argument("--show", action="store_true", help="print the resolved spec")
     validate.set_defaults(func=_validate)
+
+    # The other workloads register their own subcommands (serve; tune; submit and jobs; k8s).
+    from cluster import jobs_cmd, k8s_cmd, serve_cmd, tune_cmd
+
+    for module in (serve_cmd, tune_cmd, jobs_cmd, k8s_cmd):
+        module.register(sub)
     return parser
 
 

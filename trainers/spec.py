@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from trainers.errors import SpecError
 
@@ -338,6 +338,43 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers, GPUs, DeepSpeed ZeRO.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="The before/after comparison at the end.")
     output: str | None = Field(None, description="Run directory; default runs/<name>.")
+    tune: dict[str, Any] | None = Field(
+        None, description="`fulcrum tune` only: the search space, metric, scheduler (see docs/tuning.md)."
+    )
+    k8s: dict[str, Any] | None = Field(
+        None, description="`fulcrum k8s` only: namespace, image, storage, node selectors (docs/kubernetes.md)."
+    )
+
+    # Where the spec came from, so that the sections other packages own (tune, k8s) can name lines too.
+    _source: str = PrivateAttr("spec")
+    _text: str | None = PrivateAttr(None)
+
+    def section_error(self, loc: tuple[str | int, ...], msg: str) -> SpecError:
+        """A SpecError for field `loc` (e.g. ("tune", "space", "train.lr")), with the spec's file and line."""
+        return located_error(self._source, self._text, loc, msg)
+
+    def validate_section(self, name: str, model: type[BaseModel]) -> Any:
+        """Validate the raw section `name` (tune, k8s) with `model`; errors name the file, line and field.
+        Returns None when the section is absent."""
+        data = getattr(self, name)
+        if data is None:
+            return None
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            errors = e.errors()
+            first = errors[0]
+            loc = (name, *first["loc"])
+            if first["type"] == "extra_forbidden":
+                allowed = ", ".join(sorted(_model_at_path(model, first["loc"][:-1]) or []))
+                msg = f"unknown field `{first['loc'][-1]}`" + (f"; allowed: {allowed}" if allowed else "")
+            elif first["type"] == "missing":
+                msg = "required field is missing"
+            else:
+                msg = f"{first['msg']} (got {first.get('input')!r})"
+            more = len(errors) - 1
+            extra = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+            raise self.section_error(loc, msg + extra) from None
 
     # ---- derived values the loop and the CLI share
     @property
@@ -451,6 +488,25 @@ def _line_for(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...
     return None
 
 
+def located_error(source: str, text: str | None, loc: tuple[str | int, ...], msg: str) -> SpecError:
+    """`source:line: field.path: msg`, the line found from the YAML text when there is one."""
+    line = _line_for(_key_lines(text), loc) if text else None
+    where = f"{source}:{line}" if line else source
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    return SpecError(f"{where}: {field}: {msg}")
+
+
+def _model_at_path(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the (nested) pydantic model at `loc`, for 'allowed:' hints."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return list(model.model_fields)
+
+
 _TAGGED = ("method", "objective")  # discriminated unions: pydantic puts the tag into the path
 
 
@@ -562,6 +618,7 @@ def parse_spec(
             if path is not None and not path.exists():
                 raise fail(loc, f"not found: {base}")
             model_spec.base = str(path)
+    spec._source, spec._text = source, text
     if spec.output is None:
         spec.output = f"runs/{spec.name}"
     if "://" not in spec.output:
