@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -17,58 +17,70 @@ err_console = Console(stderr=True)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cluster.local import ensure_ray
-    from trainers.run import run_job
+    from cluster.local import ensure_ray, run_log
+    from trainers import storage
+    from trainers.run import resume_job, run_job
     from trainers.spec import load_spec
+    from trainers.storage import RunDir
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "spec.yaml").is_file():
-            raise FulcrumError(f"--resume {run_dir}: not a run directory (no spec.yaml in it)")
-        spec = load_spec(run_dir / "spec.yaml")
-    elif args.spec:
-        spec = load_spec(args.spec)
-    else:
+        if args.spec or args.output or args.overwrite:
+            raise FulcrumError(
+                "--resume RUN_DIR continues the run there; give no SPEC, --output or --overwrite"
+            )
+        run = RunDir(args.resume)
+        if not run.is_run():
+            raise FulcrumError(
+                f"--resume {args.resume}: not a fulcrum run directory (no {storage.MARKER} in it)"
+            )
+        with run_log(run.location):
+            ensure_ray(args.address, runtime_env=args.runtime_env)
+            resume_job(run.location, console=console, evaluate=not args.no_eval)
+        return 0
+    if not args.spec:
         raise FulcrumError("fulcrum train: give a SPEC.yaml, or --resume RUN_DIR")
+    spec = load_spec(args.spec)
     if args.output:
-        spec.output = str(Path(args.output).resolve())
-    if args.overwrite and not args.resume:
-        remove_old_run(Path(str(spec.output)))
-    ensure_ray(args.address, min_cpus=spec.scaling.workers * spec.scaling.cpus_per_worker + 1)
-    run_job(spec, resume=bool(args.resume), console=console, evaluate=not args.no_eval)
+        spec.output = storage.normalize(args.output)
+    run = RunDir(str(spec.output))
+    if args.overwrite and run.exists():
+        from trainers.run import _refuse_overlap
+
+        _refuse_overlap(spec, run)  # never delete a folder that holds the user's inputs
+        run.remove_run()
+    with run_log(run.location):
+        ensure_ray(args.address, runtime_env=args.runtime_env)
+        run_job(spec, console=console, evaluate=not args.no_eval)
     return 0
 
 
-def remove_old_run(run_dir: Path) -> None:
-    """Delete a previous run in the way, but only something that is recognisably a run."""
-    if not run_dir.exists():
-        return
-    if not (run_dir / "spec.yaml").is_file():
-        raise FulcrumError(
-            f"--overwrite: {run_dir} exists but is not a fulcrum run (no spec.yaml); not deleting it"
-        )
-    shutil.rmtree(run_dir)
-
-
 def _eval(args: argparse.Namespace) -> int:
-    from cluster.local import ensure_ray
+    from cluster.local import ensure_ray, run_log
     from trainers.export import load_run
     from trainers.run import evaluate_run
+    from trainers.storage import join
 
-    spec = load_run(Path(args.run_dir))
-    ensure_ray(args.address, min_cpus=2)
-    evaluate_run(Path(args.run_dir), console, samples=args.samples, max_new_tokens=args.max_new_tokens)
-    console.print(f"wrote {Path(args.run_dir) / 'eval.json'} ({spec.method.kind} / {spec.objective.kind})")
+    spec = load_run(args.run_dir)
+    with run_log(args.run_dir):
+        ensure_ray(args.address)
+        evaluate_run(args.run_dir, console, samples=args.samples, max_new_tokens=args.max_new_tokens)
+    console.print(f"wrote {join(args.run_dir, 'eval.json')} ({spec.method.kind} / {spec.objective.kind})")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    from trainers import storage
     from trainers.export import export_run
     from trainers.report import human_bytes
 
-    run_dir = Path(args.run_dir)
+    run_dir = args.run_dir
     suffix = "merged" if args.merge else "adapter"
-    output = Path(args.output) if args.output else run_dir / "export" / suffix
+    if args.output:
+        output = Path(args.output)
+    elif storage.is_local(run_dir):
+        output = Path(storage.normalize(run_dir)) / "export" / suffix
+    else:
+        raise FulcrumError(f"{run_dir} is not on this machine: give --output DIR for the export")
     with console.status("exporting"):
         info = export_run(run_dir, output.resolve(), merge=args.merge, dtype=args.dtype)
     console.print(
@@ -82,48 +94,124 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """Everything that can be checked without training: the spec, the data files' first rows, the model,
+    tokenizer and teacher sources (an inline config is built on the meta device). One line per check."""
+    from trainers.checks import check_data, check_sources
     from trainers.spec import load_spec
 
     spec = load_spec(args.spec)
-    console.print(
-        f"[green]ok[/] {args.spec}: {spec.method.kind} / {spec.objective.kind}, output {spec.output}"
-    )
+
+    def say(line: str) -> None:
+        field, _, result = line.partition(": ")
+        mark = "[yellow]?[/]" if result.startswith("not checked") else "[green]ok[/]"
+        console.print(f"{mark} {field}: {result.removeprefix('ok: ')}", highlight=False, soft_wrap=True)
+
+    say(f"spec: ok: {spec.method.kind} / {spec.objective.kind}, output {spec.output}")
+    for line in check_data(spec) + check_sources(spec):
+        say(line)
     if args.show:
         console.print(spec.to_yaml())
     return 0
 
 
+def _json_object(text: str) -> dict:  # type: ignore[type-arg]
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line and exit 2 (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+def _run_dir(text: str) -> str:
+    """An existing run directory (or a URI, checked when it is read)."""
+    if "://" not in text and not Path(text).is_dir():
+        what = "is a file, not a run directory" if Path(text).exists() else "not found"
+        raise argparse.ArgumentTypeError(f"{text}: {what}")
+    return text
+
+
+def _directory_to_write(text: str) -> str:
+    """A directory to write into: new, or an existing directory, never an existing file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a directory")
+    if "://" not in text and Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file; give a directory")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fulcrum", description="Fine-tune LLMs on Ray, and serve them.")
+    parser = _Parser(prog="fulcrum", description="Fine-tune LLMs on Ray, and serve them.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a training job (embedded Ray, or RAY_ADDRESS)")
     train.add_argument("spec", nargs="?", help="the job spec (YAML)")
     train.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        type=_run_dir,
+        help="continue an interrupted run from its last checkpoint",
     )
-    train.add_argument("--output", help="override the spec's output directory")
+    train.add_argument("--output", type=_directory_to_write, help="override the spec's output directory")
     train.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)")
     train.add_argument(
         "--overwrite", action="store_true", help="delete a previous run in the output directory"
     )
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    train.add_argument(
+        "--runtime-env",
+        type=_json_object,
+        metavar="JSON",
+        help='Ray runtime_env for the job\'s workers, e.g. \'{"env_vars": {"HF_HOME": "/data/hf"}}\'',
+    )
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="compare base and tuned model of a finished run (eval.json)")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--samples", type=int, help="how many eval prompts to answer (default: the spec's)")
-    evaluate.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the spec's)")
+    evaluate.add_argument("run_dir", type=_run_dir)
+    evaluate.add_argument(
+        "--samples", type=_count(0), help="how many eval prompts to answer (default: the spec's)"
+    )
+    evaluate.add_argument(
+        "--max-new-tokens", type=_count(1), help="answer length limit (default: the spec's)"
+    )
     evaluate.add_argument(
         "--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)"
     )
     evaluate.set_defaults(func=_eval)
 
     export = sub.add_parser("export", help="write a run's adapter, or (--merge) a merged full model")
-    export.add_argument("run_dir")
+    export.add_argument("run_dir", type=_run_dir)
     export.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
-    export.add_argument("--output", help="target directory (default: RUN_DIR/export/adapter or .../merged)")
+    export.add_argument(
+        "--output",
+        type=_directory_to_write,
+        help="target directory (default: RUN_DIR/export/adapter or .../merged)",
+    )
     export.add_argument(
         "--dtype",
         default="auto",
@@ -132,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=_export)
 
-    validate = sub.add_parser("validate", help="check a spec and print what it resolves to")
+    validate = sub.add_parser(
+        "validate", help="check a spec, its data, model and tokenizer sources without training"
+    )
     validate.add_argument("spec")
     validate.add_argument("--show", action="store_true", help="print the resolved spec")
     validate.set_defaults(func=_validate)
@@ -156,8 +246,26 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
-        err_console.print("interrupted; continue later with `fulcrum train --resume RUN_DIR`")
+        where = _interrupted_run(args)
+        err_console.print(
+            f"interrupted; continue later with `fulcrum train --resume {where}`" if where else "interrupted"
+        )
         return 130
+
+
+def _interrupted_run(args: argparse.Namespace) -> str | None:
+    """The run directory an interrupted `fulcrum train` was writing (the real path, for the message)."""
+    if getattr(args, "command", None) != "train":
+        return None
+    if args.resume:
+        return args.resume
+    try:
+        from trainers.spec import load_spec
+        from trainers.storage import normalize
+
+        return normalize(args.output) if args.output else str(load_spec(args.spec).output)
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":

@@ -1,24 +1,97 @@
-"""Start or join Ray: RAY_ADDRESS (or --address) joins a running cluster; otherwise an embedded
-single-node Ray starts inside this process and stops with it."""
+"""Start or join Ray, and keep Ray's own chatter off the console.
+
+RAY_ADDRESS (or --address) joins a running cluster; otherwise an embedded single-node Ray starts inside this
+process (never another local instance picked up by accident) and stops with it. While a run goes, the lines
+Ray's workers and controller print go to `ray.log` in the run directory; the console shows fulcrum's own.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
 
+RAY_LOG = "ray.log"
 
-def ensure_ray(address: str | None = None, min_cpus: float = 0) -> dict[str, Any]:
-    """Initialise Ray once; returns the cluster's resources."""
+
+def ensure_ray(
+    address: str | None = None, min_cpus: float = 0, runtime_env: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Initialise Ray once; returns the cluster's resources. `min_cpus` raises the embedded Ray's logical
+    CPUs above the machine's (the test suite packs more workers than a 2-core machine has)."""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
+        common: dict[str, Any] = {
+            "logging_level": logging.WARNING,
+            "configure_logging": True,
+            "runtime_env": runtime_env,
+        }
         if address:
             ray.init(address=address, **common)
         else:
-            # Logical CPUs, not cores: a 2-core laptop must still place 2 workers plus the evaluation.
             cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-            ray.init(num_cpus=cpus, **common)
+            # "local": always a new instance here, even when another Ray runs on this machine.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **common)
+            # Ray's helper processes (Train's controller, placement-group cleanup) look Ray up again; point
+            # them at this instance rather than whichever other one this machine runs.
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     return ray.cluster_resources()
+
+
+@contextmanager
+def run_log(run_location: str) -> Iterator[None]:
+    """Ray's lines go to a file while the block runs; at the end it is appended to RUN/ray.log (when the run
+    directory exists by then). Errors still reach the console as fulcrum's own one-line messages."""
+    from ray._private import worker as ray_worker
+
+    fd, tmp = tempfile.mkstemp(prefix="fulcrum-ray-", suffix=".log")
+    os.close(fd)
+    log_file = open(tmp, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+
+    def to_file(data: dict[str, Any]) -> None:
+        prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+        for line in data.get("lines", []):
+            log_file.write(f"{prefix} {line}\n")
+        log_file.flush()
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    saved_handlers = list(dispatcher.handlers)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("fulcrum_run_log", to_file)
+    handler = logging.FileHandler(tmp)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ray_logger = logging.getLogger("ray")
+    saved = (list(ray_logger.handlers), ray_logger.propagate)
+    ray_logger.handlers = [handler]
+    ray_logger.propagate = False
+    try:
+        yield
+    finally:
+        time.sleep(0.2)  # the last lines of a finished job are still in flight
+        dispatcher.handlers = saved_handlers
+        ray_logger.handlers, ray_logger.propagate = saved
+        handler.close()
+        log_file.close()
+        _keep_log(tmp, run_location)
+
+
+def _keep_log(tmp: str, run_location: str) -> None:
+    from trainers import storage
+    from trainers.storage import RunDir
+
+    try:
+        run = RunDir(run_location)
+        with open(tmp, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text and run.is_run():
+            storage.append_text(run / RAY_LOG, text)
+    except Exception:  # the log is a convenience; never let it hide the run's own outcome
+        pass
+    finally:
+        os.unlink(tmp)

@@ -1,9 +1,225 @@
-"""`fulcrum serve`: registered into the `fulcrum` parser by cluster/cli.py (to come with its issue)."""
+"""`fulcrum serve`: the OpenAI-compatible server for a base and its adapters, in the foreground.
+
+    fulcrum serve SERVE.yaml
+    fulcrum serve --base MODEL --adapter ID=PATH [--adapter ID=PATH ...] [--adapter-root DIR] \
+        [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    fulcrum serve --adapter capitals=runs/capitals-lora --ask "What is the capital of Syria?"
+
+Without --base, the base is the one the first adapter was trained on (its run's spec.yaml or its manifest).
+`--ask` starts the server, asks once through the `openai` client, prints the answer and shuts down.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainers.errors import FulcrumError, SpecError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommand(s) to the `fulcrum` parser; each sets `func` (args -> exit code)."""
+    serve = sub.add_parser(
+        "serve", help="serve a base and its adapters over an OpenAI-compatible HTTP API (Ray Serve)"
+    )
+    serve.add_argument("config", nargs="?", help="the serve YAML (see docs/serving.md)")
+    serve.add_argument("--base", help="the base model: hub id, directory, .gguf, or a run directory")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="ID=PATH",
+        help="an adapter (run or adapter directory)",
+    )
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="POST /v1/adapters may register from here",
+    )
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--api-key", help="require this admin key (Authorization: Bearer KEY)")
+    serve.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    serve.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)")
+    serve.add_argument("--ask", metavar="PROMPT", help="ask once through the openai client, print, shut down")
+    serve.add_argument("--max-tokens", type=int, default=48, help="answer length for --ask (default 48)")
+    serve.set_defaults(func=_serve)
+
+
+# --------------------------------------------------------------------------- the config from the flags
+def _model_of(path: Path) -> dict[str, Any] | None:
+    """The model section a run or adapter directory was trained on (None if it does not say)."""
+    from trainers.manifest import MANIFEST_FILE
+
+    if (path / "spec.yaml").is_file():
+        spec = yaml.safe_load((path / "spec.yaml").read_text()) or {}
+        if isinstance(spec.get("method"), dict) and spec["method"].get("kind") in ("full", "freeze"):
+            return {"base": str((path / "model").resolve())}  # a full run is served as the base itself
+        return spec.get("model")
+    for folder in (path, path.parent):
+        if (folder / MANIFEST_FILE).is_file():
+            base = json.loads((folder / MANIFEST_FILE).read_text()).get("base") or {}
+            return {k: v for k, v in base.items() if v is not None} or None
+    return None
+
+
+def _adapters_from_flags(flags: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for flag in flags:
+        adapter_id, sep, path = flag.partition("=")
+        if not sep or not adapter_id or not path:
+            raise SpecError(f"--adapter {flag}: give ID=PATH (e.g. capitals=runs/capitals-lora)")
+        if adapter_id in adapters:
+            raise SpecError(f"--adapter {flag}: id `{adapter_id}` is given twice")
+        adapters[adapter_id] = path
+    return adapters
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from serving.config import load_serve_config, parse_serve_config
+
+    adapters = _adapters_from_flags(args.adapter)
+    if args.config:
+        if args.base:
+            raise SpecError("--base: the serve YAML already names the base (its `model` section)")
+        config = load_serve_config(args.config)
+        data = config.to_args()
+        data["adapters"] = {**data.get("adapters", {}), **adapters}
+    else:
+        if args.base:
+            base = Path(args.base)
+            model = (_model_of(base) if base.is_dir() and (base / "spec.yaml").is_file() else None) or {
+                "base": args.base
+            }
+        elif adapters:
+            first_id, first = next(iter(adapters.items()))
+            model = _model_of(Path(first)) if Path(first).is_dir() else None
+            if model is None:
+                raise SpecError(
+                    f"--adapter {first_id}={first}: cannot tell which base it was trained on "
+                    "(no spec.yaml or fulcrum.json); give --base"
+                )
+        else:
+            raise SpecError("fulcrum serve: give a SERVE.yaml, or --base MODEL and/or --adapter ID=PATH")
+        data = {"model": model, "adapters": adapters}
+    data["adapter_roots"] = [*data.get("adapter_roots", []), *args.adapter_root]
+    for flag, field in (("host", "host"), ("port", "port"), ("replicas", "replicas")):
+        if getattr(args, flag) is not None:
+            data[field] = getattr(args, flag)
+    if args.api_key:
+        data["api_keys"] = [*data.get("api_keys", []), {"key": args.api_key, "admin": True}]
+    if args.ask and args.port is None and not args.config:
+        data["port"] = free_port(data.get("host", "127.0.0.1"))
+    return parse_serve_config(data, source="command line")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- running it
+def start(config: Any, address: str | None = None, console: Any = None) -> str:
+    """Start (or join) Ray, start Serve on host:port, deploy, trial-load the configured adapters; the URL."""
+    import ray
+    from ray import serve
+
+    from cluster.local import ensure_ray
+    from serving.app import bind_app
+    from serving.registry import drop_registry, get_registry
+
+    ensure_ray(address, min_cpus=config.replicas * config.resources.cpus + 1)
+    drop_registry(config.app_name)  # a fresh start serves what the config says, not a previous run's set
+    serve.start(http_options={"host": config.host, "port": config.port})
+    try:
+        serve.run(bind_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    except RuntimeError as e:
+        raise FulcrumError(
+            f"the serving application did not start: {str(e).strip().splitlines()[-1]}"
+        ) from None
+    model = serve.get_deployment_handle("model", app_name=config.app_name)
+    registry = get_registry(config.app_name, dict(config.adapters))
+    described = []
+    for adapter_id, path in config.adapters.items():
+        try:  # refuse a wrong-base or broken adapter now, not at its first request
+            info = model.check_adapter.remote(path).result()
+        except Exception as e:
+            from serving.api import as_api_error
+
+            stop(config)
+            raise FulcrumError(f"adapter `{adapter_id}` ({path}): {as_api_error(e).message}") from None
+        described.append(registry.put.remote(adapter_id, path, info["method"]))
+    ray.get(described)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    return f"http://{host}:{config.port}"
+
+
+def stop(config: Any) -> None:
+    """Delete this application and its registry; stop Serve too unless other applications still run on it
+    (a shared cluster joined with --address)."""
+    from ray import serve
+
+    from serving.registry import drop_registry
+
+    serve.delete(config.app_name)
+    if not serve.status().applications:
+        serve.shutdown()
+    drop_registry(config.app_name)
+
+
+def ask(url: str, config: Any, prompt: str, max_tokens: int) -> tuple[str, str]:
+    """One chat request through the official openai client: (model id, answer)."""
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise FulcrumError("--ask needs the openai client: .venv/bin/pip install openai") from None
+    keys = config.resolved_keys()
+    client = OpenAI(base_url=f"{url}/v1", api_key=keys[0]["key"] if keys else "none")
+    model = next(iter(config.adapters), config.served_name())
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+    )
+    return model, reply.choices[0].message.content or ""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.cli import console
+
+    config = config_from_args(args)
+    with console.status(f"starting Ray Serve: {config.replicas} replica(s) of {config.served_name()}"):
+        url = start(config, args.address)
+    console.print(f"[green]serving[/] {url}/v1  (OpenAI-compatible; docs/serving.md)")
+    console.print(f"  base:     {config.served_name()}")
+    for adapter_id, path in config.adapters.items():
+        console.print(f"  adapter:  {adapter_id}  <- {path}")
+    if config.api_keys:
+        console.print(f"  API keys: {len(config.api_keys)} (every route needs one)")
+    if args.ask:
+        try:
+            model, answer = ask(url, config, args.ask, args.max_tokens)
+        finally:
+            stop(config)
+        console.print(f"[bold]asked[/] {model} through the openai client: {args.ask}")
+        console.print(f"answer: {answer}", markup=False, highlight=False, soft_wrap=True)
+        return 0
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    console.print("press Ctrl-C to stop")
+    while not done.wait(0.5):
+        time.sleep(0)
+    with console.status("shutting Serve down"):
+        stop(config)
+    console.print("stopped")
+    return 0

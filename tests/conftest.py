@@ -12,7 +12,11 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Materialized bases go to a per-session cache; workers inherit the variable from the driver."""
-    cache = Path(os.environ.get("FULCRUM_TEST_CACHE") or tmp_path_factory.mktemp("fulcrum-cache"))
+    # Persistent between runs: materialized bases are named by their content (an inline config's hash, a
+    # GGUF file's path, size and mtime), so the demo's converted SmolLM2 is made once per machine.
+    default = Path.home() / ".cache" / "fulcrum-tests"
+    cache = Path(os.environ.get("FULCRUM_TEST_CACHE") or default)
+    cache.mkdir(parents=True, exist_ok=True)
     os.environ["FULCRUM_CACHE"] = str(cache)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return cache

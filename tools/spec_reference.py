@@ -5,11 +5,14 @@ python tools/spec_reference.py > docs/spec-fields.md
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
+import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from pydantic_core import PydanticUndefined
 
 from trainers import spec as s
@@ -26,7 +29,19 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
 ]
 
 
+def _plain(annotation: Any) -> Any:
+    """The annotation without the spec's validator wrappers (Int, Float: numbers that refuse booleans)."""
+    if typing.get_origin(annotation) is typing.Annotated and any(
+        isinstance(m, BeforeValidator) for m in annotation.__metadata__
+    ):
+        return _plain(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, [_plain(a) for a in typing.get_args(annotation)])
+    return annotation
+
+
 def type_name(annotation: Any) -> str:
+    annotation = _plain(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section"
     if typing.get_origin(annotation) is typing.Annotated:

@@ -12,6 +12,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ OBJECTIVE_FORMATS = {
 }
 COLUMNS = ("text", "instruction", "input", "output", "messages", "prompt", "chosen", "rejected", "system")
 ROLES = {"system", "user", "assistant", "tool"}
+WHERE = "_where"  # column that carries each row's "file: line N" through splitting and tokenizing
 
 
 # --------------------------------------------------------------------------- reading
@@ -53,26 +55,61 @@ def _json_line_numbers(path: str) -> list[int]:
         return [i for i, line in enumerate(f, 1) if line.strip()]
 
 
+def _not_utf8(path: str, line: bytes, lineno: int, err: UnicodeDecodeError) -> str:
+    return (
+        f"{path}: line {lineno}: not UTF-8: byte 0x{line[err.start]:02x} at column {err.start + 1}; "
+        "save the file as UTF-8"
+    )
+
+
+def _first_bad_utf8(path: str, data: bytes) -> str | None:
+    """Where `data` (a whole text file) stops being UTF-8, as a message naming the line and byte."""
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        end = data.find(b"\n", e.start)
+        line = data[start : end if end >= 0 else len(data)]
+        shifted = UnicodeDecodeError(e.encoding, line, e.start - start, e.end - start, e.reason)
+        return _not_utf8(path, line, data.count(b"\n", 0, e.start) + 1, shifted)
+
+
+def _check_not_blank(path: str, data: bytes) -> None:
+    if not data:
+        raise DataError(f"{path}: the file is empty; add rows or point data.train/eval at another file")
+    if not data.strip():
+        raise DataError(f"{path}: the file holds only blank lines; add rows")
+
+
 def _read_json_by_hand(path: str, skip_bad: bool) -> RawRows:
     """Slow path, used when the Arrow reader rejects a file: find (or skip) the bad lines."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     skipped: list[str] = []
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    if text.lstrip().startswith("["):  # one JSON array
+    data = Path(path).read_bytes()
+    if data.lstrip().startswith(b"["):  # one JSON array
+        bad = _first_bad_utf8(path, data)
+        if bad:
+            raise DataError(bad)
         try:
-            items = json.loads(text)
+            items = json.loads(data.decode("utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from None
         pairs = [(i + 1, item) for i, item in enumerate(items)]
         label = "item"
     else:
         pairs = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(data.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
-                pairs.append((lineno, json.loads(line)))
+                pairs.append((lineno, json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                msg = _not_utf8(path, line, lineno, e)
+                if not skip_bad:
+                    raise DataError(msg + " or set data.skip_bad_rows: true") from None
+                skipped.append(msg)
             except json.JSONDecodeError as e:
                 msg = f"{path}: line {lineno}: not valid JSON: {e.msg} (column {e.colno})"
                 if not skip_bad:
@@ -88,6 +125,8 @@ def _read_json_by_hand(path: str, skip_bad: bool) -> RawRows:
             continue
         rows.append(item)
         lines.append(lineno)
+    if not rows and not skipped:
+        raise DataError(f"{path}: the file has no rows; add rows")
     # Kept as dicts: columns of mixed types (a number where others have text) cannot become Arrow
     # columns until check_rows has named or dropped the bad rows.
     return RawRows(rows, path, lambda i: f"{label} {lines[i]}", skipped)
@@ -96,7 +135,7 @@ def _read_json_by_hand(path: str, skip_bad: bool) -> RawRows:
 def column_names(raw: RawRows) -> list[str]:
     if isinstance(raw.rows, datasets.Dataset):
         return raw.rows.column_names
-    return sorted({k for row in raw.rows[:100] for k in row})
+    return sorted({k for row in raw.rows for k in row})  # every row: a column may first appear late
 
 
 def _plain_text_columns(rows: datasets.Dataset) -> bool:
@@ -106,6 +145,22 @@ def _plain_text_columns(rows: datasets.Dataset) -> bool:
         for c in text_fields
         if c in rows.features
     )
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars, and none of the tracebacks `datasets` logs before we fall back to reading a file
+    by hand (which then names the bad line itself)."""
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.utils.are_progress_bars_disabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars:
+            datasets.utils.enable_progress_bars()
 
 
 def read_rows(path: str, skip_bad: bool) -> RawRows:
@@ -119,6 +174,8 @@ def read_rows(path: str, skip_bad: bool) -> RawRows:
                 if "train" not in loaded:
                     raise DataError(f"{path}: a saved DatasetDict without a `train` split: {list(loaded)}")
                 loaded = loaded["train"]
+            if len(loaded) == 0:
+                raise DataError(f"{path}: the saved dataset has no rows")
             return RawRows(loaded, path, lambda i: f"row {i}")
         builder = {
             ".jsonl": "json",
@@ -132,6 +189,16 @@ def read_rows(path: str, skip_bad: bool) -> RawRows:
                 f"{path}: unknown data file type `{suffix or '(none)'}`; "
                 "use .jsonl, .json, .parquet, .csv or a directory saved with datasets' save_to_disk"
             )
+        if suffix in (".jsonl", ".json", ".csv"):
+            content = p.read_bytes()
+            _check_not_blank(path, content)
+            bad = _first_bad_utf8(path, content)
+            if bad and suffix != ".csv":
+                return _read_json_by_hand(path, skip_bad)  # names (or skips) the undecodable lines
+            if bad:
+                raise DataError(bad)
+            if suffix == ".csv" and len([line for line in content.splitlines() if line.strip()]) < 2:
+                raise DataError(f"{path}: the file has a header but no rows; add rows")
         options: dict[str, Any] = {}
         if suffix == ".csv":
             # Cells stay text: "42" is an answer, not a number, and an empty cell is "", not NaN.
@@ -141,13 +208,16 @@ def read_rows(path: str, skip_bad: bool) -> RawRows:
                 "features": datasets.Features({c: datasets.Value("string") for c in header}),
                 "keep_default_na": False,
             }
-        loaded = datasets.load_dataset(builder[suffix], data_files=str(p), split="train", **options)
+        with _quiet_datasets():
+            loaded = datasets.load_dataset(builder[suffix], data_files=str(p), split="train", **options)
     except DataError:
         raise
     except Exception as e:
         if suffix in (".jsonl", ".json"):
             return _read_json_by_hand(path, skip_bad)
         raise DataError(f"{path}: cannot be read as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+    if len(loaded) == 0:
+        raise DataError(f"{path}: the file has no rows (a header at most); add rows")
     if suffix in (".jsonl", ".json") and not _plain_text_columns(loaded):
         return _read_json_by_hand(path, skip_bad)  # mixed types: Arrow would silently coerce them
     if suffix == ".jsonl":
@@ -240,11 +310,15 @@ def check_rows(raw: RawRows, fmt: str, skip_bad: bool) -> datasets.Dataset:
         raw.skipped.append(msg)
         bad.append(i)
     bad_set = set(bad)
+    kept = [i for i in range(len(raw.rows)) if i not in bad_set]
+    # Each row keeps where it came from, so that rows dropped later (no answer within max_length, a
+    # chat template that cannot render it) are reported as file:line.
+    where = [f"{raw.path}: {raw.where(i)}" for i in kept]
     if isinstance(raw.rows, list):
         return datasets.Dataset.from_list(
-            [{c: row.get(c) for c in columns} for i, row in enumerate(raw.rows) if i not in bad_set]
+            [{**{c: raw.rows[i].get(c) for c in columns}, WHERE: w} for i, w in zip(kept, where, strict=True)]
         )
-    return raw.rows.select([i for i in range(len(raw.rows)) if i not in bad_set]) if bad else raw.rows
+    return (rows.select(kept) if bad else rows).add_column(WHERE, where)
 
 
 # --------------------------------------------------------------------------- formatting + tokenizing
@@ -278,8 +352,8 @@ def answer_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, l
     full = render_chat(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+        if m["role"] != "assistant" or i == 0:
+            continue  # a conversation that opens with the assistant: that turn is context, not an answer
         start_text = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         end_text = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(start_text) and full.startswith(end_text)):
@@ -307,26 +381,38 @@ def tokenize_sft(
 
 
 def tokenize_rows(rows: datasets.Dataset, fmt: str, tokenizer: Any, max_length: int) -> datasets.Dataset:
+    """input_ids and labels per row (plus rejected_* for preference rows), and `problem`: why a row could
+    not be tokenized (its chat template refused it), "" for the good ones."""
+    import jinja2
+
     columns = rows.column_names
 
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         n = len(batch[columns[0]])
-        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "problem": []}
         if fmt == "preference":  # input_ids/labels hold the chosen answer, rejected_* the other one
             out.update(rejected_input_ids=[], rejected_labels=[])
         for i in range(n):
             row = {c: batch[c][i] for c in columns}
-            if fmt == "text":
-                ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                labels = list(ids)
-            else:
-                ids, labels = tokenize_sft(tokenizer, to_messages(row, fmt), max_length)
+            problem = ""
+            try:
+                if fmt == "text":
+                    ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+                    ids = [*ids, tokenizer.eos_token_id]
+                    labels = list(ids)
+                else:
+                    ids, labels = tokenize_sft(tokenizer, to_messages(row, fmt), max_length)
+                if fmt == "preference":
+                    r_ids, r_labels = tokenize_sft(tokenizer, to_messages(row, fmt, "rejected"), max_length)
+            except (DataError, ValueError, TypeError, jinja2.TemplateError) as e:
+                problem = f"the tokenizer's chat template cannot render this row: {str(e).splitlines()[0]}"
+                ids, labels, r_ids, r_labels = [], [], [], []
             out["input_ids"].append(ids)
             out["labels"].append(labels)
+            out["problem"].append(problem)
             if fmt == "preference":
-                ids, labels = tokenize_sft(tokenizer, to_messages(row, fmt, "rejected"), max_length)
-                out["rejected_input_ids"].append(ids)
-                out["rejected_labels"].append(labels)
+                out["rejected_input_ids"].append(r_ids)
+                out["rejected_labels"].append(r_labels)
         return out
 
     return rows.map(encode, batched=True, remove_columns=columns, keep_in_memory=True, desc="tokenizing")
@@ -374,7 +460,8 @@ def pack_greedy(ids: list[list[int]], labels: list[list[int]], block: int) -> di
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in bins:
         out["input_ids"].append([t for i in members for t in ids[i]])
-        out["labels"].append([t for i in members for t in labels[i]])
+        # Like pack_stream: a document's first token is never predicted from the previous document.
+        out["labels"].append([IGNORE if k == 0 else t for i in members for k, t in enumerate(labels[i])])
         out["position_ids"].append([p for i in members for p in range(len(ids[i]))])
     return out
 
@@ -383,9 +470,10 @@ def pack_greedy(ids: list[list[int]], labels: list[list[int]], block: int) -> di
 class PreparedSplit:
     table: pa.Table  # input_ids, labels and (when packed) position_ids
     rows_read: int
-    rows_skipped: int
+    rows_skipped: int  # malformed rows (check_rows) and rows the chat template refused
     tokens: int  # label-carrying tokens
     prompts: list[dict[str, Any]]  # a few raw rows for before/after answers
+    rows_dropped: int = 0  # rows without an answer token within max_length
 
 
 @dataclass
@@ -393,14 +481,63 @@ class PreparedData:
     train: PreparedSplit
     eval: PreparedSplit | None
     format: str
-    skipped: list[str]
+    skipped: list[str]  # "file: line N: what is wrong", for every skipped row
+    dropped: list[str] = field(default_factory=list)  # "file: line N: ...", rows cut away by max_length
+
+
+@dataclass
+class _Finished:
+    table: pa.Table
+    skipped: list[str]  # rows the chat template refused (only with skip_bad_rows)
+    dropped: list[str]  # rows whose answer starts beyond max_length
 
 
 def _finish(
-    rows: datasets.Dataset, fmt: str, tokenizer: Any, max_length: int, packing: bool, objective: str
-) -> pa.Table:
+    rows: datasets.Dataset,
+    fmt: str,
+    tokenizer: Any,
+    max_length: int,
+    packing: bool,
+    objective: str,
+    skip_bad: bool = False,
+) -> _Finished:
+    where = rows[WHERE] if WHERE in rows.column_names else [f"row {i}" for i in range(len(rows))]
     tok = tokenize_rows(rows, fmt, tokenizer, max_length)
-    ids, labels = tok["input_ids"], tok["labels"]
+    skipped: list[str] = []
+    for i, problem in enumerate(tok["problem"]):
+        if problem:
+            if not skip_bad:
+                raise DataError(f"{where[i]}: {problem}; fix the row or set data.skip_bad_rows: true")
+            skipped.append(f"{where[i]}: {problem}")
+    columns = {"input_ids": tok["input_ids"], "labels": tok["labels"]}
+    if fmt == "preference":
+        columns |= {
+            "rejected_input_ids": tok["rejected_input_ids"],
+            "rejected_labels": tok["rejected_labels"],
+        }
+    keep = list(range(len(where)))
+    dropped: list[str] = []
+    if objective != "cpt":  # a row whose answer lies beyond max_length teaches nothing: drop it, and say so
+        label_columns = [c for c in columns if c.endswith("labels")]
+        keep = []
+        for i in range(len(where)):
+            if tok["problem"][i]:
+                continue
+            if all(any(x != IGNORE for x in columns[c][i]) for c in label_columns):
+                keep.append(i)
+            else:
+                dropped.append(
+                    f"{where[i]}: no answer token within data.max_length={max_length} "
+                    "(the prompt fills it); raise max_length or shorten the row"
+                )
+        if not keep:
+            raise DataError(
+                f"no row has an answer token within data.max_length={max_length} "
+                f"({len(dropped)} dropped, e.g. {dropped[0].split(': no answer')[0] if dropped else '-'}); "
+                "raise data.max_length"
+            )
+    ids = [columns["input_ids"][i] for i in keep]
+    labels = [columns["labels"][i] for i in keep]
     if packing:
         packed = (
             pack_stream(ids, labels, max_length)
@@ -412,25 +549,12 @@ def _finish(
                 f"the data holds fewer than max_length={max_length} tokens, so packing made no block; "
                 "lower data.max_length or add data"
             )
-        return pa.table(packed)
-    if objective == "cpt":  # unpacked raw text: long documents are cut into max_length pieces
+        return _Finished(pa.table(packed), skipped, dropped)
+    if fmt == "text":  # unpacked raw text (cpt, distill): long documents are cut into max_length pieces
         cut_ids = [d[i : i + max_length] for d in ids for i in range(0, len(d), max_length)]
-        return pa.table({"input_ids": cut_ids, "labels": cut_ids})
-    columns = {"input_ids": ids, "labels": labels}
-    if fmt == "preference":
-        columns |= {
-            "rejected_input_ids": tok["rejected_input_ids"],
-            "rejected_labels": tok["rejected_labels"],
-        }
-    keep = [
-        i
-        for i, lab in enumerate(labels)
-        if any(x != IGNORE for x in lab)
-        and all(any(x != IGNORE for x in columns[c][i]) for c in columns if c.endswith("labels"))
-    ]
-    if not keep:
-        raise DataError(f"no row has an answer token within max_length={max_length}; raise data.max_length")
-    return pa.table({name: [values[i] for i in keep] for name, values in columns.items()})
+        return _Finished(pa.table({"input_ids": cut_ids, "labels": cut_ids}), skipped, dropped)
+    table = pa.table({name: [values[i] for i in keep] for name, values in columns.items()})
+    return _Finished(table, skipped, dropped)
 
 
 def _count_label_tokens(table: pa.Table) -> int:
@@ -458,15 +582,21 @@ def prepare(spec: Any, tokenizer: Any) -> PreparedData:
         rows, eval_rows = split["train"], split["test"]
     if len(rows) == 0:
         raise DataError(f"{d.train}: no usable rows left (skipped {len(skipped)})")
+    dropped: list[str] = []
 
     def split_of(r: datasets.Dataset, read: int) -> PreparedSplit:
-        table = _finish(r, fmt, tokenizer, d.max_length, spec.packing, spec.objective.kind)
-        sample = [dict(x) for x in r.select(range(min(len(r), max(32, spec.eval.samples))))]
-        return PreparedSplit(table, read, read - len(r), _count_label_tokens(table), sample)
+        done = _finish(r, fmt, tokenizer, d.max_length, spec.packing, spec.objective.kind, d.skip_bad_rows)
+        skipped.extend(done.skipped)
+        dropped.extend(done.dropped)
+        picked = r.select(range(min(len(r), max(32, spec.eval.samples))))
+        sample = [{k: v for k, v in dict(x).items() if k != WHERE} for x in picked]
+        skipped_here = read - len(r) + len(done.skipped)
+        tokens = _count_label_tokens(done.table)
+        return PreparedSplit(done.table, read, skipped_here, tokens, sample, len(done.dropped))
 
     train = split_of(rows, train_read)
     evals = split_of(eval_rows, len(eval_rows)) if eval_rows is not None and len(eval_rows) else None
-    return PreparedData(train, evals, fmt, skipped)
+    return PreparedData(train, evals, fmt, skipped, dropped)
 
 
 # --------------------------------------------------------------------------- in the worker

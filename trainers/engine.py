@@ -83,7 +83,10 @@ def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype, offload_ratio: f
 
 
 def make_optimizer(model: torch.nn.Module, spec: Any, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizer_for([p for p in model.parameters() if p.requires_grad], spec, device)
+
+
+def optimizer_for(params: list[torch.Tensor], spec: Any, device: torch.device) -> torch.optim.Optimizer:
     offloaded = spec.scaling.offload in ("optimizer", "all")
     if offloaded and device.type == "cuda":
         return cpu_adam(params, spec)
@@ -97,7 +100,7 @@ def make_optimizer(model: torch.nn.Module, spec: Any, device: torch.device) -> t
     )
 
 
-def cpu_adam(params: list[torch.nn.Parameter], spec: Any) -> torch.optim.Optimizer:
+def cpu_adam(params: list[torch.Tensor], spec: Any) -> torch.optim.Optimizer:
     """DeepSpeed's vectorised CPU AdamW: in place (torch's CPU AdamW makes full-size temporaries, which an
     8B model's host memory has no room for) and several times faster. Built on first use."""
     from trainers.errors import FulcrumError
@@ -138,11 +141,21 @@ class DeepSpeedEngine:
         dtype: torch.dtype,
         total_steps: int,
         offload_ratio: float = 1.0,
+        device: torch.device | None = None,
     ) -> None:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        from trainers.errors import FulcrumError
+
+        if dtype == torch.float16 and not get_accelerator().is_fp16_supported():
+            where = get_accelerator().device_name()
+            raise FulcrumError(
+                f"model.dtype: DeepSpeed cannot train float16 on this device ({where}); use bfloat16"
+            )
         self.stage = stage
-        device = next(model.parameters()).device
+        # A model loaded partitioned (ZeRO-3) has empty local tensors: the caller knows the device.
+        device = device or next(model.parameters()).device
         optimizer = make_optimizer(model, spec, device)
         scheduler = make_scheduler(optimizer, spec, total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -204,7 +217,13 @@ class DeepSpeedEngine:
 
 
 class TorchEngine:
-    """Plain PyTorch steps with DDP across workers: for PEFT methods and `freeze`."""
+    """Plain PyTorch steps with DDP across workers: for PEFT methods and `freeze`.
+
+    Mixed precision: trainable weights stored in 16 bits get float32 master copies that the optimizer
+    updates (a bf16 weight near 1 moves in steps of 2^-8, so a 1e-5 update rounds away); the model itself
+    stays in its dtype, so what it computes and what is saved is the 16-bit model. float16 also scales the
+    loss (GradScaler), whose gradients would otherwise underflow.
+    """
 
     def __init__(
         self, model: torch.nn.Module, spec: Any, total_steps: int, world: int, dtype: torch.dtype
@@ -225,8 +244,19 @@ class TorchEngine:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.wrapped, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.optimizer = make_optimizer(model, spec, next(model.parameters()).device)
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # (16-bit model weight, its float32 master) for every trainable weight not already float32.
+        self.masters = [
+            (p, p.detach().float().requires_grad_(True))
+            for _, p in self.trainable
+            if p.dtype in (torch.bfloat16, torch.float16)
+        ]
+        master_of = {id(p): m for p, m in self.masters}
+        stepped = [master_of.get(id(p), p) for _, p in self.trainable]
+        self.optimizer = optimizer_for(stepped, spec, device)
         self.scheduler = make_scheduler(self.optimizer, spec, total_steps)
+        # Loss scaling for float16 (bf16 has float32's range and needs none); disabled it passes through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.max_grad_norm = spec.train.max_grad_norm
         self.accum = spec.grad_accum
         self.micro = 0
@@ -246,6 +276,7 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.micro += 1
         last = self.micro % self.accum == 0
+        loss = self.scaler.scale(loss)
         if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and not last:
             with self.wrapped.no_sync():  # all-reduce gradients once per optimizer step
                 loss.backward()
@@ -255,12 +286,20 @@ class TorchEngine:
     def step(self) -> None:
         if self.micro % self.accum:
             return
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p, master in self.masters:  # the optimizer sees float32 gradients on the float32 masters
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        self.scaler.unscale_(self.optimizer)
+        stepped = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.max_grad_norm > 0:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(stepped, self.max_grad_norm)
+        self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, master in self.masters:
+                p.copy_(master)
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
@@ -268,19 +307,22 @@ class TorchEngine:
     def grad_norm(self) -> float | None:
         return None if self._grad_norm is None else float(self._grad_norm)
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights at full precision: the float32 masters where there are any."""
+        master_of = {id(p): m for p, m in self.masters}
+        return {n: master_of.get(id(p), p).detach().cpu().contiguous() for n, p in self.trainable}
+
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
-        trainable = {
-            n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters() if p.requires_grad
-        }
-        save_file(trainable, str(directory / "trainable.safetensors"))
+        save_file(self.trainable_state(), str(directory / "trainable.safetensors"))
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "micro": self.micro,
             },
             directory / "optimizer.pt",
@@ -291,15 +333,21 @@ class TorchEngine:
 
         weights = load_file(str(directory / "trainable.safetensors"))
         params = dict(self.module.named_parameters())
+        master_of = {id(p): m for p, m in self.masters}
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
+                if id(params[name]) in master_of:
+                    master_of[id(params[name])].copy_(value)
         state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:  # checkpoints written before the scaler was saved have none
+            self.scaler.load_state_dict(state["scaler"])
         self.micro = state["micro"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        # The model's own weights are in its dtype (the masters are copied in after every step).
         return self.module.state_dict()
 
 

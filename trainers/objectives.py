@@ -213,11 +213,14 @@ class Distill:
         student = token_logits(model, batch)[:, :-1]
         with torch.no_grad():
             teacher = token_logits(self.teacher, batch)[:, :-1]
-        if teacher.shape[-1] != student.shape[-1]:
+        if teacher.shape[-1] < student.shape[-1]:
             raise FulcrumError(
                 f"objective.teacher: its vocabulary has {teacher.shape[-1]} entries, the student's "
                 f"{student.shape[-1]}; distillation needs the same tokenizer"
             )
+        # The driver checked that both tokenizers are the same; a larger teacher's extra rows are only
+        # padding of its embedding matrix (Qwen2.5-7B pads to 152064, 0.5B to 151936), never real tokens.
+        teacher = teacher[..., : student.shape[-1]]
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE
         s, t = student[mask].float(), teacher[mask].float()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -28,35 +27,36 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def read_metrics(run_dir: Any) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (a line being written right now is skipped)."""
+    from trainers import storage
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    location = storage.join(str(run_dir), "metrics.jsonl")
+    if not storage.exists(location):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in storage.read_text(location).splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
-def plot_loss(run_dir: Path) -> Path | None:
+def plot_loss(run_dir: Any) -> str | None:
     """loss.png beside metrics.jsonl: training loss per step, eval loss as points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from trainers import storage
+
     records = read_metrics(run_dir)
     steps = [(r["step"], r["loss"]) for r in records if r.get("event") == "step"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
-    comparison = run_dir / "eval.json"
-    before = json.loads(comparison.read_text()).get("before", {}) if comparison.exists() else {}
+    comparison = storage.join(str(run_dir), "eval.json")
+    before = json.loads(storage.read_text(comparison)).get("before", {}) if storage.exists(comparison) else {}
     if "loss" in before:
         evals.insert(0, (0, before["loss"]))  # the base model, at step 0
     if not steps:
@@ -67,15 +67,15 @@ def plot_loss(run_dir: Path) -> Path | None:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", markersize=5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per token)")
-    ax.set_title(run_dir.name)
+    ax.set_title(str(run_dir).rstrip("/").rsplit("/", 1)[-1])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
-    tmp = run_dir / ".loss.tmp.png"
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
+    out = storage.join(str(run_dir), "loss.png")
+    storage.write_bytes(out, buffer.getvalue())
     return out
 
 
@@ -108,7 +108,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
             )
         )
     if summary.get("peak_memory_bytes"):
-        rows.append(("peak GPU memory", human_bytes(summary["peak_memory_bytes"])))
+        label = "peak GPU memory" if summary.get("memory_kind") == "gpu" else "peak CPU memory (RSS)"
+        rows.append((label, human_bytes(summary["peak_memory_bytes"])))
     rows.append(("artifact", f"{summary['artifact']} ({human_bytes(summary['artifact_bytes'])})"))
     for k, v in rows:
         table.add_row(k, v)

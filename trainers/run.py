@@ -1,20 +1,23 @@
-"""spec -> TorchTrainer -> run directory.
+"""spec -> prepared job -> TorchTrainer -> finished run directory.
 
-The driver prepares data once, starts Ray Train workers, follows their metrics through a small
-actor (progress bar, metrics.jsonl), then collects the artifact, plots the loss, runs the
-before/after evaluation and writes summary.json. Tuning and serving reuse `run_job` as it is.
+Three steps, so that a Tune sweep can prepare once and run many trials:
+- `prepare_job`: read and tokenize the data, materialize the base; the tables, the materialized base and the
+  tokenizer go into Ray's object store, so a worker on any node gets them without the driver's disk.
+  Nothing is written anywhere yet: a bad spec or bad data leaves no trace.
+- `build_trainer`: the TorchTrainer for one run directory (Ray Train's storage points at it).
+- `finish_run`: collect the artifact, plot the loss, write eval.json and summary.json.
+`run_job` does all three for `fulcrum train`, following the workers' metrics through a small actor
+(progress bar, metrics.jsonl).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 import time
 import traceback
 from contextlib import nullcontext
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -28,13 +31,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from trainers.data import prepare, total_steps
+from trainers import storage
+from trainers.data import PreparedData, prepare, total_steps
 from trainers.errors import FulcrumError
-from trainers.evaluate import PROBE_FILE
-from trainers.models import load_tokenizer, materialize_base
+from trainers.models import load_tokenizer, materialize_base, pack_directory, tokenizer_matches
 from trainers.models import tokenizer_source as tokenizer_source_for
-from trainers.report import dir_size, plot_loss, print_summary, read_metrics, write_text_atomic
+from trainers.report import plot_loss, print_summary, read_metrics
 from trainers.spec import JobSpec, load_spec
+from trainers.storage import RunDir
+
+PROBE_FILE = "probe.safetensors"  # logits of the trained model on a fixed input, saved with the artifact
 
 
 @ray.remote(num_cpus=0)
@@ -51,39 +57,144 @@ class MetricsSink:
         return self.records[index:]
 
 
-def check_run_dir(spec: JobSpec, resume: bool) -> Path:
-    run_dir = Path(str(spec.output))
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+# --------------------------------------------------------------------------- prepare
+@dataclass
+class PreparedJob:
+    """Everything a run's workers need, in the object store: no path on the driver's disk reaches them."""
+
+    spec: JobSpec
+    data: PreparedData
+    steps: int
+    base_source: str  # hub id, or the materialized directory on the driver (for driver-side work)
+    tokenizer_source: str
+    frozen_sources: dict[str, str]  # "base" (dpo of full), "teacher" (distill)
+    refs: dict[str, Any] = field(default_factory=dict)  # object refs: tables, packed model directories
+
+    def worker_config(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.model_dump(mode="json"),
+            "total_steps": self.steps,
+            "base_source": self.base_source,
+            "tokenizer_source": self.tokenizer_source,
+            "frozen_sources": self.frozen_sources,
+            **self.refs,
+        }
+
+
+def check_teacher(student_tokenizer: Any, teacher_source: str, teacher_spec: Any) -> None:
+    """Distillation compares distributions over one vocabulary: the teacher's tokenizer must be the
+    student's (its padded vocab_size may be larger; the loss slices the teacher's logits to the student's)."""
+    teacher = load_tokenizer(
+        tokenizer_source_for(teacher_spec, teacher_source),
+        teacher_spec.revision,
+        teacher_spec.trust_remote_code,
+    )
+    problem = tokenizer_matches(student_tokenizer, teacher)
+    if problem:
         raise FulcrumError(
-            f"output: {run_dir} already holds a run; continue it with `fulcrum train --resume {run_dir}` "
-            "or set a new `output`"
+            f"objective.teacher: its tokenizer differs from the student's ({problem}); distillation needs a "
+            "teacher with the student's tokenizer"
         )
+
+
+def prepare_job(spec: JobSpec, console: Console | None = None) -> PreparedJob:
+    """Tokenized tables and the base, in the object store. Writes nothing."""
+    console = console or Console()
+    if not ray.is_initialized():
+        ray.init()
+    with console.status("preparing the base model"):
+        base_source = materialize_base(spec.model)
+        frozen_sources = {"base": base_source}
+        if spec.objective.kind == "distill":
+            frozen_sources["teacher"] = materialize_base(spec.objective.teacher)  # type: ignore[union-attr]
+    tokenizer_source = tokenizer_source_for(spec.model, base_source)
+    tokenizer = load_tokenizer(tokenizer_source, spec.model.revision, spec.model.trust_remote_code)
+    if spec.objective.kind == "distill":
+        check_teacher(tokenizer, frozen_sources["teacher"], spec.objective.teacher)  # type: ignore[union-attr]
+    with console.status("reading and tokenizing data"):
+        data = prepare(spec, tokenizer)
+    steps = total_steps(spec, data.train.table.num_rows)
+    refs: dict[str, Any] = {
+        "train_ref": ray.put(data.train.table),
+        "eval_ref": ray.put(data.eval.table) if data.eval else None,
+        "samples": sample_prompts_for(spec, data),
+        # Materialized bases (a .gguf conversion, an inline config) exist only on this machine: ship the files.
+        "packed_models": {
+            source: ray.put(pack_directory(source))
+            for source in {base_source, *frozen_sources.values()}
+            if storage.is_local(source) and storage.is_dir(source) and _is_cache_dir(source)
+        },
+    }
+    return PreparedJob(spec, data, steps, base_source, tokenizer_source, frozen_sources, refs)
+
+
+def _is_cache_dir(source: str) -> bool:
+    from trainers.models import cache_root
+
+    return source.startswith(str(cache_root()))
+
+
+def sample_prompts_for(spec: JobSpec, data: PreparedData) -> list[dict[str, Any]]:
+    from trainers.evaluate import sample_prompts
+
+    return sample_prompts(spec, data)
+
+
+def describe_data(spec: JobSpec, prepared: PreparedJob) -> str:
+    data = prepared.data
+    return (
+        f"data: {data.format} rows, {data.train.rows_read - data.train.rows_skipped} train"
+        f" ({data.train.table.num_rows} sequences{' packed' if spec.packing else ''},"
+        f" {data.train.tokens} label tokens)"
+        + (f", {data.eval.table.num_rows} eval sequences" if data.eval else ", no eval split")
+        + f"; {prepared.steps} steps of {spec.train.batch_size} sequences"
+    )
+
+
+# --------------------------------------------------------------------------- the run directory
+def check_output(spec: JobSpec, resume: bool) -> RunDir:
+    """The run directory, refusing outputs that would overwrite or mix with other things."""
+    run_dir = RunDir(str(spec.output))
+    if storage.is_file(run_dir.location):
+        raise FulcrumError(f"output: {run_dir} is a file; set `output` to a directory")
+    if run_dir.exists() and not run_dir.is_empty() and not resume:
+        what = "holds a run" if run_dir.is_run() else "is not empty and is not a fulcrum run"
+        raise FulcrumError(
+            f"output: {run_dir} {what}; "
+            + (f"continue it with `fulcrum train --resume {run_dir}`, " if run_dir.is_run() else "")
+            + "or set a new `output`"
+            + (" (or add --overwrite to replace it)" if run_dir.is_run() else "")
+        )
+    if storage.is_local(run_dir.location):
+        _refuse_overlap(spec, run_dir)
     return run_dir
 
 
-def start_run_dir(spec: JobSpec, run_dir: Path) -> None:
-    """Created only once the spec and the data have passed every check: a bad input writes nothing."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "spec.yaml", spec.to_yaml())
+def _refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
+    """An output that is, or contains, the working directory, the spec's folder or an input would put a
+    run among (and under --overwrite, delete) the user's own files."""
+    import os
 
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "trainer_state.json").exists())
-    return found[-1] if found else None
-
-
-def check_teacher(student_source: str, teacher_source: str) -> None:
-    """Distillation compares distributions over the same vocabulary: check it before any worker starts."""
-    from transformers import AutoConfig
-
-    sizes = [
-        AutoConfig.from_pretrained(s).get_text_config().vocab_size for s in (student_source, teacher_source)
-    ]
-    if sizes[0] != sizes[1]:
-        raise FulcrumError(
-            f"objective.teacher: the teacher's vocabulary has {sizes[1]} entries, the student's {sizes[0]}; "
-            "distillation needs a teacher with the student's tokenizer"
-        )
+    out = os.path.realpath(run_dir.path)
+    guarded: list[tuple[str, str]] = [("the working directory", os.getcwd())]
+    if spec._source and spec._source != "spec" and not storage.is_uri(spec._source):
+        guarded.append(("the spec's folder", os.path.dirname(os.path.abspath(spec._source))))
+    for label, value in (
+        ("data.train", spec.data.train),
+        ("data.eval", spec.data.eval),
+        ("model.base", spec.model.base),
+        ("model.tokenizer", spec.model.tokenizer),
+        ("objective.teacher.base", getattr(getattr(spec.objective, "teacher", None), "base", None)),
+    ):
+        if value and not storage.is_uri(value) and os.path.exists(value):
+            guarded.append((label, value))
+    for label, value in guarded:
+        path = os.path.realpath(value)
+        if path == out or path.startswith(out + os.sep):
+            raise FulcrumError(
+                f"output: {run_dir} is or contains {label} ({value}); fulcrum would write its run among your "
+                "files. Set `output` to a new directory of its own (e.g. runs/<name>)"
+            )
 
 
 def resolve_gpus(spec: JobSpec) -> float:
@@ -92,16 +203,95 @@ def resolve_gpus(spec: JobSpec) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def check_resources(spec: JobSpec, gpus: float) -> None:
+    """Refuse a job the cluster can never place, instead of waiting forever for its workers."""
+    total = ray.cluster_resources()
+    s = spec.scaling
+    if gpus and 0 < gpus < 1 and s.workers > 1:
+        raise FulcrumError(
+            f"scaling.gpus_per_worker: {gpus} with {s.workers} workers would put two ranks on one GPU, which "
+            "NCCL cannot do; use whole GPUs per worker, or one worker (fractions pack separate jobs or trials)"
+        )
+    need_cpu = s.workers * s.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise FulcrumError(
+            f"scaling: {s.workers} workers x {s.cpus_per_worker} CPUs = {need_cpu:g} CPUs, but the Ray cluster has "
+            f"{total.get('CPU', 0):g}; lower scaling.workers or scaling.cpus_per_worker, or add nodes"
+        )
+    if gpus and s.workers * gpus > total.get("GPU", 0):
+        raise FulcrumError(
+            f"scaling: {s.workers} workers x {gpus:g} GPUs, but the Ray cluster has {total.get('GPU', 0):g} GPUs; "
+            "lower scaling.workers or gpus_per_worker (0 trains on CPUs)"
+        )
+
+
+def run_state(run_dir: RunDir) -> str:
+    """Where an existing run stands: `complete`, `trained` (artifact written, finishing missing), or `partial`."""
+    if run_dir.exists("summary.json"):
+        return "complete"
+    if run_dir.exists("final/trainer_state.json") or run_dir.exists("adapter") or run_dir.exists("model"):
+        return "trained"
+    return "partial"
+
+
+# --------------------------------------------------------------------------- the trainer
+def build_trainer(
+    prepared: PreparedJob,
+    run_dir: RunDir,
+    *,
+    sink: Any = None,
+    evaluate: bool = True,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The TorchTrainer of one run; Ray Train's storage is the run directory itself."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.loop import train_loop_per_worker
+
+    spec = prepared.spec
+    gpus = resolve_gpus(spec)
+    resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    config = prepared.worker_config() | {
+        "sink": sink,
+        "evaluate": evaluate,
+        "run_dir": run_dir.location,
+        "have_before": run_dir.exists("eval_before.json"),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.workers, use_gpu=gpus > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=run_dir.parent_path,
+            storage_filesystem=run_dir.fs,
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints + 1),  # +1: final
+            callbacks=callbacks,
+        ),
+    )
+
+
 class _Follower:
     """Drains the sink into metrics.jsonl and a progress display."""
 
-    def __init__(self, sink: Any, run_dir: Path, total: int, console: Console, start_step: int) -> None:
-        self.sink, self.total, self.console = sink, total, console
-        self.metrics = (run_dir / "metrics.jsonl").open("a")
+    def __init__(self, sink: Any, run_dir: RunDir, total: int, console: Console, start_step: int) -> None:
+        self.sink, self.total, self.console, self.run_dir = sink, total, console, run_dir
         self.seen = 0
+        # (event, step) already in metrics.jsonl: a resumed or restarted run replays the steps after its
+        # checkpoint, and each step is written once (the replay gives the same losses: RNG state is restored).
+        self.written = {
+            (r["event"], r["step"]): r.get("loss")
+            for r in read_metrics(run_dir)
+            if r.get("event") in ("step", "eval")
+        }
+        self.replayed = {"count": 0, "max_rel_diff": 0.0}  # replayed steps against their first record
         self.starts: list[dict[str, Any]] = []
-        self.last: dict[str, Any] = {}
         self.end: dict[str, Any] = {}
+        self.comparison: dict[str, Any] = {}
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -116,16 +306,35 @@ class _Follower:
         self.task = self.progress.add_task("train", total=total, completed=start_step, loss="-", tps="-")
         self.next_plain = 0.0
 
+    def _new(self, r: dict[str, Any]) -> bool:
+        if r.get("event") not in ("step", "eval"):
+            return True
+        key = (r["event"], r["step"])
+        if key in self.written:
+            old, new = self.written[key], r.get("loss")
+            if r["event"] == "step" and old is not None and new is not None:
+                self.replayed["count"] += 1
+                diff = abs(new - old) / max(abs(old), 1e-12)
+                self.replayed["max_rel_diff"] = max(self.replayed["max_rel_diff"], diff)
+            return False
+        self.written[key] = r.get("loss")
+        return True
+
     def drain(self) -> None:
         records = ray.get(self.sink.since.remote(self.seen))
         self.seen += len(records)
+        lines = []
         for r in records:
             event = r.get("event")
             if event == "start":
                 self.starts.append(r)
-            self.metrics.write(json.dumps(r) + "\n")
+            elif event == "comparison":
+                self.comparison = r["comparison"]
+                continue
+            if not self._new(r):
+                continue
+            lines.append(json.dumps(r) + "\n")
             if event == "step":
-                self.last = r
                 self.progress.update(
                     self.task, completed=r["step"], loss=f"{r['loss']:.4f}", tps=f"{r['tokens_per_s']:.0f}"
                 )
@@ -138,10 +347,8 @@ class _Follower:
                 self.console.print(f"step {r['step']}: eval loss {r['eval_loss']:.4f}")
             elif event == "end":
                 self.end = r
-        self.metrics.flush()
-
-    def close(self) -> None:
-        self.metrics.close()
+        if lines:
+            storage.append_text(self.run_dir / "metrics.jsonl", "".join(lines))
 
 
 def _fit_in_thread(trainer: Any) -> tuple[threading.Thread, dict[str, Any]]:
@@ -158,7 +365,7 @@ def _fit_in_thread(trainer: Any) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, outcome
 
 
-def _user_error_in(exc: BaseException) -> FulcrumError | None:
+def user_error_in(exc: BaseException) -> FulcrumError | None:
     """A FulcrumError raised in a worker arrives wrapped by Ray; find it to show it plainly."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
@@ -170,11 +377,8 @@ def _user_error_in(exc: BaseException) -> FulcrumError | None:
         if isinstance(e, FulcrumError):
             return e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        stack += (
-            list(getattr(e, "worker_failures", {}).values())
-            if isinstance(getattr(e, "worker_failures", None), dict)
-            else []
-        )
+        failures = getattr(e, "worker_failures", None)
+        stack += list(failures.values()) if isinstance(failures, dict) else []
     return None
 
 
@@ -183,128 +387,47 @@ def last_line(err: BaseException) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
-def _collect_artifact(run_dir: Path, peft: bool) -> Path:
-    final = run_dir / "final"
+# --------------------------------------------------------------------------- finish
+def collect_artifact(run_dir: RunDir, peft: bool) -> str:
+    """Move the final checkpoint's artifact (and its probe) into place: run_dir/adapter or run_dir/model."""
     name = "adapter" if peft else "model"
-    if not (final / name).exists():
-        raise FulcrumError(f"the run ended without writing {final / name}; see {run_dir / 'error.log'}")
     target = run_dir / name
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.move(str(final / name), str(target))  # same filesystem: a rename
-    if (final / PROBE_FILE).exists():
-        os.replace(final / PROBE_FILE, run_dir / PROBE_FILE)
+    if run_dir.exists(f"final/{name}"):
+        storage.move(run_dir / f"final/{name}", target)
+        if run_dir.exists(f"final/{PROBE_FILE}"):
+            storage.move(run_dir / f"final/{PROBE_FILE}", run_dir / PROBE_FILE)
+    if not storage.exists(target):
+        raise FulcrumError(f"the run ended without writing {target}; see {run_dir / 'error.log'}")
     return target
 
 
-def run_job(
-    spec: JobSpec, *, resume: bool = False, console: Console | None = None, evaluate: bool = True
+def finish_run(
+    prepared: PreparedJob,
+    run_dir: RunDir,
+    follower_end: dict[str, Any],
+    starts: list[dict[str, Any]],
+    comparison: dict[str, Any] | None,
+    wall_start: float,
+    console: Console,
+    ray_metrics: dict[str, Any] | None = None,
+    replayed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one training job end to end; returns the summary (also written to summary.json)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from trainers.evaluate import compare_before_after
-    from trainers.loop import train_loop_per_worker
-
-    console = console or Console()
-    wall_start = time.time()
-    run_dir = check_run_dir(spec, resume)
-    if not ray.is_initialized():
-        ray.init()
-
-    with console.status("preparing the base model"):
-        base_source = materialize_base(spec.model)
-        frozen_sources = {"base": base_source}
-        if spec.objective.kind == "distill":
-            frozen_sources["teacher"] = materialize_base(spec.objective.teacher)  # type: ignore[union-attr]
-            check_teacher(base_source, frozen_sources["teacher"])
-    tokenizer_source = tokenizer_source_for(spec.model, base_source)
-    tokenizer = load_tokenizer(tokenizer_source, spec.model.revision, spec.model.trust_remote_code)
-    with console.status("reading and tokenizing data"):
-        data = prepare(spec, tokenizer)
-    for line in data.skipped[:5]:
-        console.print(f"[yellow]skipped[/] {line}")
-    if len(data.skipped) > 5:
-        console.print(f"[yellow]skipped[/] ... {len(data.skipped) - 5} more (all in summary.json)")
-    steps = total_steps(spec, data.train.table.num_rows)
-    console.print(
-        f"data: {data.format} rows, {data.train.rows_read - data.train.rows_skipped} train"
-        f" ({data.train.table.num_rows} sequences{' packed' if spec.packing else ''},"
-        f" {data.train.tokens} label tokens)"
-        + (f", {data.eval.table.num_rows} eval sequences" if data.eval else ", no eval split")
-        + f"; {steps} steps of {spec.train.batch_size} sequences"
-    )
-
-    start_run_dir(spec, run_dir)
-    resume_from = latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        console.print(f"[yellow]no checkpoint in {run_dir}: starting from step 0")
-    start_step = json.loads((resume_from / "trainer_state.json").read_text())["step"] if resume_from else 0
-
-    node = ray.get_runtime_context().get_node_id()
-    sink = MetricsSink.options(
-        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=False)
-    ).remote()
-    gpus = resolve_gpus(spec)
-    resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "sink": sink,
-            "total_steps": steps,
-            "base_source": base_source,
-            "frozen_sources": frozen_sources,
-            "tokenizer_source": tokenizer_source,
-            "train_ref": ray.put(data.train.table),
-            "eval_ref": ray.put(data.eval.table) if data.eval else None,
-            "resume_from": str(resume_from) if resume_from else None,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=spec.scaling.workers, use_gpu=gpus > 0, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=spec.train.keep_checkpoints + 1
-            ),  # +1: the final one
-        ),
-    )
-
-    follower = _Follower(sink, run_dir, steps, console, start_step)
-    thread, outcome = _fit_in_thread(trainer)
-    try:
-        with follower.progress if console.is_terminal else nullcontext():
-            while thread.is_alive():
-                follower.drain()
-                thread.join(timeout=0.5)
-            follower.drain()
-    finally:
-        follower.close()
-    plot_loss(run_dir)
-    if "error" in outcome:
-        err = outcome["error"]
-        (run_dir / "error.log").write_text("".join(traceback.format_exception(err)))
-        user = _user_error_in(err)
-        if user is not None:
-            raise user
-        raise FulcrumError(
-            f"training failed: {last_line(err)}. "
-            f"Full traceback: {run_dir / 'error.log'}. Metrics and checkpoints so far are kept; "
-            f"continue with `fulcrum train --resume {run_dir}`"
-        ) from err
-
-    artifact = _collect_artifact(run_dir, spec.is_peft)
-    rank0 = next((s for s in follower.starts if s["rank"] == 0), {})
+    """Artifact into place, loss.png, eval.json, summary.json, and the closing tables."""
+    spec = prepared.spec
+    artifact = collect_artifact(run_dir, spec.is_peft)
+    if comparison:
+        run_dir.write_json("eval.json", comparison)
+    elif run_dir.exists("eval.json"):
+        comparison = run_dir.read_json("eval.json")
     records = read_metrics(run_dir)
+    end = follower_end or next((r for r in reversed(records) if r.get("event") == "end"), {})
+    starts = starts or [r for r in records if r.get("event") == "start"]
+    rank0 = next((s for s in reversed(starts) if s["rank"] == 0), {})
     losses = [r["loss"] for r in records if r.get("event") == "step"]
-    end = follower.end
+    data = prepared.data
     summary: dict[str, Any] = {
         "name": spec.name,
-        "run_dir": str(run_dir),
+        "run_dir": run_dir.location,
         "method": spec.method.kind,
         "objective": spec.objective.kind,
         "engine": rank0.get("engine"),
@@ -334,21 +457,129 @@ def run_job(
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval_loss": end.get("eval_loss"),
-        "artifact": str(artifact),
-        "artifact_bytes": dir_size(artifact),
-        "ranks": sorted(follower.starts, key=lambda s: (s["start_step"], s["rank"])),
+        "artifact": artifact,
+        "artifact_bytes": storage.size(artifact),
+        "ranks": sorted(starts, key=lambda s: (s["start_step"], s["rank"])),
         "rows_skipped": data.skipped,
+        "rows_dropped": getattr(data, "dropped", []),
+        "ray_metrics": ray_metrics,
+        # Steps run again after a restart or --resume, and how far their losses were from the first run's.
+        "replayed_steps": replayed,  # the last metrics the workers reported to Ray Train (Tune sees these)
     }
-    if evaluate:
-        with console.status("before/after evaluation"):
-            comparison = compare_before_after(run_dir, spec, base_source, tokenizer_source, data, gpus)
+    if comparison:
         summary.update(summary_of_comparison(comparison))
-        plot_loss(run_dir)  # again, now with the base model's eval loss at step 0
         print_comparison(console, comparison)
+    plot_loss(run_dir)
     summary["wall_seconds"] = time.time() - wall_start
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    run_dir.write_json("summary.json", summary)
     print_summary(console, summary)
     return summary
+
+
+def run_job(
+    spec: JobSpec, *, resume: bool = False, console: Console | None = None, evaluate: bool = True
+) -> dict[str, Any]:
+    """Run one training job end to end; returns the summary (also written to summary.json)."""
+    console = console or Console()
+    wall_start = time.time()
+    run_dir = check_output(spec, resume)
+    if resume and run_state(run_dir) == "complete":
+        console.print(
+            f"[green]{run_dir} is complete[/] (summary.json is there); nothing to resume"
+        )
+        return run_dir.read_json("summary.json")
+    prepared = prepare_job(spec, console)
+    gpus = resolve_gpus(spec)
+    check_resources(spec, gpus)
+    for line in prepared.data.skipped[:5]:
+        console.print(f"[yellow]skipped[/] {line}")
+    if len(prepared.data.skipped) > 5:
+        console.print(f"[yellow]skipped[/] ... {len(prepared.data.skipped) - 5} more (all in summary.json)")
+    console.print(describe_data(spec, prepared))
+
+    if not run_dir.is_run():
+        run_dir.create(spec.to_yaml())
+    if resume and run_state(run_dir) == "trained":
+        return finish_trained(prepared, run_dir, evaluate, wall_start, console)
+    return train_run(prepared, run_dir, console=console, evaluate=evaluate, resume=resume, wall_start=wall_start)
+
+
+def train_run(
+    prepared: PreparedJob,
+    run_dir: RunDir,
+    *,
+    console: Console,
+    evaluate: bool = True,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+    wall_start: float | None = None,
+) -> dict[str, Any]:
+    """Train one prepared job into an existing run directory and finish it. A Tune trial calls this with
+    its own spec (`dataclasses.replace(prepared, spec=...)`) and Tune's report callback."""
+    wall_start = wall_start or time.time()
+    latest = run_dir.latest_checkpoint()
+    start_step = run_dir.read_json(f"{latest}/trainer_state.json")["step"] if latest else 0
+    if resume:
+        console.print(
+            f"resuming {run_dir} from {latest} (step {start_step})"
+            if latest
+            else f"[yellow]no checkpoint in {run_dir}: starting from step 0"
+        )
+    node = ray.get_runtime_context().get_node_id()
+    sink = MetricsSink.options(
+        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=False)
+    ).remote()
+    trainer = build_trainer(prepared, run_dir, sink=sink, evaluate=evaluate, callbacks=callbacks)
+    follower = _Follower(sink, run_dir, prepared.steps, console, start_step)
+    thread, outcome = _fit_in_thread(trainer)
+    with follower.progress if console.is_terminal else nullcontext():
+        while thread.is_alive():
+            follower.drain()
+            thread.join(timeout=0.5)
+        follower.drain()
+    plot_loss(run_dir)
+    if "error" in outcome:
+        err = outcome["error"]
+        run_dir.write_text("error.log", "".join(traceback.format_exception(err)))
+        user = user_error_in(err)
+        if user is not None:
+            raise user
+        raise FulcrumError(
+            f"training failed: {last_line(err)}. "
+            f"Full traceback: {run_dir / 'error.log'}. Metrics and checkpoints so far are kept; "
+            f"continue with `fulcrum train --resume {run_dir}`"
+        ) from err
+    comparison = follower.comparison
+    if evaluate and not comparison:  # the final checkpoint existed already: nothing was trained now
+        comparison = evaluate_trained(prepared, run_dir)
+    result = outcome.get("result")
+    return finish_run(
+        prepared,
+        run_dir,
+        follower.end,
+        follower.starts,
+        comparison,
+        wall_start,
+        console,
+        ray_metrics=dict(result.metrics or {}) if result is not None else None,
+        replayed=follower.replayed,
+    )
+
+
+def evaluate_trained(prepared: PreparedJob, run_dir: RunDir) -> dict[str, Any]:
+    from trainers.evaluate import compare_before_after
+
+    collect_artifact(run_dir, prepared.spec.is_peft)
+    return compare_before_after(run_dir, prepared, resolve_gpus(prepared.spec))
+
+
+def finish_trained(
+    prepared: PreparedJob, run_dir: RunDir, evaluate: bool, wall_start: float, console: Console
+) -> dict[str, Any]:
+    """A run whose artifact exists but that stopped before its evaluation or summary: finish only that."""
+    console.print(f"{run_dir}: training is complete; finishing the evaluation and summary")
+    comparison = evaluate_trained(prepared, run_dir) if evaluate else None
+    return finish_run(prepared, run_dir, {}, [], comparison, wall_start, console)
 
 
 def summary_of_comparison(comparison: dict[str, Any]) -> dict[str, Any]:
@@ -386,18 +617,27 @@ def print_comparison(console: Console, comparison: dict[str, Any], show: int = 6
     check = comparison.get("reload_check")
     if check and not check["ok"]:
         console.print(
-            f"[bold red]warning:[/] the saved artifact does not reproduce the trained model's logits "
+            f"[bold red]warning:[/] the saved artifact does not reproduce the trained model "
             f"(max difference {check['max_abs_diff']:.3g}); see eval.json"
         )
 
 
-def resume_job(run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
-    spec = load_spec(Path(run_dir) / "spec.yaml")
-    return run_job(spec, resume=True, console=console)
+def resume_job(run_dir: str, console: Console | None = None, evaluate: bool = True) -> dict[str, Any]:
+    """`fulcrum train --resume RUN_DIR`: continue the run that lives at RUN_DIR now (moved or copied runs
+    resume where they are, never into the path their spec.yaml was written with)."""
+    run = RunDir(str(run_dir))
+    if not run.is_run():
+        raise FulcrumError(
+            f"--resume {run_dir}: not a fulcrum run directory (no {storage.MARKER} marker in it)"
+        )
+    with storage.local_copy(run / "spec.yaml") as spec_file:
+        spec = load_spec(spec_file)
+    spec.output = run.location
+    return run_job(spec, resume=True, console=console, evaluate=evaluate)
 
 
 def evaluate_run(
-    run_dir: Path,
+    run_dir: str,
     console: Console | None = None,
     samples: int | None = None,
     max_new_tokens: int | None = None,
@@ -407,25 +647,24 @@ def evaluate_run(
     from trainers.export import load_run, run_artifact
 
     console = console or Console()
-    spec = load_run(run_dir)
+    run = RunDir(str(run_dir))
+    spec = load_run(run)
     if samples is not None:
         spec.eval.samples = samples
     if max_new_tokens is not None:
         spec.eval.max_new_tokens = max_new_tokens
-    run_artifact(run_dir, spec)
+    run_artifact(run, spec)
     if not ray.is_initialized():
         ray.init()
     with console.status("preparing the base model and the eval data"):
-        base_source = materialize_base(spec.model)
-        source = tokenizer_source_for(spec.model, base_source)
-        data = prepare(spec, load_tokenizer(source, spec.model.revision, spec.model.trust_remote_code))
+        prepared = prepare_job(spec, Console(quiet=True))
     with console.status("before/after evaluation"):
-        comparison = compare_before_after(run_dir, spec, base_source, source, data, resolve_gpus(spec))
+        comparison = compare_before_after(run, prepared, resolve_gpus(spec))
+    run.write_json("eval.json", comparison)
     print_comparison(console, comparison)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+    if run.exists("summary.json"):
+        summary = run.read_json("summary.json")
         summary.update(summary_of_comparison(comparison))
-        write_text_atomic(summary_path, json.dumps(summary, indent=2))
-    plot_loss(run_dir)
+        run.write_json("summary.json", summary)
+    plot_loss(run)
     return comparison

@@ -7,18 +7,39 @@ Parsing is pydantic (unknown fields are errors); `load_spec` turns any problem i
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from trainers.errors import SpecError
 
 
+def _no_bool(value: Any) -> Any:
+    # YAML's true/false would otherwise pass as 1/0 (pydantic's lax mode): `rank: true` is a mistake.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+# Numbers that refuse booleans; strings such as "2e-4" (YAML 1.1 reads them as text) still convert.
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- model
@@ -64,14 +85,14 @@ class FreezeMethod(_Section):
     """Only the top N decoder layers, the final norm and the LM head train."""
 
     kind: Literal["freeze"]
-    top_layers: int = Field(2, ge=1, description="How many of the topmost decoder layers train.")
+    top_layers: Int = Field(2, ge=1, description="How many of the topmost decoder layers train.")
 
 
 class LoraMethod(_Section):
     kind: Literal["lora"]
-    rank: int = Field(16, ge=1, description="Rank r of the low-rank update.")
-    alpha: float = Field(32.0, gt=0, description="Scale: the update is multiplied by alpha / rank.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    rank: Int = Field(16, ge=1, description="Rank r of the low-rank update.")
+    alpha: Float = Field(32.0, gt=0, description="Scale: the update is multiplied by alpha / rank.")
+    dropout: Float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names to adapt (e.g. [q_proj, v_proj]) or every linear layer but the head.",
@@ -110,10 +131,10 @@ class AdapterMethod(_Section):
     """Bottleneck adapters after the attention block and the MLP of every layer (Houlsby et al.)."""
 
     kind: Literal["adapter"]
-    bottleneck_size: int = Field(64, ge=1, description="Width of each adapter's down-projection.")
+    bottleneck_size: Int = Field(64, ge=1, description="Width of each adapter's down-projection.")
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("silu", description="Between down and up.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    scaling: float = Field(1.0, gt=0, description="Multiplies the adapter output.")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    scaling: Float = Field(1.0, gt=0, description="Multiplies the adapter output.")
     target_modules: list[str] | None = Field(
         None, description="Sub-blocks followed by an adapter; default: the attention block and the MLP."
     )
@@ -123,15 +144,15 @@ class PrefixMethod(_Section):
     """Prefix tuning: trained key/value prefixes at every layer, produced by a reparameterisation MLP."""
 
     kind: Literal["prefix"]
-    num_virtual_tokens: int = Field(20, ge=1, description="Length of the prefix.")
-    encoder_hidden_size: int = Field(256, ge=1, description="Hidden width of the reparameterisation MLP.")
+    num_virtual_tokens: Int = Field(20, ge=1, description="Length of the prefix.")
+    encoder_hidden_size: Int = Field(256, ge=1, description="Hidden width of the reparameterisation MLP.")
 
 
 class PromptMethod(_Section):
     """Prompt tuning: trained embeddings of virtual tokens prepended to the input."""
 
     kind: Literal["prompt"]
-    num_virtual_tokens: int = Field(20, ge=1, description="How many virtual tokens.")
+    num_virtual_tokens: Int = Field(20, ge=1, description="How many virtual tokens.")
     init_text: str | None = Field(
         None, description="Start the virtual tokens from the embeddings of this text (default: random)."
     )
@@ -141,8 +162,8 @@ class PtuningMethod(_Section):
     """P-tuning (v1): virtual-token embeddings produced by a prompt encoder (MLP or LSTM)."""
 
     kind: Literal["ptuning"]
-    num_virtual_tokens: int = Field(20, ge=1, description="How many virtual tokens.")
-    encoder_hidden_size: int = Field(256, ge=1, description="Hidden width of the prompt encoder.")
+    num_virtual_tokens: Int = Field(20, ge=1, description="How many virtual tokens.")
+    encoder_hidden_size: Int = Field(256, ge=1, description="Hidden width of the prompt encoder.")
     encoder_type: Literal["MLP", "LSTM"] = Field("MLP", description="The prompt encoder.")
 
 
@@ -150,7 +171,7 @@ class PtuningV2Method(_Section):
     """P-tuning v2: deep prompts, trained key/value prefixes at every layer, no reparameterisation."""
 
     kind: Literal["ptuning_v2"]
-    num_virtual_tokens: int = Field(20, ge=1, description="Length of the prefix at every layer.")
+    num_virtual_tokens: Int = Field(20, ge=1, description="Length of the prefix at every layer.")
 
 
 METHOD_CLASSES: dict[str, type[_Section]] = {
@@ -203,7 +224,7 @@ class DpoObjective(_Section):
     for PEFT methods the same weights with the adapter switched off; for `full` a frozen copy."""
 
     kind: Literal["dpo"]
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+    beta: Float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
 
 
 class DistillObjective(_Section):
@@ -211,9 +232,9 @@ class DistillObjective(_Section):
 
     kind: Literal["distill"]
     teacher: ModelSpec = Field(description="The teacher: `base` or an inline `config`, like `model`.")
-    temperature: float = Field(2.0, gt=0, description="Softens both distributions before the KL.")
-    kl_weight: float = Field(0.5, ge=0, description="Weight of T^2 * KL(teacher || student) per token.")
-    label_weight: float = Field(0.5, ge=0, description="Weight of the cross-entropy on the labels.")
+    temperature: Float = Field(2.0, gt=0, description="Softens both distributions before the KL.")
+    kl_weight: Float = Field(0.5, ge=0, description="Weight of T^2 * KL(teacher || student) per token.")
+    label_weight: Float = Field(0.5, ge=0, description="Weight of the cross-entropy on the labels.")
 
     @model_validator(mode="after")
     def _some_weight(self) -> DistillObjective:
@@ -239,31 +260,31 @@ class DataSpec(_Section):
     eval: str | None = Field(
         None, description="Eval data, same formats; evaluated every `train.eval_every` steps."
     )
-    eval_fraction: float = Field(
+    eval_fraction: Float = Field(
         0.05, ge=0, lt=1, description="Held out from train when no eval file is given (0 = no eval)."
     )
     format: Literal["auto", "text", "alpaca", "chat", "preference"] = Field(
         "auto", description="Row format; `auto` detects it from the columns of the file."
     )
-    max_length: int = Field(1024, ge=8, description="Tokens per sequence (longer rows are truncated).")
+    max_length: Int = Field(1024, ge=8, description="Tokens per sequence (longer rows are truncated).")
     packing: bool | None = Field(None, description="Default: on for cpt, off for sft.")
     skip_bad_rows: bool = Field(False, description="Skip and count malformed rows instead of stopping.")
     shuffle: bool = Field(True, description="Reshuffle each worker's rows every epoch (seeded).")
 
 
 class TrainSpec(_Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
-    max_steps: int | None = Field(
+    epochs: Float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: Int | None = Field(
         None, ge=1, description="Train exactly this many optimizer steps (overrides epochs)."
     )
-    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, over all workers.")
-    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass on one worker.")
-    warmup_ratio: float = Field(
+    lr: Float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: Int = Field(16, ge=1, description="Sequences per optimizer step, over all workers.")
+    micro_batch_size: Int = Field(4, ge=1, description="Sequences per forward pass on one worker.")
+    warmup_ratio: Float = Field(
         0.03, ge=0, lt=1, description="Fraction of the steps spent warming up the lr."
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: Float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="lr decay after warmup.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
@@ -276,34 +297,34 @@ class TrainSpec(_Section):
         "fuses norms, rotary embeddings and activations. "
         "`auto`: on GPUs for lora, qlora and full at ZeRO stage 0 (the measured ones).",
     )
-    checkpoint_every: int = Field(200, ge=0, description="Steps between checkpoints; 0 = only at the end.")
-    eval_every: int = Field(200, ge=0, description="Steps between evaluations; 0 = only at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="Older checkpoints are deleted beyond this many.")
-    log_every: int = Field(1, ge=1, description="Steps between metric records (each costs a host sync).")
-    seed: int = Field(0, description="Seeds the data order and dropout.")
+    checkpoint_every: Int = Field(200, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    eval_every: Int = Field(200, ge=0, description="Steps between evaluations; 0 = only at the end.")
+    keep_checkpoints: Int = Field(2, ge=1, description="Older checkpoints are deleted beyond this many.")
+    log_every: Int = Field(1, ge=1, description="Steps between metric records (each costs a host sync).")
+    seed: Int = Field(0, description="Seeds the data order and dropout.")
 
 
 class ScalingSpec(_Section):
-    workers: int = Field(1, ge=1, description="Ray Train workers (one process each; data-parallel).")
-    gpus_per_worker: float | Literal["auto"] = Field(
+    workers: Int = Field(1, ge=1, description="Ray Train workers (one process each; data-parallel).")
+    gpus_per_worker: Float | Literal["auto"] = Field(
         "auto", description="`auto`: 1 when the Ray cluster has GPUs, else 0. Fractions pack PEFT jobs."
     )
-    cpus_per_worker: float = Field(
+    cpus_per_worker: Float = Field(
         1.0, gt=0, description="CPUs reserved per worker (also its torch threads)."
     )
-    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+    zero_stage: Annotated[Literal["auto", 0, 1, 2, 3], BeforeValidator(_no_bool)] = Field(
         "auto",
         description="DeepSpeed ZeRO stage for `full`; `auto` picks the lowest that fits (0 on one worker).",
     )
     offload: Literal["none", "optimizer", "parameters", "all"] = Field(
         "none", description="DeepSpeed CPU offload for `full` (parameters needs stage 3)."
     )
-    offload_ratio: float | Literal["auto"] = Field(
+    offload_ratio: Float | Literal["auto"] = Field(
         1.0,
         description="Share of the optimizer state offloaded (ZeRO-3 on GPUs, DeepSpeed's CPU Adam). "
         "`auto`: only the share that does not fit on the GPU.",
     )
-    max_failures: int = Field(
+    max_failures: Int = Field(
         0, ge=-1, description="Worker restarts from the last checkpoint (-1: no limit)."
     )
 
@@ -317,10 +338,10 @@ class ScalingSpec(_Section):
 
 
 class EvalSpec(_Section):
-    samples: int = Field(
+    samples: Int = Field(
         16, ge=0, description="Eval prompts answered by the base and the tuned model (exact match, ROUGE-L)."
     )
-    max_new_tokens: int = Field(64, ge=1, description="Length limit of each before/after answer.")
+    max_new_tokens: Int = Field(64, ge=1, description="Length limit of each before/after answer.")
     prompts: list[str] = Field(default_factory=list, description="Extra prompts to answer before/after.")
 
 
@@ -342,7 +363,8 @@ class JobSpec(_Section):
         None, description="`fulcrum tune` only: the search space, metric, scheduler (see docs/tuning.md)."
     )
     k8s: dict[str, Any] | None = Field(
-        None, description="`fulcrum k8s` only: namespace, image, storage, node selectors (docs/kubernetes.md)."
+        None,
+        description="`fulcrum k8s` only: namespace, image, storage, node selectors (docs/kubernetes.md).",
     )
 
     # Where the spec came from, so that the sections other packages own (tune, k8s) can name lines too.
@@ -481,6 +503,81 @@ def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
     return lines
 
 
+def _duplicate_key(text: str) -> tuple[str, int, int] | None:
+    """The first key written twice in one mapping: (dotted path, first line, second line). PyYAML would
+    silently keep the last one."""
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> tuple[str, int, int] | None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name, line = str(key.value), key.start_mark.line + 1
+                if name in seen:
+                    return ".".join((*path, name)), seen[name], line
+                seen[name] = line
+                found = walk(value, (*path, name))
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found = walk(item, (*path, str(i)))
+                if found:
+                    return found
+        return None
+
+    root = yaml.compose(text)
+    return walk(root, ()) if root is not None else None
+
+
+def _non_finite(data: Any, path: tuple[str | int, ...] = ()) -> tuple[tuple[str | int, ...], float] | None:
+    """The first .inf or .nan anywhere in the spec (inline model configs and tune/k8s sections too)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return path, data
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _non_finite(value, (*path, key))
+        if found:
+            return found
+    return None
+
+
+def _config_problem(config: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
+    """An inline model config whose model_type is unknown, or with a key its transformers config class
+    does not have (transformers would silently keep a typo such as `hiden_size` as an unused attribute)."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        hint = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        return ("model_type",), (
+            f"unknown model_type {model_type!r}"
+            + (f"; did you mean {' or '.join(f'`{h}`' for h in hint)}?" if hint else "")
+        )
+    cls = CONFIG_MAPPING[model_type]
+    known = {"model_type", "rope_theta", "rope_scaling", "torch_dtype", "layer_types"}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known |= {n for n in inspect.signature(init).parameters if n not in ("self", "kwargs")}
+    known |= set(getattr(cls, "attribute_map", {}) or {})
+    defaults = cls().to_dict()
+    known |= set(defaults)
+    known |= {n for n in dir(cls) if not n.startswith("_") and not callable(getattr(cls, n, None))}
+    for key, value in config.items():
+        default = defaults.get(key)
+        if isinstance(value, bool) and isinstance(default, int | float) and not isinstance(default, bool):
+            return (str(key),), f"expected a number, got the boolean {str(value).lower()}; write a number"
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            return (str(key),), (
+                f"unknown key `{key}` for a `{model_type}` config ({cls.__name__})"
+                + (f"; did you mean `{hint[0]}`?" if hint else "")
+            )
+    return None
+
+
 def _line_for(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int | None:
     for end in range(len(loc), -1, -1):  # the deepest key that exists in the file
         if loc[:end] in lines and (end or len(lines) == 1):
@@ -508,12 +605,18 @@ def _model_at_path(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | 
 
 
 _TAGGED = ("method", "objective")  # discriminated unions: pydantic puts the tag into the path
+_TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}
 
 
 def _explain(err: dict[str, Any], data: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
-    loc = tuple(err["loc"])
+    # Union members appear in the path as e.g. `function-before[...]` or `literal['auto']`: not fields.
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
     if len(loc) >= 2 and loc[0] in _TAGGED and isinstance(data.get(loc[0]), dict):
         loc = (loc[0], *loc[2:])  # drop the tag pydantic inserted
+    if err["type"] == "finite_number":
+        return loc, f"{err.get('input')!r} is not a finite number; give a finite value"
+    if err["type"] == "value_error" and "boolean" in err["msg"]:
+        return loc, err["msg"].removeprefix("Value error, ") + "; write a number"
     kind = err["type"]
     if kind == "extra_forbidden":
         field = str(loc[-1])
@@ -559,6 +662,18 @@ def _model_at(loc: tuple[str | int, ...], data: dict[str, Any]) -> type[BaseMode
     return model
 
 
+def _is_local(value: str, spec_dir: Path) -> bool:
+    """Whether a model or tokenizer source names a local path rather than a hub id: it looks like a path,
+    exists here or beside the spec, or starts with a directory that does (`models/tiny` next to `models/`).
+    A missing local path then fails at once instead of after a minute of hub retries."""
+    if "://" in value or value.startswith("pkg:"):
+        return False
+    if value.endswith(".gguf") or value.startswith(("./", "../", "/", "~")) or value.count("/") > 1:
+        return True
+    first = Path(value).parts[0] if Path(value).parts else ""
+    return any((where / value).exists() or (where / first).is_dir() for where in (Path.cwd(), spec_dir))
+
+
 def _resolve_path(value: str, spec_dir: Path) -> Path | None:
     """A relative path is looked up in the current directory first, then beside the spec."""
     if "://" in value:
@@ -584,6 +699,9 @@ def parse_spec(
 
     if not isinstance(data, dict):
         raise fail((), "the spec must be a YAML mapping with name, model, method, objective and data")
+    non_finite = _non_finite(data)
+    if non_finite:
+        raise fail(non_finite[0], f"{non_finite[1]!r} is not a finite number; give a finite value")
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
@@ -594,6 +712,14 @@ def parse_spec(
         _check_consistency(spec)
     except _FieldProblem as p:
         raise fail(p.loc, p.msg) from None
+
+    inline = [(("model", "config"), spec.model.config)]
+    if isinstance(spec.objective, DistillObjective):
+        inline.append((("objective", "teacher", "config"), spec.objective.teacher.config))
+    for loc, config in inline:
+        problem = _config_problem(config) if config is not None else None
+        if problem:
+            raise fail((*loc, *problem[0]), problem[1])
 
     # Files must exist now, not an hour into a cluster job.
     spec_dir = spec_dir or Path.cwd()
@@ -608,21 +734,27 @@ def parse_spec(
                     ("data", field), f"file not found: {value} (looked in {Path.cwd()} and {spec_dir})"
                 )
             setattr(spec.data, field, str(path))
-    models = [(("model", "base"), spec.model)]
+    models = [(("model",), spec.model)]
     if isinstance(spec.objective, DistillObjective):
-        models.append((("objective", "teacher", "base"), spec.objective.teacher))
-    for loc, model_spec in models:
-        base = model_spec.base
-        if base and (base.endswith(".gguf") or base.startswith(("./", "../", "/", "~"))):
-            path = _resolve_path(base, spec_dir)
-            if path is not None and not path.exists():
-                raise fail(loc, f"not found: {base}")
-            model_spec.base = str(path)
+        models.append((("objective", "teacher"), spec.objective.teacher))
+    for prefix, model_spec in models:
+        for name in ("base", "tokenizer"):
+            value = getattr(model_spec, name)
+            if value and value != "bytes" and _is_local(value, spec_dir):
+                path = _resolve_path(value, spec_dir)
+                if path is not None and not path.exists():
+                    raise fail((*prefix, name), f"not found: {value} (looked in {Path.cwd()} and {spec_dir})")
+                setattr(model_spec, name, str(path))
     spec._source, spec._text = source, text
     if spec.output is None:
         spec.output = f"runs/{spec.name}"
     if "://" not in spec.output:
         spec.output = str(Path(spec.output).expanduser().resolve())
+        if Path(spec.output).exists() and not Path(spec.output).is_dir():
+            raise fail(
+                ("output",),
+                f"{spec.output} is an existing file; output must be a directory (new, or a previous run)",
+            )
     return spec
 
 
@@ -631,11 +763,23 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: spec file not found")
-    text = p.read_text()
+    raw = p.read_bytes()
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SpecError(
+            f"{p}:{line}: not UTF-8: byte 0x{raw[e.start]:02x} at column {column}; save the file as UTF-8"
+        ) from None
+    try:
+        duplicate = _duplicate_key(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
         raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if duplicate:
+        field, first, second = duplicate
+        raise SpecError(f"{p}:{second}: {field}: given twice (lines {first} and {second}); keep one of them")
     return parse_spec(data, source=str(p), text=text, spec_dir=p.resolve().parent)

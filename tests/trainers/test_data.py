@@ -11,10 +11,12 @@ from tests.helpers import TINY_LLAMA, alpaca_rows, chat_rows, text_rows, tiny_sp
 from trainers.data import (
     IGNORE,
     collate,
+    column_names,
     micro_batches,
     pack_greedy,
     pack_stream,
     prepare,
+    read_rows,
     shard_rows,
     tokenize_sft,
     total_steps,
@@ -202,3 +204,91 @@ def test_preference_pairs_tokenize_both_answers_and_name_bad_rows(tmp_path: Path
         prepare(spec_for(tmp_path, rows, "dpo"), tok)
     with pytest.raises(DataError, match="objective `dpo` trains on preference"):
         prepare(spec_for(tmp_path, alpaca_rows(30), "dpo"), tok)
+
+
+# --------------------------------------------------------------------------- hardening (issue 11)
+def test_non_utf8_line_is_named_or_skipped(tmp_path: Path, tok) -> None:
+    lines = [json.dumps(r).encode() for r in alpaca_rows(30)]
+    lines[4] = b'{"instruction": "caf\xe9", "output": "x"}'
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"train\.jsonl: line 5: not UTF-8: byte 0xe9 at column 21"):
+        prepare(spec_for(tmp_path, None, "sft"), tok)
+    data = prepare(spec_for(tmp_path, None, "sft", skip_bad_rows=True), tok)
+    assert data.train.rows_read == 30 and data.train.rows_skipped == 1 and data.train.table.num_rows == 29
+    assert "line 5: not UTF-8" in data.skipped[0]
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"", "is empty"), (b"\n \n\t\n", "only blank lines")])
+def test_empty_or_blank_file_says_so(tmp_path: Path, tok, content: bytes, message: str) -> None:
+    (tmp_path / "train.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        prepare(spec_for(tmp_path, None, "sft"), tok)
+
+
+def _opens_with_assistant() -> dict:
+    return {
+        "messages": [
+            {"role": "assistant", "content": "Hello! Ask me anything."},
+            {"role": "user", "content": "cat"},
+            {"role": "assistant", "content": "cat cat"},
+        ]
+    }
+
+
+def test_chat_row_opening_with_assistant_is_context(tmp_path: Path, tok) -> None:
+    rows = chat_rows(10)
+    rows[3] = _opens_with_assistant()
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    data = prepare(spec_for(tmp_path, None, "sft"), tok)
+    assert data.train.table.num_rows == 10 and not data.skipped
+    ids, labels = tokenize_sft(tok, rows[3]["messages"], 256)
+    trained = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    assert trained == "cat cat<|im_end|>\n"  # the opening assistant turn is context, not a label
+
+
+def test_chat_template_that_refuses_a_row_names_it_or_skips_it(tmp_path: Path) -> None:
+    strict = byte_tokenizer()
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation roles must alternate "
+        "user/assistant') }}{% endif %}" + strict.chat_template
+    )
+    rows = chat_rows(10)
+    rows[6] = _opens_with_assistant()
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"train\.jsonl: line 7: the tokenizer's chat template cannot render"):
+        prepare(spec_for(tmp_path, None, "sft"), strict)
+    data = prepare(spec_for(tmp_path, None, "sft", skip_bad_rows=True), strict)
+    assert data.train.table.num_rows == 9 and data.train.rows_skipped == 1
+    assert "line 7" in data.skipped[0] and "roles must alternate" in data.skipped[0]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_rows_without_an_answer_in_max_length_are_listed(tmp_path: Path, tok, packing: bool) -> None:
+    rows = alpaca_rows(30)
+    for i in (7, 19):
+        rows[i]["instruction"] = "a very long question " * 10
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    data = prepare(spec_for(tmp_path, None, "sft", max_length=64, packing=packing), tok)
+    assert data.train.rows_dropped == 2 and len(data.dropped) == 2
+    assert [d.split(": no answer")[0].rsplit(": ", 1)[1] for d in data.dropped] == ["line 8", "line 20"]
+    assert all("data.max_length=64" in d for d in data.dropped)
+    if not packing:
+        assert data.train.table.num_rows == 28
+
+
+def test_greedy_packing_never_trains_a_first_token_on_the_previous_document() -> None:
+    a, b, c = [1, 2, 3], [4, 5], [6, 7, 8, 9]
+    packed = pack_greedy([a, b, c], [a, b, c], 16)
+    assert len(packed["input_ids"]) == 1
+    for pos, labels in zip(packed["position_ids"], packed["labels"], strict=True):
+        assert [lab for p, lab in zip(pos, labels, strict=True) if p == 0] == [IGNORE] * 3
+        assert sum(lab != IGNORE for lab in labels) == 9 - 3
+
+
+def test_hand_reader_keeps_columns_that_first_appear_late(tmp_path: Path, tok) -> None:
+    rows = [{"prompt": f"say {i}", "chosen": f"{i}", "rejected": "no"} for i in range(150)]
+    rows[3]["chosen"] = 5  # a number among strings: the Arrow reader gives up, the by-hand reader runs
+    rows[140]["system"] = "Answer with digits."
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    raw = read_rows(str(tmp_path / "train.jsonl"), skip_bad=True)
+    assert isinstance(raw.rows, list) and "system" in column_names(raw)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from tests.helpers import tiny_spec, write_spec
+from tests.helpers import TINY_LLAMA, tiny_spec, write_spec
 from trainers.errors import SpecError
 from trainers.spec import load_spec
 
@@ -149,3 +149,58 @@ def test_offload_ratio_needs_optimizer_offload_at_stage_3(tmp_path: Path) -> Non
     assert "scaling.offload_ratio: partial optimizer offload needs zero_stage 3" in msg
     msg = error_of(tmp_path, tiny_spec(tmp_path, scaling={"offload": "optimizer", "offload_ratio": 1.5}))
     assert "offload_ratio must be in (0, 1]" in msg
+
+
+# --------------------------------------------------------------------------- hardening (issue 11)
+def test_numbers_refuse_booleans_and_non_finite_values(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, tiny_spec(tmp_path, method={"kind": "lora", "rank": True}))
+    assert "method.rank: expected a number, got the boolean true" in msg
+    msg = error_of(tmp_path, tiny_spec(tmp_path, scaling={"gpus_per_worker": True}))
+    assert "scaling.gpus_per_worker" in msg and "boolean" in msg
+    msg = error_of(tmp_path, tiny_spec(tmp_path, scaling={"zero_stage": True}))
+    assert "scaling.zero_stage" in msg and "boolean" in msg
+    msg = error_of(tmp_path, tiny_spec(tmp_path, objective={"kind": "dpo", "beta": float("-inf")}))
+    assert "objective.beta: -inf is not a finite number" in msg
+
+
+def test_numbers_written_as_yaml_strings_still_convert(tmp_path: Path) -> None:
+    text = write_spec(tmp_path, tiny_spec(tmp_path)).read_text().replace("lr: 0.003", "lr: 3e-3")
+    (tmp_path / "spec.yaml").write_text(text)  # YAML 1.1 reads 3e-3 (no dot) as text
+    assert load_spec(tmp_path / "spec.yaml").train.lr == 0.003
+
+
+def test_inline_config_keys_are_checked_against_the_config_class(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    spec["model"]["config"]["hiden_size"] = 64
+    msg = error_of(tmp_path, spec)
+    assert "model.config.hiden_size: unknown key `hiden_size` for a `llama` config" in msg
+    assert "did you mean `hidden_size`" in msg
+    line = int(msg.split(":")[1])
+    assert "hiden_size" in (tmp_path / "spec.yaml").read_text().splitlines()[line - 1]
+    spec["model"]["config"] = {**TINY_LLAMA, "num_hidden_layers": True}
+    msg = error_of(tmp_path, spec)
+    assert "model.config.num_hidden_layers: expected a number, got the boolean true" in msg
+    ok = tiny_spec(tmp_path)
+    ok["model"]["config"] |= {"rope_theta": 10000.0, "tie_word_embeddings": True, "head_dim": 16}
+    assert load_spec(write_spec(tmp_path, ok)).model.config["rope_theta"] == 10000.0
+
+
+def test_non_utf8_spec_names_line_and_byte(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, tiny_spec(tmp_path))
+    path.write_bytes(path.read_bytes().replace(b"name: tiny", b"name: tin\xff"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}:1: not UTF-8: byte 0xff at column 10; save the file as UTF-8"
+
+
+def test_missing_relative_model_path_is_not_found_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(tmp_path)
+    spec["model"] = {"base": "models/tiny-llama"}
+    msg = error_of(tmp_path, spec)
+    assert "model.base: not found: models/tiny-llama" in msg
+    spec["model"] = {"config": dict(TINY_LLAMA), "tokenizer": "./my-tokenizer"}
+    assert "model.tokenizer: not found: ./my-tokenizer" in error_of(tmp_path, spec)

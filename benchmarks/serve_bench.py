@@ -1,0 +1,314 @@
+"""Multi-adapter serving: fulcrum's engine (directly, and over HTTP when `--url` is given) against plain
+transformers + peft `generate` in the same run.
+
+For each adapter count in `--adapters` (1, 8, 64 distinct LoRA adapters in the mix), `--prompts` prompts of
+`--prompt-tokens` tokens, `--new-tokens` new tokens each, greedy, EOS ignored (every request generates
+exactly `--new-tokens`, as in the issue's peft numbers). Reported: generated tokens/s, p50/p99 request
+latency, p50 time to first token, and the cold load of one adapter. peft rows: adapters off, one adapter,
+and peft's mixed batch (`generate(adapter_names=...)`) with the same adapters.
+
+    python -m benchmarks.serve_bench                              # CPU, a small 4-layer Llama
+    python -m benchmarks.serve_bench --shape 0.95b --device cuda --adapters 1,8,64 --prompts 64 \\
+        --prompt-tokens 128 --new-tokens 64 --rank 16             # the issue's GPU setup
+    python -m benchmarks.serve_bench --url http://127.0.0.1:8000 --api-key sk-admin   # + over HTTP
+
+Over HTTP the adapters are registered with `POST /v1/adapters`, so the server's adapter roots must include
+`--out` (e.g. `fulcrum serve --base ... --adapter-root OUT`) and its base must be the same inline shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import SHAPES, print_table
+from serving.engine import BatchEngine, load_base
+from serving.types import SamplingParams
+from trainers.manifest import base_identity
+from trainers.spec import ModelSpec
+
+SMALL = {  # CPU default: a small Llama that still has every projection LoRA targets
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COLUMNS = [
+    "system",
+    "adapters",
+    "requests",
+    "tokens",
+    "tokens/s",
+    "p50 ms",
+    "p99 ms",
+    "ttft p50 ms",
+    "cold load ms",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def make_adapters(spec: ModelSpec, device: str, n: int, rank: int, out: Path) -> list[Path]:
+    """n LoRA adapters (all linear layers) with random, non-zero B, saved like `fulcrum train` saves them."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = [out / f"lora-{i}" for i in range(n)]
+    if all((p / "adapter_model.safetensors").is_file() for p in paths):
+        return paths
+    model, _ = load_base(spec, device)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(0)
+    for path in paths:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+        peft_model.save_pretrained(path)
+    del peft_model, model
+    return paths
+
+
+def prompt_texts(n: int, length: int) -> list[str]:
+    """Random lowercase text: with the byte tokenizer, `length` tokens each."""
+    rng = random.Random(0)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(length)) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- fulcrum, in process
+async def engine_run(
+    engine: BatchEngine, prompts: list[list[int]], ids: list[str], new: int
+) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=new, temperature=0)
+
+    async def one(prompt: list[int], aid: str) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first, n = None, 0
+        async for _ in engine.generate(prompt, aid, params):
+            first = first or time.perf_counter() - start
+            n += 1
+        return first or 0.0, time.perf_counter() - start, n
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p, a) for p, a in zip(prompts, ids, strict=True)))
+    wall = time.perf_counter() - start
+    return summarize(wall, [r[1] for r in results], [r[0] for r in results], sum(r[2] for r in results))
+
+
+def summarize(wall: float, latencies: list[float], ttfts: list[float] | None, tokens: int) -> dict[str, Any]:
+    return {
+        "requests": len(latencies),
+        "tokens": tokens,
+        "tokens/s": f"{tokens / wall:.0f}",
+        "p50 ms": f"{percentile(latencies, 0.5) * 1e3:.0f}",
+        "p99 ms": f"{percentile(latencies, 0.99) * 1e3:.0f}",
+        "ttft p50 ms": f"{percentile(ttfts, 0.5) * 1e3:.0f}" if ttfts else "-",
+        "_rate": tokens / wall,
+    }
+
+
+def bench_engine(
+    args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], counts: list[int]
+) -> list[dict]:
+    model, tokenizer = load_base(spec, args.device)
+    engine = BatchEngine(
+        model,
+        tokenizer,
+        base_identity=base_identity(spec),
+        max_adapters=max(counts),
+        max_batch_rows=args.prompts,
+        context_length=args.prompt_tokens + args.new_tokens + 8,
+    )
+    engine.eos_ids = set()  # every request generates exactly --new-tokens, as peft's runs below
+    loads = []
+    for i, path in enumerate(adapters[: max(counts)]):
+        engine.add_adapter(f"lora-{i}", str(path))
+        loads.append(engine.load_seconds(f"lora-{i}"))
+    cold = statistics.median(loads[1:] or loads) * 1e3  # the first one also installs the slot layers
+    prompts = [tokenizer.encode(t) for t in prompt_texts(args.prompts, args.prompt_tokens)]
+    asyncio.run(engine_run(engine, prompts[:2], ["lora-0"] * 2, 2))  # warm-up
+    rows = []
+    for n in counts:
+        ids = [f"lora-{i % n}" for i in range(args.prompts)]
+        result = asyncio.run(engine_run(engine, prompts, ids, args.new_tokens))
+        rows.append({"system": "fulcrum engine", "adapters": n, **result, "cold load ms": f"{cold:.1f}"})
+    return rows
+
+
+# --------------------------------------------------------------------------- fulcrum, over HTTP
+async def http_run(args: argparse.Namespace, texts: list[str], ids: list[str]) -> dict[str, Any]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key or "none", max_retries=0)
+
+    async def one(text: str, aid: str) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first, tokens = None, 0
+        stream = await client.completions.create(
+            model=aid,
+            prompt=text,
+            max_tokens=args.new_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and first is None:
+                first = time.perf_counter() - start
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return first or 0.0, time.perf_counter() - start, tokens
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(t, a) for t, a in zip(texts, ids, strict=True)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return summarize(wall, [r[1] for r in results], [r[0] for r in results], sum(r[2] for r in results))
+
+
+def bench_http(args: argparse.Namespace, adapters: list[Path], counts: list[int]) -> list[dict]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    loads = []
+    with httpx.Client(base_url=args.url, headers=headers, timeout=120) as http:
+        for i, path in enumerate(adapters[: max(counts)]):
+            start = time.perf_counter()
+            reply = http.post("/v1/adapters", json={"id": f"bench-{i}", "path": str(path.resolve())})
+            reply.raise_for_status()
+            loads.append(time.perf_counter() - start)
+    cold = statistics.median(loads[1:] or loads) * 1e3
+    texts = prompt_texts(args.prompts, args.prompt_tokens)
+    rows = []
+    for n in counts:
+        ids = [f"bench-{i % n}" for i in range(args.prompts)]
+        result = asyncio.run(http_run(args, texts, ids))
+        rows.append({"system": "fulcrum http", "adapters": n, **result, "cold load ms": f"{cold:.1f} (POST)"})
+    return rows
+
+
+# --------------------------------------------------------------------------- plain transformers + peft
+def peft_generate(model: Any, batch: torch.Tensor, new: int, **kwargs: Any) -> dict[str, Any]:
+    if batch.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=batch,
+            attention_mask=torch.ones_like(batch),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            **kwargs,
+        )
+    if batch.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    tokens = (out.shape[1] - batch.shape[1]) * batch.shape[0]
+    # One batch: every request finishes (and shows its first token) together.
+    return summarize(wall, [wall] * batch.shape[0], None, tokens)
+
+
+def bench_peft(
+    args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], counts: list[int]
+) -> list[dict]:
+    from peft import PeftModel
+
+    model, tokenizer = load_base(spec, args.device)
+    texts = prompt_texts(args.prompts, args.prompt_tokens)
+    batch = torch.tensor([tokenizer.encode(t) for t in texts], device=model.device)
+    pad = {"pad_token_id": tokenizer.pad_token_id}
+    peft_generate(model, batch[:2], 2, **pad)  # warm-up
+    rows = [
+        {"system": "peft: adapters off", "adapters": 0, **peft_generate(model, batch, args.new_tokens, **pad)}
+    ]
+    start = time.perf_counter()
+    peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="lora-0")
+    first_load = (time.perf_counter() - start) * 1e3
+    one = peft_generate(peft_model, batch, args.new_tokens, **pad)
+    rows.append({"system": "peft: one adapter", "adapters": 1, **one, "cold load ms": f"{first_load:.1f}"})
+    loads = []
+    for n in counts:
+        if n == 1:
+            continue
+        if n > args.peft_mixed_max:
+            rows.append(
+                {"system": "peft: mixed batch", "adapters": n, "tokens/s": "skipped (--peft-mixed-max)"}
+            )
+            continue
+        for i in range(len(peft_model.peft_config), n):
+            start = time.perf_counter()
+            peft_model.load_adapter(str(adapters[i]), adapter_name=f"lora-{i}")
+            loads.append(time.perf_counter() - start)
+        names = [f"lora-{i % n}" for i in range(args.prompts)]
+        mixed = peft_generate(peft_model, batch, args.new_tokens, adapter_names=names, **pad)
+        cold = f"{statistics.median(loads) * 1e3:.1f}" if loads else ""
+        rows.append({"system": "peft: mixed batch", "adapters": n, **mixed, "cold load ms": cold})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="small", choices=["small", *SHAPES])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--adapters", default="1,8", help="distinct adapters in the mix, comma-separated")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/fulcrum-serve-bench"))
+    parser.add_argument("--url", help="also measure a running `fulcrum serve` over HTTP (openai client)")
+    parser.add_argument("--api-key", help="an admin key of that server")
+    parser.add_argument("--peft-mixed-max", type=int, default=64, help="skip peft's mixed batch above this")
+    parser.add_argument("--skip-peft", action="store_true")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.adapters.split(",")]
+    config = SMALL if args.shape == "small" else SHAPES[args.shape]
+    spec = ModelSpec(config=dict(config), tokenizer="bytes", dtype=args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    adapters = make_adapters(
+        spec, args.device, max(counts), args.rank, args.out / f"{args.shape}-r{args.rank}"
+    )
+    rows = bench_engine(args, spec, adapters, counts)
+    if args.url:
+        rows += bench_http(args, adapters, counts)
+    if not args.skip_peft:
+        rows += bench_peft(args, spec, adapters, counts)
+    print(
+        f"\n{args.shape} Llama on {args.device}, {args.prompts} prompts x {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens, greedy, LoRA r{args.rank} on all linear layers\n"
+    )
+    print_table(rows, COLUMNS)
+    rate = {(r["system"], r["adapters"]): r.get("_rate") for r in rows}
+    single = rate.get(("fulcrum engine", 1))
+    if single:
+        for n in counts:
+            if n != 1 and rate.get(("fulcrum engine", n)):
+                share = rate[("fulcrum engine", n)] / single
+                print(f"fulcrum, {n} distinct adapters: {share:.0%} of its single-adapter rate")
+        if rate.get(("peft: one adapter", 1)):
+            print(
+                f"fulcrum single adapter vs peft one adapter: {single / rate[('peft: one adapter', 1)]:.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

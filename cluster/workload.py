@@ -1,0 +1,103 @@
+"""What a YAML file asks a cluster to run (train, tune or serve), read so that paths which exist only
+on the cluster (a shared volume's mount path) do not fail the local existence checks of `load_spec`."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainers.errors import SpecError
+from trainers.spec import JobSpec, parse_spec
+
+Kind = Literal["train", "tune", "serve"]
+
+
+@dataclass
+class Workload:
+    """A parsed spec (train, tune) or serve YAML, with the values as the user wrote them."""
+
+    kind: Kind
+    path: Path
+    raw: dict[str, Any]
+    spec: JobSpec | None = None  # train and tune
+    remote_paths: dict[tuple[str, ...], str] = field(default_factory=dict)  # field -> cluster-only path
+
+    @property
+    def name(self) -> str:
+        if self.spec is not None:
+            return self.spec.name
+        return str(self.raw.get("name") or self.path.stem)
+
+    def raw_value(self, *loc: str) -> Any:
+        node: Any = self.raw
+        for part in loc:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(part)
+        return node
+
+
+def read_yaml(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: file not found")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: expected a YAML mapping (a job spec or a serve YAML)")
+    return p, text, data
+
+
+def detect_kind(data: dict[str, Any]) -> Kind:
+    if "method" in data or "objective" in data:
+        return "tune" if data.get("tune") else "train"
+    return "serve"
+
+
+# Fields that may name files: the spec's data files and local model directories.
+_PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("objective", "teacher", "base"))
+
+
+def load_workload(path: str | Path, cluster_prefixes: tuple[str, ...] = ()) -> Workload:
+    """Parse a job spec or serve YAML. Paths under one of `cluster_prefixes` (a shared volume's mount
+    path) are cluster-side: they are kept as written instead of being checked on this machine."""
+    p, text, data = read_yaml(path)
+    kind = detect_kind(data)
+    if kind == "serve":
+        return Workload(kind=kind, path=p, raw=data)
+    stand_in = copy.deepcopy(data)
+    remote: dict[tuple[str, ...], str] = {}
+    for loc in _PATH_FIELDS:
+        parent = stand_in
+        for part in loc[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        value = parent.get(loc[-1]) if isinstance(parent, dict) else None
+        if isinstance(value, str) and any(_under(value, prefix) for prefix in cluster_prefixes):
+            remote[loc] = value
+            # load_spec checks that local files exist; this one only exists on the cluster.
+            parent[loc[-1]] = str(p.resolve()) if loc[0] == "data" else "cluster-side/stand-in"
+    spec = parse_spec(stand_in, source=str(p), text=text, spec_dir=p.resolve().parent)
+    for loc, value in remote.items():
+        target: Any = spec
+        for part in loc[:-1]:
+            target = getattr(target, part)
+        setattr(target, loc[-1], value)
+    return Workload(kind=kind, path=p, raw=data, spec=spec, remote_paths=remote)
+
+
+def _under(value: str, prefix: str) -> bool:
+    prefix = prefix.rstrip("/")
+    return value == prefix or value.startswith(prefix + "/")
+
+
+def is_uri(value: str | None) -> bool:
+    return bool(value) and "://" in str(value)

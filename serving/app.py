@@ -1,0 +1,172 @@
+"""The Ray Serve application: an ingress (api.py) in front of model replicas, each holding one frozen base
+and a BatchEngine (engine.py) with adapters in slots.
+
+`build_app(args)` is a Serve application builder: `fulcrum serve` calls it with the serve YAML as a dict,
+and a KubeRay RayService names it as `import_path: serving.app:build_app` with the same YAML as `args`.
+
+Adapters reach a replica through Serve's model multiplexing. The ingress sends each request with
+`multiplexed_model_id="id@version"`; Serve prefers replicas that already hold that id, and on a replica
+`serve.multiplexed` keeps at most `max_adapters_per_replica` of them, evicting the least recently used (which
+removes it from the engine; requests running on it finish first, the engine pins their version).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serving.api import ApiError, OpenAIIngress
+from serving.config import ServeConfig, parse_serve_config
+from serving.types import AdapterError, AdapterInfo, SamplingParams
+
+
+class _Held:
+    """One adapter version held by this replica (what `serve.multiplexed` caches). Serve's LRU calls the
+    instance's `__del__` when it evicts it; set per instance so that garbage collection never does."""
+
+    def __init__(self, replica: ModelReplica, engine_id: str, info: AdapterInfo) -> None:
+        self.engine_id, self.info = engine_id, info
+        self.__del__ = lambda: replica.unload(engine_id)
+
+
+class ModelReplica:
+    """One frozen base + one BatchEngine; adapters attach by `id@version` through `serve.multiplexed`."""
+
+    def __init__(self, config_args: dict[str, Any]) -> None:
+        import torch
+
+        from serving.engine import BatchEngine, load_base
+        from trainers.manifest import base_identity
+
+        config = parse_serve_config(config_args, source="serve application args")
+        device = "cuda" if config.resources.gpus > 0 and torch.cuda.is_available() else "cpu"
+        model, self.tokenizer = load_base(config.model, device)
+        self.engine = BatchEngine(
+            model,
+            self.tokenizer,
+            base_identity=base_identity(config.model),
+            max_adapters=config.max_adapters_per_replica,
+            max_batch_rows=config.max_batch_rows,
+            context_length=config.context_length or 4096,  # the engine caps it at the base's own
+        )
+        self.context_length = self.engine.context_length
+        self._paths: dict[str, str] = {}  # id@version -> path, as the ingress sent it
+        # Wired here (not as a class decorator) because the LRU bound comes from the config. A plain
+        # function, not the bound method: Serve keeps its LRU state as an attribute of what it wraps.
+
+        async def load(engine_id: str) -> _Held:
+            return await self._load(engine_id)
+
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_adapters_per_replica)(
+            load
+        )
+
+    async def _load(self, engine_id: str) -> _Held:
+        path = self._paths.get(engine_id)
+        if path is None:
+            raise ApiError(f"adapter {engine_id}: no path was sent with the request", 500)
+        return _Held(self, engine_id, self.engine.add_adapter(engine_id, path))
+
+    def unload(self, engine_id: str) -> None:
+        with contextlib.suppress(AdapterError):  # already gone from the engine
+            self.engine.remove_adapter(engine_id)
+
+    def check_adapter(self, path: str) -> dict[str, Any]:
+        """Read and check `path` against this base without taking a slot: AdapterError (400 naming both
+        bases, ...) if it cannot be served."""
+        info = self.engine.inspect_adapter("check", path)
+        return {"method": info.method, "chat_template": info.chat_template}
+
+    def loaded(self) -> list[str]:
+        """The adapter versions in this replica's engine (for tests and operators)."""
+        return sorted(self.engine.adapters())
+
+    def _prompt_ids(self, job: dict[str, Any], chat_template: str | None) -> tuple[list[int], str]:
+        if "messages" in job:
+            text = self.tokenizer.apply_chat_template(
+                job["messages"], chat_template=chat_template, add_generation_prompt=True, tokenize=False
+            )
+            # The template already wrote any special tokens the model expects.
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages"
+        return self.tokenizer(job["prompt"], add_special_tokens=True)["input_ids"], "prompt"
+
+    async def generate(self, job: dict[str, Any]) -> Any:
+        """Stream one request: first {"prompt_tokens"}, then one {"text", "finish_reason"} per token."""
+        engine_id = serve.get_multiplexed_model_id() or None
+        template = None
+        if engine_id is not None:
+            self._paths[engine_id] = job["adapter_path"]
+            held = await self._get_adapter(engine_id)
+            template = held.info.chat_template
+        prompt_ids, field = self._prompt_ids(job, template)
+        if not prompt_ids:
+            raise ApiError(f"`{field}` is empty", 400, field)
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise ApiError(
+                f"`{field}` is {len(prompt_ids)} tokens; the context length is {self.context_length}",
+                400,
+                field,
+                "context_length_exceeded",
+            )
+        max_tokens = job["max_tokens"] or room
+        if max_tokens > room:
+            raise ApiError(
+                f"`max_tokens` is {max_tokens}, but the prompt is {len(prompt_ids)} tokens and the context "
+                f"length is {self.context_length}: at most {room} new tokens fit",
+                400,
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=job["temperature"],
+            top_p=job["top_p"],
+            stop=job["stop"],
+            seed=job["seed"],
+        )
+        try:
+            events = self.engine.generate(prompt_ids, engine_id, params)
+        except AdapterError as e:
+            if e.status != 404 or engine_id is None:
+                raise
+            # The engine dropped it on its own (its LRU): attach it again and go on.
+            self.engine.add_adapter(engine_id, job["adapter_path"])
+            events = self.engine.generate(prompt_ids, engine_id, params)
+        yield {"prompt_tokens": len(prompt_ids)}
+        async for event in events:
+            yield {"text": event.text, "finish_reason": event.finish_reason}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application for a serve config (the YAML as a dict)."""
+    config = parse_serve_config(args, source="serve application args")
+    return bind_app(config)
+
+
+def bind_app(config: ServeConfig) -> Application:
+    replica = serve.deployment(
+        ModelReplica,
+        name="model",
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": config.resources.cpus, "num_gpus": config.resources.gpus},
+        # Enough requests per replica to fill the batch, with a queue behind it.
+        max_ongoing_requests=max(4 * config.max_batch_rows, 32),
+        health_check_period_s=5,
+    )
+    ingress = serve.deployment(
+        OpenAIIngress, name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
+    )
+    settings = {
+        "app_name": config.app_name,
+        "base_name": config.served_name(),
+        "keys": config.resolved_keys(),
+        "max_body_bytes": config.max_body_bytes,
+        "adapter_roots": config.roots(),
+        "adapters": dict(config.adapters),
+    }
+    replica_args = {k: v for k, v in config.to_args().items() if k != "api_keys"}  # keys stay in the ingress
+    return ingress.bind(replica.bind(replica_args), settings)

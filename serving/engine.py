@@ -1,0 +1,716 @@
+"""The engine: one frozen base on one device, adapters in slots, continuous batching over all of them.
+
+Each step of the loop (run in a worker thread so the event loop keeps serving HTTP):
+  1. drop rows whose client went away;
+  2. admit waiting requests up to `max_batch_rows`: prefill each one alone (its adapter's virtual tokens
+     first, for prompt-style methods), sample its first token, and merge its KV cache into the batch's;
+  3. one batched forward over every active row's last token. The batch's KV cache is left-padded
+     ([rows, heads, L, dim] per layer, plus a [rows, L] attention mask), each row carries its own
+     position ids, and `SlotState.index` tells the adapter layers which slot each row uses;
+  4. sample per row (greedy at temperature 0; otherwise temperature/top-p with the request's own
+     torch.Generator), detect EOS / stop strings / max_tokens / the context limit, stream TokenEvents.
+A finished row leaves at once (its cache rows are dropped), so a short request never waits for a long one.
+
+Seams for the performance work: `_decode_forward` is the one batched call (a static cache + CUDA graph or
+torch.compile replaces it), `_BatchCache` owns the KV layout, and serving/lora.py owns the per-row adapter
+math (a gather-matmul kernel replaces its bmm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.adapters import LoadedAdapter, read_adapter
+from serving.lora import SlotBottleneck, SlotLinear, SlotState
+from serving.types import AdapterError, AdapterInfo, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+def load_base(model_spec: Any, device: str | torch.device) -> tuple[Any, Any]:
+    """The frozen base for serving and its tokenizer: a hub id, a local directory (a full/freeze run's
+    `model/` is served as the base this way), a .gguf file or an inline config.
+
+    Always loaded unquantized in `model_spec.dtype` (bf16 on GPUs, fp32 on CPUs for `auto`): the per-row
+    adapter math needs the plain weight for every row, and qlora adapters are served on this full-precision
+    base (their correction was learned against the 4-bit rounding of these same weights, a small
+    difference; merging qlora adapters for deployment does the same).
+    """
+    from trainers.models import load_model, load_tokenizer, materialize_base, resolve_dtype, tokenizer_source
+
+    device = torch.device(device)
+    source = materialize_base(model_spec)
+    dtype = resolve_dtype(model_spec.dtype, device)
+    model = load_model(
+        source,
+        dtype=dtype,
+        quantization="none",
+        attn_implementation=model_spec.attn_implementation,
+        device=device,
+        revision=model_spec.revision,
+        trust_remote_code=model_spec.trust_remote_code,
+    )
+    model.eval().requires_grad_(False)
+    model.config.use_cache = True
+    tokenizer = load_tokenizer(
+        tokenizer_source(model_spec, source),
+        revision=model_spec.revision,
+        trust_remote_code=model_spec.trust_remote_code,
+    )
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- adapters in slots
+@dataclass
+class _Entry:
+    """One loaded version of an adapter. A replaced or removed entry lives on (`live` False) until the
+    requests that started on it finish; then its slot is freed."""
+
+    info: AdapterInfo
+    adapter: LoadedAdapter
+    slot: int  # 0: no slot tensors (base, or a prompt-style adapter)
+    live: bool = True
+    refs: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    load_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- requests
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    entry: _Entry | None
+    params: SamplingParams
+    queue: asyncio.Queue[TokenEvent | BaseException]
+    loop: asyncio.AbstractEventLoop
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    position: int = 0  # position id of the next token fed
+    length: int = 0  # tokens in this row's cache (virtual + prompt + fed)
+    text: str = ""  # decoded so far (including text held back for a possible stop string)
+    sent: int = 0  # characters of `text` already streamed
+    prefix_offset: int = 0
+    read_offset: int = 0
+    done: bool = False
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def emit(self, event: TokenEvent | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class _Pin:
+    """One request's hold on its adapter version; released once (stream end, or garbage collection)."""
+
+    def __init__(self, engine: BatchEngine, entry: _Entry | None) -> None:
+        self.engine, self.entry = engine, entry
+
+    def release(self) -> None:
+        entry, self.entry = self.entry, None
+        if entry is not None:
+            self.engine._unpin(entry)
+
+
+class _BatchCache:
+    """The running batch's KV cache, left-padded: per layer keys/values [rows, heads, L, dim], and an
+    attention mask [rows, L] (1 = a real token)."""
+
+    def __init__(self) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mask: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def add(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Append rows (their own left-padded cache, [n, heads, Lr, dim] per layer and mask [n, Lr])."""
+        if self.mask is None:
+            self.kv, self.mask = kv, mask
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            extra = length - t.shape[-dim_from_end]
+            if extra == 0:
+                return t
+            spec = [0, 0] * (dim_from_end - 1) + [extra, 0]
+            return F.pad(t, spec)
+
+        self.kv = [
+            (torch.cat([pad(bk, 2), pad(k, 2)]), torch.cat([pad(bv, 2), pad(v, 2)]))
+            for (bk, bv), (k, v) in zip(self.kv, kv, strict=True)
+        ]
+        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows; drop leading columns that are padding for every remaining row."""
+        if not rows:
+            self.kv, self.mask = [], None
+            return
+        assert self.mask is not None
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        self.mask = mask[:, start:]
+        self.kv = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in self.kv
+        ]
+
+    def as_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k, v, i)
+        return cache
+
+    def take(self, cache: Any) -> None:
+        """Adopt the cache the forward extended by one column (the mask was extended before it)."""
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _kv_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class BatchEngine:
+    """Continuous batching over one frozen HF causal LM with per-row adapters (serving/types.py Engine)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        base_identity: dict[str, Any],
+        max_adapters: int,
+        max_batch_rows: int,
+        context_length: int,
+    ) -> None:
+        if max_adapters < 1 or max_batch_rows < 1 or context_length < 2:
+            raise ValueError("max_adapters and max_batch_rows must be >= 1, context_length >= 2")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_identity = base_identity
+        self.max_adapters = max_adapters
+        self.max_batch_rows = max_batch_rows
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or context_length
+        self.context_length = min(context_length, limit)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        # Slot 0 is "no adapter"; live adapters take at most max_adapters slots, and a few spares hold
+        # replaced versions until their in-flight requests finish.
+        self.num_slots = 1 + max_adapters + max(2, max_adapters // 4)
+        self.slot_state = SlotState(self.device)
+        self._modules = dict(model.named_modules())  # original names, before any wrapping
+        self._slot_layers: dict[str, SlotLinear | SlotBottleneck] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._slot_owner: dict[int, _Entry] = {}
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self._lock = threading.RLock()  # the step and slot writes never interleave
+        self._ref_lock = threading.Lock()  # reference counts of adapter versions (cheap, never held long)
+        self._to_free: list[_Entry] = []
+        self._waiting: list[_Request] = []
+        self._rows: list[_Request] = []
+        self._cache = _BatchCache()
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.steps = 0
+        self.max_prefill_tokens = max(8192, self.context_length)  # padded tokens in one prefill forward
+        model.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ adapters
+    def adapters(self) -> dict[str, AdapterInfo]:
+        return {aid: e.info for aid, e in self._entries.items()}
+
+    def load_seconds(self, adapter_id: str) -> float:
+        """How long the last (cold) load of this adapter took: read, check, copy into its slot."""
+        return self._entries[adapter_id].load_seconds
+
+    def inspect_adapter(self, adapter_id: str, path: str) -> AdapterInfo:
+        """Read and check an adapter against this base (AdapterError as add_adapter raises) without taking
+        a slot or evicting anything: for validating a registration."""
+        loaded = read_adapter(path, self.model, self.base_identity, modules=self._modules)
+        return _info(adapter_id, path, loaded)
+
+    def add_adapter(self, adapter_id: str, path: str) -> AdapterInfo:
+        start = time.perf_counter()
+        loaded = read_adapter(path, self.model, self.base_identity, modules=self._modules)
+        with self._lock:
+            self._collect()
+            old = self._entries.get(adapter_id)
+            live = [e for aid, e in self._entries.items() if aid != adapter_id]
+            if len(live) >= self.max_adapters:
+                self._evict_lru(live)
+            slot = 0 if loaded.num_virtual else self._free_slot()
+            info = _info(adapter_id, path, loaded)
+            entry = _Entry(info=info, adapter=loaded, slot=slot)
+            if slot:
+                self._write_slot(slot, loaded)
+                self._slot_owner[slot] = entry
+            if loaded.prompt_embeds is not None:
+                loaded.prompt_embeds = loaded.prompt_embeds.to(self.device, self.dtype)
+            if loaded.prefix_kv is not None:
+                loaded.prefix_kv = [
+                    (k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+                    for k, v in loaded.prefix_kv
+                ]
+            self._entries[adapter_id] = entry
+            if old is not None:
+                self._retire(old)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        entry.load_seconds = time.perf_counter() - start
+        log.info(
+            "adapter %s (%s) loaded in %.1f ms into slot %d",
+            adapter_id,
+            loaded.method,
+            entry.load_seconds * 1e3,
+            slot,
+        )
+        return info
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(adapter_id, None)
+            if entry is None:
+                raise AdapterError(self._unknown(adapter_id), 404)
+            self._retire(entry)
+
+    def _unknown(self, adapter_id: str) -> str:
+        known = ", ".join(sorted(self._entries)) or "none"
+        return f"unknown adapter `{adapter_id}`; known adapters: {known}"
+
+    def _evict_lru(self, live: list[_Entry]) -> None:
+        idle = [e for e in live if e.refs == 0]
+        if not idle:
+            raise AdapterError(
+                f"all {self.max_adapters} adapter slots are in use by running requests; retry shortly", 503
+            )
+        victim = min(idle, key=lambda e: e.last_used)
+        log.info("evicting least recently used adapter %s", victim.info.id)
+        del self._entries[victim.info.id]
+        self._retire(victim)
+
+    def _free_slot(self) -> int:
+        for slot in range(1, self.num_slots):
+            if slot not in self._slot_owner:
+                return slot
+        raise AdapterError(
+            "no free adapter slot: replaced adapters still serve running requests; retry shortly", 503
+        )
+
+    def _retire(self, entry: _Entry) -> None:
+        with self._ref_lock:
+            entry.live = False
+            idle = entry.refs == 0
+        if idle:
+            self._free(entry)
+
+    def _collect(self) -> None:
+        """Free the slots of replaced/removed versions whose last request has ended (under `_lock`)."""
+        with self._ref_lock:
+            done, self._to_free = self._to_free, []
+        for entry in done:
+            self._free(entry)
+
+    def _free(self, entry: _Entry) -> None:
+        if entry.slot and self._slot_owner.get(entry.slot) is entry:
+            for layer in self._slot_layers.values():
+                layer.clear(entry.slot)
+            del self._slot_owner[entry.slot]
+
+    def _pin(self, entry: _Entry | None) -> _Pin:
+        """Hold an adapter version for one request (never blocks on a running step)."""
+        if entry is not None:
+            with self._ref_lock:
+                entry.refs += 1
+                entry.last_used = time.monotonic()
+        return _Pin(self, entry)
+
+    def _unpin(self, entry: _Entry) -> None:
+        with self._ref_lock:
+            entry.refs -= 1
+            if entry.refs == 0 and not entry.live:
+                self._to_free.append(entry)  # cleared by the next step or adapter change
+
+    def _slot_layer(self, name: str, kind: type) -> Any:
+        """The slot wrapper around module `name` (original name), installed on first use."""
+        layer = self._slot_layers.get(name)
+        if layer is None:
+            module = self._modules[name]
+            parent_name, _, child = name.rpartition(".")
+            parent = self._modules[parent_name] if parent_name else self.model
+            if kind is SlotLinear:
+                layer = SlotLinear(module, self.slot_state, self.num_slots)
+            else:
+                hidden = self.model.config.get_text_config().hidden_size
+                layer = SlotBottleneck(module, self.slot_state, self.num_slots, hidden)
+            setattr(parent, child, layer)
+            self._slot_layers[name] = layer
+        if not isinstance(layer, kind):
+            raise AdapterError(f"module `{name}` already carries another kind of adapter layer")
+        return layer
+
+    def _write_slot(self, slot: int, a: LoadedAdapter) -> None:
+        for layer in self._slot_layers.values():
+            layer.clear(slot)
+        for name, lm in a.lora.items():
+            layer = self._slot_layer(name, SlotLinear)
+            dev = layer.weight.device
+            a_w, b_w = lm.a.to(dev), lm.b.to(dev)
+            layer.set_lora(slot, a_w, b_w, lm.scaling)
+            if lm.magnitude is not None:
+                layer.set_out_scale(
+                    slot, layer.dora_scale(a_w, b_w, lm.scaling, lm.magnitude), scales_bias=False
+                )
+        for name, vec in a.ia3_out.items():
+            layer = self._slot_layer(name, SlotLinear)
+            layer.set_out_scale(slot, vec.to(layer.weight.device), scales_bias=True)
+        for name, vec in a.ia3_in.items():
+            layer = self._slot_layer(name, SlotLinear)
+            layer.set_in_scale(slot, vec.to(layer.weight.device))
+        for name, tensors in a.bottleneck.items():
+            layer = self._slot_layer(name, SlotBottleneck)
+            dev = next(layer.base_layer.parameters()).device
+            layer.set_bottleneck(
+                slot, {k: t.to(dev) for k, t in tensors.items()}, a.bottleneck_scaling, a.bottleneck_act
+            )
+        # The tensors now live in the slot; the host copies are not needed any more.
+        a.lora, a.ia3_out, a.ia3_in, a.bottleneck = {}, {}, {}, {}
+
+    # ------------------------------------------------------------------ requests
+    def generate(
+        self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
+        """Tokens for one request. Unknown adapters (404) and prompts that leave no room in the context
+        (400) raise here, before anything is queued; the adapter version is pinned here as well."""
+        entry = None
+        if adapter_id is not None:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                raise AdapterError(self._unknown(adapter_id), 404)
+        virtual = entry.adapter.num_virtual if entry else 0
+        if not prompt_ids:
+            raise AdapterError("the prompt is empty", 400)
+        if len(prompt_ids) + virtual >= self.context_length:
+            raise AdapterError(
+                f"the prompt is {len(prompt_ids)} tokens"
+                + (f" (+{virtual} virtual tokens of the adapter)" if virtual else "")
+                + f"; the context length is {self.context_length}, so no token can be generated",
+                400,
+            )
+        pin = self._pin(entry)
+        stream = self._stream(list(prompt_ids), entry, params, pin)
+        weakref.finalize(stream, pin.release)  # a stream dropped before its first step releases too
+        return stream
+
+    async def _stream(
+        self, prompt_ids: list[int], entry: _Entry | None, params: SamplingParams, pin: _Pin
+    ) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        req = _Request(prompt_ids=prompt_ids, entry=entry, params=params, queue=asyncio.Queue(), loop=loop)
+        if params.temperature > 0:
+            req.generator = torch.Generator(device=self.device)
+            if params.seed is not None:
+                req.generator.manual_seed(params.seed)
+            else:
+                req.generator.seed()
+        try:
+            self._ensure_loop(loop)
+            self._waiting.append(req)
+            assert self._wake is not None
+            self._wake.set()
+            while True:
+                event = await req.queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    break
+        finally:
+            req.cancelled = True
+            pin.release()
+
+    def _ensure_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._rows and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await asyncio.to_thread(self._step)
+            except Exception as e:  # a failed step fails its requests, never the loop
+                log.exception("engine step failed")
+                with self._lock:
+                    for req in self._rows + self._waiting:
+                        req.emit(e)
+                    self._rows, self._waiting, self._cache = [], [], _BatchCache()
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def _step(self) -> None:
+        with self._lock:
+            self.steps += 1
+            self._collect()
+            self._drop([r for r in self._rows if r.cancelled])
+            plain: list[_Request] = []
+            while self._waiting and len(self._rows) + len(plain) < self.max_batch_rows:
+                req = self._waiting.pop(0)
+                if req.cancelled:
+                    continue
+                if req.entry is not None and req.entry.adapter.num_virtual:
+                    self._admit(req)  # virtual tokens first: prefilled alone
+                else:
+                    plain.append(req)
+            for chunk in _token_chunks(plain, self.max_prefill_tokens):
+                self._prefill(chunk)
+            if self._rows:
+                logits = self._decode_forward()
+                self._advance(self._rows, logits)
+                self._drop([r for r in self._rows if r.done])
+
+    def _drop(self, gone: list[_Request]) -> None:
+        if not gone:
+            return
+        keep = [i for i, r in enumerate(self._rows) if r not in gone]
+        self._cache.keep(keep)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _admit(self, req: _Request) -> None:
+        """Prefill one request of a prompt-style adapter alone (its virtual tokens first: a prefix in the
+        cache, or embeddings before the prompt's) and merge its cache into the batch."""
+        from transformers import DynamicCache
+
+        adapter = req.entry.adapter if req.entry else None
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        cache = DynamicCache()
+        virtual = adapter.num_virtual if adapter else 0
+        kwargs: dict[str, Any] = {}
+        if adapter is not None and adapter.prefix_kv is not None:
+            for i, (k, v) in enumerate(adapter.prefix_kv):
+                cache.update(k, v, i)
+            # peft's prefix tuning: the prompt's positions start after the virtual tokens.
+            positions = torch.arange(virtual, virtual + ids.shape[1], device=self.device)
+            kwargs["input_ids"] = ids
+        elif adapter is not None and adapter.prompt_embeds is not None:
+            embeds = self.model.get_input_embeddings()(ids)
+            kwargs["inputs_embeds"] = torch.cat([adapter.prompt_embeds, embeds], dim=1)
+            positions = torch.arange(virtual + ids.shape[1], device=self.device)
+        else:
+            kwargs["input_ids"] = ids
+            positions = torch.arange(ids.shape[1], device=self.device)
+        total = virtual + ids.shape[1]
+        mask = torch.ones(1, total, dtype=torch.long, device=self.device)
+        self.slot_state.set([req.entry.slot if req.entry else 0])
+        out = self.model(
+            **kwargs,
+            attention_mask=mask,
+            position_ids=positions[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        req.length = total
+        req.position = int(positions[-1]) + 1
+        self._advance([req], out.logits[:, -1])
+        if not req.done:
+            self._cache.add(_kv_of(out.past_key_values), mask)
+            self._rows.append(req)
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """Prefill several requests in one forward (left-padded, each with its own positions and slot),
+        sample their first tokens and merge the rows that go on into the batch."""
+        from transformers import DynamicCache
+
+        longest = max(len(r.prompt_ids) for r in reqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor(
+            [[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (longest - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=self.device
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.slot_state.set([r.entry.slot if r.entry else 0 for r in reqs])
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for r in reqs:
+            r.length = r.position = len(r.prompt_ids)
+        self._advance(reqs, out.logits[:, -1])
+        going = [i for i, r in enumerate(reqs) if not r.done]
+        if going:
+            index = torch.tensor(going, device=self.device)
+            kv = [
+                (k.index_select(0, index), v.index_select(0, index)) for k, v in _kv_of(out.past_key_values)
+            ]
+            self._cache.add(kv, mask.index_select(0, index))
+            self._rows.extend(reqs[i] for i in going)
+
+    def _decode_forward(self) -> torch.Tensor:
+        """One batched forward over every row's last token -> logits [rows, vocab]."""
+        rows = self._rows
+        assert self._cache.mask is not None
+        tokens = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[r.position] for r in rows], device=self.device)
+        ones = torch.ones(len(rows), 1, dtype=self._cache.mask.dtype, device=self.device)
+        self._cache.mask = torch.cat([self._cache.mask, ones], dim=1)
+        self.slot_state.set([r.entry.slot if r.entry else 0 for r in rows])
+        cache = self._cache.as_cache()
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=self._cache.mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache.take(out.past_key_values)
+        for r in rows:
+            r.position += 1
+            r.length += 1
+        return out.logits[:, -1]
+
+    # ------------------------------------------------------------------ sampling and stopping
+    def _sample(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
+        chosen = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+        for i in sampled:  # per-request generators: seeded requests repeat whatever else is in the batch
+            p = rows[i].params
+            scores = logits[i].float() / p.temperature
+            if p.top_p < 1.0:
+                sorted_scores, order = scores.sort(descending=True)
+                probs = sorted_scores.softmax(-1)
+                cut = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set reaching top_p
+                sorted_scores[cut] = float("-inf")
+                scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
+            chosen[i] = torch.multinomial(scores.softmax(-1), 1, generator=rows[i].generator)[0]
+        return chosen.tolist()
+
+    def _advance(self, rows: list[_Request], logits: torch.Tensor) -> None:
+        for req, token in zip(rows, self._sample(rows, logits), strict=True):
+            self._emit_token(req, token)
+
+    def _emit_token(self, req: _Request, token: int) -> None:
+        req.generated.append(token)
+        if token in self.eos_ids:
+            self._finish(req, token, req.text[req.sent :], "stop")
+            return
+        # Incremental detokenizing (as TGI/vLLM do): decode a short window, emit only complete characters.
+        ids = req.generated
+        prefix = self.tokenizer.decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[req.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            req.text += full[len(prefix) :]
+            req.prefix_offset, req.read_offset = req.read_offset, len(ids)
+        stops = req.params.stop
+        if stops:
+            search_from = max(0, req.sent - max(len(s) for s in stops))
+            hits = [at for s in stops if s and (at := req.text.find(s, search_from)) >= 0]
+            if hits:
+                self._finish(req, token, req.text[req.sent : min(hits)], "stop")
+                return
+        out_of_room = req.length + 1 >= self.context_length  # prompt + generated fill the context
+        if len(req.generated) >= req.params.max_tokens or out_of_room:
+            self._finish(req, token, req.text[req.sent :], "length")
+            return
+        hold = _stop_prefix_len(req.text, stops) if stops else 0
+        upto = len(req.text) - hold
+        chunk = req.text[req.sent : upto] if upto > req.sent else ""
+        req.sent = max(req.sent, upto)
+        req.emit(TokenEvent(token_id=token, text=chunk))
+
+    def _finish(self, req: _Request, token: int, text: str, reason: str) -> None:
+        req.done = True
+        req.sent = len(req.text)
+        req.emit(TokenEvent(token_id=token, text=text, finish_reason=reason))
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            self._collect()
+        return {
+            "active_rows": len(self._rows),
+            "waiting": len(self._waiting),
+            "steps": self.steps,
+            "slots_used": len(self._slot_owner),
+            "slots": self.num_slots - 1,
+            "adapters": len(self._entries),
+        }
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+def _info(adapter_id: str, path: str, loaded: LoadedAdapter) -> AdapterInfo:
+    return AdapterInfo(
+        id=adapter_id,
+        path=str(path),
+        method=loaded.method,
+        manifest=loaded.manifest,
+        chat_template=loaded.chat_template,
+    )
+
+
+def _token_chunks(reqs: list[_Request], budget: int) -> list[list[_Request]]:
+    """Split requests into prefill batches of at most `budget` padded tokens (at least one request each)."""
+    chunks: list[list[_Request]] = []
+    for req in sorted(reqs, key=lambda r: len(r.prompt_ids)):  # similar lengths together: less padding
+        chunk = chunks[-1] if chunks else None
+        if chunk is None or (len(chunk) + 1) * len(req.prompt_ids) > budget:
+            chunks.append([req])
+        else:
+            chunk.append(req)
+    return chunks
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that begins some stop string (held back until it is
+    known whether the stop string completes)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def slot_layers(model: nn.Module) -> list[nn.Module]:
+    """The adapter slot layers installed in a served model (for tests and diagnostics)."""
+    return [m for m in model.modules() if isinstance(m, SlotLinear | SlotBottleneck)]

@@ -1,0 +1,233 @@
+"""Per-row adapters inside one shared base forward: stacked slot tensors gathered by a row -> slot index.
+
+Like vLLM's `vllm/lora/`: every adapter the engine holds lives in a fixed *slot* of tensors stacked over all
+slots, and each batch row names its slot. A forward then gathers each row's slice and applies it with
+batched matmuls; there is no Python loop over adapters. Slot 0 is "no adapter" (zero LoRA weights, unit
+scales), so base-model rows ride along in the same batch.
+
+- `SlotLinear` wraps a target `nn.Linear` and holds, lazily (only once some adapter needs them):
+  LoRA   A [slots, r_max, in], B [slots, out, r_max] (peft's scaling folded into B; ranks zero-padded),
+  DoRA   an output scale [slots, out] = magnitude / ||W + s·B·A||_row (peft's inference formula),
+  IA3    an input scale [slots, in] (feed-forward modules) or output scale [slots, out] (the others).
+- `SlotBottleneck` wraps a sub-block (attention, MLP) for bottleneck adapters: h + s·up(act(down(h))),
+  down [slots, b_max, hidden] + bias, up [slots, hidden, b_max] + bias; every supported activation maps
+  0 -> 0, so zero padding is exact, and rows are split by activation kind (at most four), not by adapter.
+
+The seams for the performance work: `SlotState.index` is set once per forward (a CUDA graph captures it as
+a static buffer), and `_lora_delta` is the one place a gather-matmul kernel (Punica's bgmv/sgmv) goes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+class SlotState:
+    """The current batch's row -> slot index ([rows] long tensor on the model's device), shared by every
+    slot layer and set by the engine once per forward."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.uniform: int | None = 0  # the one slot every row uses, if they all use the same
+
+    def set(self, slots: list[int]) -> None:
+        self.index = torch.tensor(slots, dtype=torch.long, device=self.index.device)
+        self.uniform = slots[0] if len(set(slots)) == 1 else None
+
+
+def _grow(t: torch.Tensor | None, shape: tuple[int, ...], fill: float, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of `shape` holding `t` in its leading corner and `fill` elsewhere (ranks grow by padding)."""
+    out = torch.full(shape, fill, dtype=like.dtype, device=like.device)
+    if t is not None:
+        out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+class SlotLinear(nn.Module):
+    """A base linear layer plus per-row LoRA / DoRA / IA3 from stacked slots."""
+
+    def __init__(self, base: nn.Linear, state: SlotState, num_slots: int) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.state = state
+        self.num_slots = num_slots
+        self.lora_a: torch.Tensor | None = None  # [slots, r_max, in]
+        self.lora_b: torch.Tensor | None = None  # [slots, out, r_max], scaling folded in
+        self.out_scale: torch.Tensor | None = None  # [slots, out]
+        self.bias_scale: torch.Tensor | None = None  # [slots, out]: IA3 scales the bias, DoRA does not
+        self.in_scale: torch.Tensor | None = None  # [slots, in]
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects `module.weight` (dtype, device) still works
+        return self.base_layer.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    # ------------------------------------------------------------------ loading (off the hot path)
+    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        w = self.base_layer.weight
+        r = a.shape[0]
+        r_max = 0 if self.lora_a is None else self.lora_a.shape[1]
+        if r > r_max:
+            self.lora_a = _grow(self.lora_a, (self.num_slots, r, self.in_features), 0.0, w)
+            self.lora_b = _grow(self.lora_b, (self.num_slots, self.out_features, r), 0.0, w)
+        assert self.lora_a is not None and self.lora_b is not None
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_a[slot, :r] = a.to(w.dtype)
+        self.lora_b[slot, :, :r] = (b.float() * scaling).to(w.dtype)
+
+    def set_out_scale(self, slot: int, scale: torch.Tensor, scales_bias: bool) -> None:
+        w = self.base_layer.weight
+        if self.out_scale is None:
+            self.out_scale = torch.ones(self.num_slots, self.out_features, dtype=w.dtype, device=w.device)
+            if self.base_layer.bias is not None:
+                self.bias_scale = torch.ones_like(self.out_scale)
+        self.out_scale[slot] = scale.to(w.dtype)
+        if self.bias_scale is not None:
+            self.bias_scale[slot] = scale.to(w.dtype) if scales_bias else 1.0
+
+    def set_in_scale(self, slot: int, scale: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        if self.in_scale is None:
+            self.in_scale = torch.ones(self.num_slots, self.in_features, dtype=w.dtype, device=w.device)
+        self.in_scale[slot] = scale.to(w.dtype)
+
+    def clear(self, slot: int) -> None:
+        """Back to "no adapter" for this slot."""
+        for t in (self.lora_a, self.lora_b):
+            if t is not None:
+                t[slot].zero_()
+        for t in (self.out_scale, self.bias_scale, self.in_scale):
+            if t is not None:
+                t[slot].fill_(1.0)
+
+    def dora_scale(
+        self, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor
+    ) -> torch.Tensor:
+        """peft's DoRA at inference: output = m / ||W + s·B·A||_row · (W x + s·B·A x) + bias."""
+        w = self.base_layer.weight.float()
+        merged = w + scaling * (b.float().to(w.device) @ a.float().to(w.device))
+        return magnitude.float().to(w.device) / merged.norm(p=2, dim=1)
+
+    # ------------------------------------------------------------------ the hot path
+    def _lora_delta(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [rows, T, in] -> [rows, T, out]: each row through its own slot's B·A (two batched matmuls)."""
+        assert self.lora_a is not None and self.lora_b is not None
+        slot = self.state.uniform
+        if slot is not None:  # one adapter for the whole batch: no gather
+            return F.linear(F.linear(x, self.lora_a[slot]), self.lora_b[slot])
+        a = self.lora_a.index_select(0, index)  # [rows, r, in]
+        b = self.lora_b.index_select(0, index)  # [rows, out, r]
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.state.uniform
+        if slot == 0 or (self.lora_a is None and self.out_scale is None and self.in_scale is None):
+            return self.base_layer(x)
+        index = self.state.index
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:  # [slots, dim] -> broadcastable over [rows, T, dim]
+            return t[slot] if slot is not None else t.index_select(0, index)[:, None, :]
+
+        shape = x.shape
+        x3 = x.reshape(shape[0], -1, shape[-1])  # [rows, T, in]
+        x_in = x3 * per_row(self.in_scale) if self.in_scale is not None else x3
+        base = self.base_layer
+        y = F.linear(x_in, base.weight)
+        if self.lora_a is not None:
+            y = y + self._lora_delta(x3, index)
+        if self.out_scale is not None:
+            y = y * per_row(self.out_scale)
+        if base.bias is not None:
+            y = y + (base.bias * per_row(self.bias_scale) if self.bias_scale is not None else base.bias)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class SlotBottleneck(nn.Module):
+    """A sub-block (attention or MLP) followed by per-row bottleneck adapters: h + s·up(act(down(h)))."""
+
+    def __init__(self, base: nn.Module, state: SlotState, num_slots: int, hidden: int) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.state = state
+        self.num_slots = num_slots
+        self.hidden = hidden
+        self.down_w: torch.Tensor | None = None  # [slots, b_max, hidden]
+        self.down_b: torch.Tensor | None = None  # [slots, b_max]
+        self.up_w: torch.Tensor | None = None  # [slots, hidden, b_max], scaling folded in
+        self.up_b: torch.Tensor | None = None  # [slots, hidden], scaling folded in
+        self.activation = [""] * num_slots  # per slot: relu, gelu, silu, tanh ("" = none)
+        self._act_masks: dict[str, torch.Tensor] = {}  # per activation: [slots] bool
+
+    def set_bottleneck(self, slot: int, tensors: dict[str, torch.Tensor], scaling: float, act: str) -> None:
+        like = next(self.base_layer.parameters())
+        size = tensors["down_w"].shape[0]
+        b_max = 0 if self.down_w is None else self.down_w.shape[1]
+        if size > b_max:
+            self.down_w = _grow(self.down_w, (self.num_slots, size, self.hidden), 0.0, like)
+            self.down_b = _grow(self.down_b, (self.num_slots, size), 0.0, like)
+            self.up_w = _grow(self.up_w, (self.num_slots, self.hidden, size), 0.0, like)
+            self.up_b = _grow(self.up_b, (self.num_slots, self.hidden), 0.0, like)
+        self.clear(slot)
+        assert self.down_w is not None and self.down_b is not None and self.up_w is not None
+        assert self.up_b is not None
+        self.down_w[slot, :size] = tensors["down_w"].to(like.dtype)
+        self.down_b[slot, :size] = tensors["down_b"].to(like.dtype)
+        self.up_w[slot, :, :size] = (tensors["up_w"].float() * scaling).to(like.dtype)
+        self.up_b[slot] = (tensors["up_b"].float() * scaling).to(like.dtype)
+        self.activation[slot] = act
+        self._rebuild_masks(like.device)
+
+    def clear(self, slot: int) -> None:
+        for t in (self.down_w, self.down_b, self.up_w, self.up_b):
+            if t is not None:
+                t[slot].zero_()
+        self.activation[slot] = ""
+        if self.down_w is not None:
+            self._rebuild_masks(self.down_w.device)
+
+    def _rebuild_masks(self, device: torch.device) -> None:
+        kinds = sorted({a for a in self.activation if a})
+        self._act_masks = {
+            k: torch.tensor([a == k for a in self.activation], dtype=torch.bool, device=device) for k in kinds
+        }
+
+    def _adapt(self, h: torch.Tensor) -> torch.Tensor:
+        assert self.down_w is not None and self.down_b is not None and self.up_w is not None
+        assert self.up_b is not None
+        index = self.state.index
+        x = h.to(self.down_w.dtype)
+        z = torch.bmm(x, self.down_w.index_select(0, index).transpose(1, 2))
+        z = z + self.down_b.index_select(0, index)[:, None, :]  # [rows, T, b]
+        if len(self._act_masks) == 1:
+            (act,) = self._act_masks
+            a = ACTIVATIONS[act](z)
+        else:  # rows of different activations: each activation on all rows, each row keeps its own
+            a = torch.zeros_like(z)
+            for act, mask in self._act_masks.items():
+                a = torch.where(mask.index_select(0, index)[:, None, None], ACTIVATIONS[act](z), a)
+        # A row whose slot has no bottleneck gets up_b = 0 and up_w = 0 -> adds exactly 0.
+        y = torch.bmm(a, self.up_w.index_select(0, index).transpose(1, 2))
+        y = y + self.up_b.index_select(0, index)[:, None, :]
+        return h + y.to(h.dtype)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.base_layer(*args, **kwargs)
+        if self.down_w is None or not self._act_masks or self.state.uniform == 0:
+            return result
+        if isinstance(result, tuple):  # attention blocks return (hidden, attention weights, ...)
+            return (self._adapt(result[0]), *result[1:])
+        return self._adapt(result)

