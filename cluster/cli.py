@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from trainers.errors import FulcrumError
+from trainers.errors import FulcrumError, SpecError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -19,18 +19,18 @@ err_console = Console(stderr=True)
 def _train(args: argparse.Namespace) -> int:
     from cluster.local import ensure_ray, run_log
     from trainers import storage
-    from trainers.run import resume_job, run_job
+    from trainers.run import check_output, refuse_overlap, resume_job, run_job
     from trainers.spec import load_spec
     from trainers.storage import RunDir
 
     if args.resume:
         if args.spec or args.output or args.overwrite:
-            raise FulcrumError(
+            raise SpecError(
                 "--resume RUN_DIR continues the run there; give no SPEC, --output or --overwrite"
             )
         run = RunDir(args.resume)
         if not run.is_run():
-            raise FulcrumError(
+            raise SpecError(
                 f"--resume {args.resume}: not a fulcrum run directory (no {storage.MARKER} in it)"
             )
         with run_log(run.location):
@@ -43,11 +43,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.output:
         spec.output = storage.normalize(args.output)
     run = RunDir(str(spec.output))
+    refuse_overlap(spec, run)  # never write among, or delete, the user's own files
     if args.overwrite and run.exists():
-        from trainers.run import _refuse_overlap
-
-        _refuse_overlap(spec, run)  # never delete a folder that holds the user's inputs
         run.remove_run()
+    check_output(spec, resume=False)  # before Ray starts: a bad output costs nothing
     with run_log(run.location):
         ensure_ray(args.address, runtime_env=args.runtime_env)
         run_job(spec, console=console, evaluate=not args.no_eval)

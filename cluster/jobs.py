@@ -38,18 +38,42 @@ class Submission:
 
 
 def job_client(address: str | None, hint: str | None = None) -> Any:
-    """A JobSubmissionClient for the head's dashboard address; an unreachable one is one clear line."""
+    """A JobSubmissionClient for the head's dashboard address; an unreachable one is one clear line.
+    Ray clusters use token authentication by default: the token comes from RAY_AUTH_TOKEN, the file named
+    by RAY_AUTH_TOKEN_PATH, or (for a head on this machine only) ~/.ray/auth_token."""
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)
+    token = auth_token(address)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # ConnectionError, requests' errors, RuntimeError for a non-Ray server
         reason = str(e).splitlines()[0][:200]
+        if type(e).__name__ == "AuthenticationError" or "Unauthorized" in str(e):
+            raise FulcrumError(
+                f"the Ray cluster at {address} wants an authentication token ({reason}); set RAY_AUTH_TOKEN "
+                "to the token of that cluster (`ray get-auth-token` on its head)"
+            ) from None
         raise FulcrumError(
             f"cannot reach a Ray dashboard at {address} ({reason}); "
             + (hint or "check --address (http://HEAD:8265) and that the head runs with the dashboard")
         ) from None
+
+
+def auth_token(address: str) -> str | None:
+    import os
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and Path(path).is_file():
+        return Path(path).read_text().strip()
+    local = Path.home() / ".ray" / "auth_token"
+    # Never send this machine's token to another cluster.
+    if is_local_address(address) and local.is_file():
+        return local.read_text().strip()
+    return None
 
 
 def resolve_address(address: str | None) -> str:
@@ -89,7 +113,7 @@ def stage(
     staging.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     if workload.kind == "serve":
-        args = dict(workload.raw)
+        args = {k: v for k, v in workload.raw.items() if k != "k8s"}  # cluster settings are not serve args
         target = "serve.yaml"
         _write(staging / target, yaml.safe_dump(args, sort_keys=False))
         for adapter_id, location in (args.get("adapters") or {}).items():

@@ -43,7 +43,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         job_id = jobs.submit(client, submission, job_id=args.job_id)  # uploads before returning
     console.print(f"submitted [bold]{job_id}[/] ({workload.kind} {workload.name}) to {address}")
     if not args.follow:
-        console.print(f"follow it with: fulcrum jobs logs {job_id} --address {address} --follow", highlight=False)
+        console.print(
+            f"follow it with: fulcrum jobs logs {job_id} --address {address} --follow", highlight=False
+        )
         return 0
     return _finish(client, job_id, jobs.print_logs(client, job_id, follow=True))
 
@@ -90,7 +92,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     client = jobs.job_client(args.address)
     info = jobs.job_info(client, args.job_id)
     status = jobs.status_of(info)
-    console.print(f"{args.job_id}: {status}" + (f" ({info.message})" if info.message else ""), highlight=False)
+    console.print(
+        f"{args.job_id}: {status}" + (f" ({info.message})" if info.message else ""), highlight=False
+    )
     return 0 if status in ("PENDING", "RUNNING", "SUCCEEDED") else jobs.exit_code(info)
 
 
@@ -118,16 +122,24 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `fulcrum submit` and `fulcrum jobs ...` to the `fulcrum` parser."""
-    address_help = "Ray dashboard address, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    address_help = (
+        "Ray dashboard address, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    )
 
-    submit = sub.add_parser("submit", help="run a spec (train / tune) or serve YAML as a Ray job on a cluster")
+    submit = sub.add_parser(
+        "submit", help="run a spec (train / tune) or serve YAML as a Ray job on a cluster"
+    )
     submit.add_argument("spec", help="a job spec or a serve YAML")
     submit.add_argument("--address", help=address_help)
     submit.add_argument("--follow", action="store_true", help="stream the logs; exit with the job's status")
     submit.add_argument("--output", help="override the spec's output (an absolute shared path or a URI)")
     submit.add_argument("--job-id", help="the submission id (default: chosen by Ray)")
-    submit.add_argument("--pip", action="append", metavar="PKG", help="extra pip package for the job (repeat)")
-    submit.add_argument("--env", action="append", metavar="K=V", help="environment variable for the job (repeat)")
+    submit.add_argument(
+        "--pip", action="append", metavar="PKG", help="extra pip package for the job (repeat)"
+    )
+    submit.add_argument(
+        "--env", action="append", metavar="K=V", help="environment variable for the job (repeat)"
+    )
     submit.add_argument(
         "--image-has-fulcrum",
         action="store_true",

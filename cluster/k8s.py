@@ -70,7 +70,9 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Cluste
     return Cluster(api=api, host=api.configuration.host)
 
 
-def explain(e: Exception, cluster: Cluster, action: str, kind: str, namespace: str, name: str = "") -> K8sError:
+def explain(
+    e: Exception, cluster: Cluster, action: str, kind: str, namespace: str, name: str = ""
+) -> K8sError:
     """One line for an API failure: what happened and what to do."""
     if isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
         reason = getattr(e, "reason", None) or e
@@ -140,7 +142,9 @@ def require_crd(cluster: Cluster, kind: str) -> None:
         resources = cluster.custom.get_api_resources(GROUP, VERSION)
     except ApiException as e:
         if e.status == 404:
-            raise K8sError(f"the API server has no {GROUP}/{VERSION} API (KubeRay CRDs missing): {INSTALL_OPERATOR}") from None
+            raise K8sError(
+                f"the API server has no {GROUP}/{VERSION} API (KubeRay CRDs missing): {INSTALL_OPERATOR}"
+            ) from None
         raise explain(e, cluster, "list", "API resources", "-") from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
         raise explain(e, cluster, "list", "API resources", "-") from None
@@ -170,17 +174,7 @@ def apply(cluster: Cluster, manifests: list[dict[str, Any]], dry_run: bool = Fal
             done.append(f"{plural}.{GROUP}/{name} created")
         except ApiException as e:
             if e.status == 409 and kind == "RayService":  # serving: an apply updates the running service
-                current = _call(
-                    cluster, "get", kind, ns, name,
-                    lambda: cluster.custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name),
-                )  # fmt: skip
-                obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
-                created = _call(
-                    cluster, "update", kind, ns, name,
-                    lambda: cluster.custom.replace_namespaced_custom_object(
-                        GROUP, VERSION, ns, plural, name, obj, **extra
-                    ),
-                )
+                created = _replace(cluster, obj, extra)
                 done.append(f"{plural}.{GROUP}/{name} updated")
             else:
                 raise explain(e, cluster, "create", kind, ns, name) from None
@@ -189,6 +183,22 @@ def apply(cluster: Cluster, manifests: list[dict[str, Any]], dry_run: bool = Fal
         if not dry_run:
             _own(cluster, created_maps, created)
     return done
+
+
+def _replace(cluster: Cluster, obj: dict[str, Any], extra: dict[str, str]) -> dict[str, Any]:
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    plural = PLURALS[kind]
+    current = _call(
+        cluster, "get", kind, ns, name,
+        lambda: cluster.custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name),
+    )  # fmt: skip
+    version = current["metadata"]["resourceVersion"]
+    body = {**obj, "metadata": {**obj["metadata"], "resourceVersion": version}}
+    custom = cluster.custom
+    return _call(
+        cluster, "update", kind, ns, name,
+        lambda: custom.replace_namespaced_custom_object(GROUP, VERSION, ns, plural, name, body, **extra),
+    )  # fmt: skip
 
 
 def _apply_configmap(cluster: Cluster, obj: dict[str, Any], extra: dict[str, str]) -> None:
@@ -254,7 +264,15 @@ def summary(kind: str, obj: dict[str, Any]) -> dict[str, str]:
     """The status fields a user follows, as strings ('' when not set yet)."""
     status = obj.get("status") or {}
     if kind == "RayJob":
-        keys = ("jobDeploymentStatus", "jobStatus", "reason", "message", "jobId", "dashboardURL", "rayClusterName")
+        keys = (
+            "jobDeploymentStatus",
+            "jobStatus",
+            "reason",
+            "message",
+            "jobId",
+            "dashboardURL",
+            "rayClusterName",
+        )
         return {k: str(status.get(k) or "") for k in keys}
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     return {
@@ -269,10 +287,9 @@ def summary(kind: str, obj: dict[str, Any]) -> dict[str, str]:
 def finished(kind: str, state: dict[str, str]) -> bool | None:
     """None while running; True when it ended well (RayJob SUCCEEDED, RayService Ready); False on failure."""
     if kind == "RayJob":
+        # Only the deployment status is final: a FAILED jobStatus may still be retried (backoffLimit).
         if state["jobDeploymentStatus"] in JOB_DEPLOYMENT_DONE:
             return state["jobDeploymentStatus"] == "Complete" and state["jobStatus"] in ("SUCCEEDED", "")
-        if state["jobStatus"] in ("FAILED", "STOPPED") and state["jobDeploymentStatus"] != "Running":
-            return False
         return None
     if state["ready"] == "True":
         return True
@@ -319,13 +336,24 @@ def watch_states(
                         w.stop()
                         return
         except ApiException as e:
-            raise explain(e, cluster, "watch", kind, namespace, name) from None
+            if e.status != 410:
+                raise explain(e, cluster, "watch", kind, namespace, name) from None
+            # 410 Gone: our resourceVersion is too old to resume from; start over from the current object
+            obj = get(cluster, kind, namespace, name)
+            version = obj["metadata"]["resourceVersion"]
+            if summary(kind, obj) != state:
+                state = summary(kind, obj)
+                yield state
+                if finished(kind, state) is not None:
+                    return
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise explain(e, cluster, "watch", kind, namespace, name) from None
 
 
 def _line(state: dict[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in state.items() if v and k not in ("dashboardURL",)) or "no status yet"
+    return (
+        ", ".join(f"{k}={v}" for k, v in state.items() if v and k not in ("dashboardURL",)) or "no status yet"
+    )
 
 
 def describe(state: dict[str, str]) -> str:

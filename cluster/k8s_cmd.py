@@ -66,7 +66,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         console.print(f"{line}{' (dry run)' if args.dry_run else ''}", highlight=False)
     obj = next(m for m in manifests if m["apiVersion"].startswith("ray.io"))
     if args.watch and not args.dry_run:
-        return _follow(cluster, obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"], args.timeout)
+        return _follow(
+            cluster, obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"], args.timeout
+        )
     console.print(
         f"follow it with: fulcrum k8s status {obj['metadata']['name']} -n {obj['metadata']['namespace']}"
         f"{' --service' if obj['kind'] == 'RayService' else ''} --watch",
@@ -112,7 +114,9 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     cluster = _connect(args)
     state = k8s.summary(kind, k8s.get(cluster, kind, namespace, name))
     if not state["jobId"]:
-        raise FulcrumError(f"RayJob {namespace}/{name} has no Ray job yet ({k8s.describe(state)}); try again soon")
+        raise FulcrumError(
+            f"RayJob {namespace}/{name} has no Ray job yet ({k8s.describe(state)}); try again soon"
+        )
     address = args.dashboard or state["dashboardURL"]
     if not address:
         raise FulcrumError(f"RayJob {namespace}/{name} reports no dashboardURL yet; pass --dashboard URL")
@@ -141,7 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     def common(p: argparse.ArgumentParser, target: bool = True) -> None:
         p.add_argument("-n", "--namespace", help="override k8s.namespace (default: the spec's, else default)")
         if target:
-            p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster)")
+            p.add_argument(
+                "--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster)"
+            )
             p.add_argument("--context", help="kubeconfig context")
 
     render = verbs.add_parser("render", help="print the manifests (ConfigMap + RayJob, or a RayService)")

@@ -29,8 +29,12 @@ class _Strict(BaseModel):
 
 
 class StorageSettings(_Strict):
-    pvc: str = Field(description="PersistentVolumeClaim (ReadWriteMany) mounted on the head and every worker.")
-    mount_path: str = Field("/fulcrum", description="Where the claim is mounted; runs and data live under it.")
+    pvc: str = Field(
+        description="PersistentVolumeClaim (ReadWriteMany) mounted on the head and every worker."
+    )
+    mount_path: str = Field(
+        "/fulcrum", description="Where the claim is mounted; runs and data live under it."
+    )
 
     @field_validator("mount_path")
     @classmethod
@@ -66,8 +70,12 @@ class K8sSettings(_Strict):
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list)
-    ray_version: str = Field("2.60.0", description="Ray version inside the image (rayClusterSpec.rayVersion).")
-    service_account: str | None = Field(None, description="ServiceAccount of the pods (e.g. for S3/GCS access).")
+    ray_version: str = Field(
+        "2.60.0", description="Ray version inside the image (rayClusterSpec.rayVersion)."
+    )
+    service_account: str | None = Field(
+        None, description="ServiceAccount of the pods (e.g. for S3/GCS access)."
+    )
     storage: StorageSettings | None = Field(
         None, description="Shared volume for runs and data; leave out when `output` is a URI."
     )

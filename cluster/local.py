@@ -36,12 +36,27 @@ def ensure_ray(
             ray.init(address=address, **common)
         else:
             cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-            # "local": always a new instance here, even when another Ray runs on this machine.
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **common)
-            # Ray's helper processes (Train's controller, placement-group cleanup) look Ray up again; point
-            # them at this instance rather than whichever other one this machine runs.
-            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+            # "local": always a new instance here, even when another Ray runs on this machine. Ray's own
+            # helper processes (Train's placement-group cleaner uses the state API) look Ray up again by
+            # RAY_ADDRESS, else by scanning the machine; fix the GCS port first so they find this one.
+            from ray._private.services import get_node_ip_address
+
+            port = _free_port()
+            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+            os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+            try:
+                ray.init(address="local", num_cpus=cpus, dashboard_port=_free_port(), **common)
+            finally:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return ray.cluster_resources()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -117,7 +117,6 @@ def _cluster_spec_yaml(workload: Workload, settings: K8sSettings, files: dict[st
     assert spec is not None
     data = spec.model_dump(mode="json")
     mount = settings.storage.mount_path if settings.storage else None
-    src = str(workload.path)
 
     def fail(loc: tuple[str, ...], msg: str) -> SpecError:
         return spec.section_error(loc, msg)
@@ -174,7 +173,6 @@ def _cluster_spec_yaml(workload: Workload, settings: K8sSettings, files: dict[st
             ("output",),
             f"{output} is not on the shared volume; use a path under {mount} (or a relative one) or a URI",
         )
-    del src
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -188,22 +186,25 @@ def worker_groups(workload: Workload, settings: K8sSettings) -> tuple[list[dict[
     gpw = 1.0 if s.gpus_per_worker == "auto" else float(s.gpus_per_worker)
     if s.gpus_per_worker == "auto":
         notes.append("gpus_per_worker auto -> 1 GPU per worker (set scaling.gpus_per_worker: 0 for CPU pods)")
+    trials = 1
+    if workload.kind == "tune":
+        tune = spec.tune or {}
+        trials = int(tune.get("max_concurrent") or 1)
+        if not tune.get("max_concurrent"):
+            notes.append("tune.max_concurrent unset: workers sized for one trial at a time")
+        if trials > 1:
+            notes.append(f"{trials} concurrent trials x {s.workers} workers")
     per_pod, pod_gpus = 1, math.ceil(gpw)
     if 0 < gpw < 1:
-        per_pod, pod_gpus = math.floor(1 / gpw + 1e-9), 1
+        # Fractions pack separate trials (never two ranks of one job) onto a GPU.
+        per_pod, pod_gpus = min(math.floor(1 / gpw + 1e-9), s.workers * trials), 1
         notes.append(
-            f"gpus_per_worker {gpw:g}: {per_pod} workers share each 1-GPU pod (Ray packs fractional GPUs)"
+            f"gpus_per_worker {gpw:g}: {per_pod} worker(s) share each 1-GPU pod (Ray packs fractional GPUs)"
         )
     elif gpw != int(gpw):
         notes.append(f"gpus_per_worker {gpw:g} rounded up to {pod_gpus} GPUs per pod")
     if settings.worker.gpus is not None:
         pod_gpus = settings.worker.gpus
-    trials = 1
-    if workload.kind == "tune":
-        tune = spec.tune or {}
-        trials = int(tune.get("max_concurrent_trials") or tune.get("max_concurrent") or 1)
-        if trials > 1:
-            notes.append(f"{trials} concurrent trials x {s.workers} workers")
     replicas = math.ceil(s.workers * trials / per_pod)
     if "cpu" in settings.worker.model_fields_set:
         cpu = settings.worker.cpu
@@ -239,10 +240,10 @@ def render_service(workload: Workload, settings: K8sSettings) -> tuple[list[dict
         location = str(location)
         if is_uri(location) or (mount and (location == mount or location.startswith(mount + "/"))):
             continue
-        hint = f"under {mount}" if mount else "on a shared volume (k8s.storage) or"
+        where = f"a path under {mount} (the shared volume)" if mount else "a shared volume (k8s.storage)"
         raise SpecError(
             f"{workload.path}: adapters.{adapter_id}: {location} is a path on this machine; the replicas "
-            f"cannot read it. Point it {hint} a URI (s3://...)"
+            f"cannot read it. Use {where} or a URI (s3://...)"
         )
     name = settings.name or dns_name(workload.name)
     labels = _labels(settings, name, "serve")
@@ -368,7 +369,9 @@ def _pod_template(
         volumes.append({"name": "fulcrum-spec", "configMap": {"name": configmap_name}})
     if settings.storage:
         mounts.append({"name": "fulcrum-storage", "mountPath": settings.storage.mount_path})
-        volumes.append({"name": "fulcrum-storage", "persistentVolumeClaim": {"claimName": settings.storage.pvc}})
+        volumes.append(
+            {"name": "fulcrum-storage", "persistentVolumeClaim": {"claimName": settings.storage.pvc}}
+        )
     body: dict[str, Any] = {
         "name": container,
         "image": settings.image,

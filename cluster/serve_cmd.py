@@ -12,6 +12,7 @@ Without --base, the base is the one the first adapter was trained on (its run's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import socket
@@ -145,9 +146,9 @@ def start(config: Any, address: str | None = None, console: Any = None) -> str:
     try:
         serve.run(bind_app(config), name=config.app_name, route_prefix="/", blocking=False)
     except RuntimeError as e:
-        raise FulcrumError(
-            f"the serving application did not start: {str(e).strip().splitlines()[-1]}"
-        ) from None
+        why = _why_not_started(config.app_name, e)
+        stop(config)
+        raise FulcrumError(f"the serving application did not start: {why}") from None
     model = serve.get_deployment_handle("model", app_name=config.app_name)
     registry = get_registry(config.app_name, dict(config.adapters))
     described = []
@@ -163,6 +164,22 @@ def start(config: Any, address: str | None = None, console: Any = None) -> str:
     ray.get(described)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     return f"http://{host}:{config.port}"
+
+
+def _why_not_started(app_name: str, e: BaseException) -> str:
+    """Our own error from a replica's constructor (a base that cannot load...), else Serve's last line."""
+    from ray import serve
+
+    text = str(e)
+    with contextlib.suppress(Exception):  # the details are in the application's status, when there is one
+        app = serve.status().applications[app_name]
+        text += "\n".join([app.message, *(d.message for d in app.deployments.values())])
+    for line in reversed(text.splitlines()):
+        for marker in ("FulcrumError: ", "SpecError: ", "AdapterError: "):
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def stop(config: Any) -> None:

@@ -19,7 +19,9 @@ def _tune(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.spec or args.overwrite or args.output:
-            raise FulcrumError("--resume DIR continues the sweep there; give no SPEC, --output or --overwrite")
+            raise FulcrumError(
+                "--resume DIR continues the sweep there; give no SPEC, --output or --overwrite"
+            )
         with run_log(storage.normalize(args.resume)):
             ensure_ray(args.address)
             resume_sweep(args.resume, console=console)
@@ -29,9 +31,14 @@ def _tune(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.output:
         spec.output = storage.normalize(args.output)
-    with run_log(sweep_location(spec)):
-        ensure_ray(args.address)
-        run_sweep(spec, console=console, overwrite=args.overwrite, evaluate=not args.no_eval)
+    location = sweep_location(spec)
+    try:
+        with run_log(location):
+            ensure_ray(args.address)
+            run_sweep(spec, console=console, overwrite=args.overwrite, evaluate=not args.no_eval)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; continue later with `fulcrum tune --resume {location}`")
+        return 130
     return 0
 
 
@@ -41,8 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "tune", help="sweep hyperparameters with Ray Tune (the spec's `tune` section; docs/tuning.md)"
     )
     tune.add_argument("spec", nargs="?", help="the job spec, with a `tune` section")
-    tune.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep (finished trials are kept)")
-    tune.add_argument("--output", help="the sweep directory (default: the spec's output, or runs/<name>-sweep)")
+    tune.add_argument(
+        "--resume", metavar="DIR", help="continue an interrupted sweep (finished trials are kept)"
+    )
+    tune.add_argument(
+        "--output", help="the sweep directory (default: the spec's output, or runs/<name>-sweep)"
+    )
     tune.add_argument("--overwrite", action="store_true", help="replace a previous sweep in the output")
     tune.add_argument("--no-eval", action="store_true", help="skip each trial's before/after comparison")
     tune.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)")

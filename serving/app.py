@@ -86,9 +86,14 @@ class ModelReplica:
 
     def _prompt_ids(self, job: dict[str, Any], chat_template: str | None) -> tuple[list[int], str]:
         if "messages" in job:
-            text = self.tokenizer.apply_chat_template(
-                job["messages"], chat_template=chat_template, add_generation_prompt=True, tokenize=False
-            )
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    job["messages"], chat_template=chat_template, add_generation_prompt=True, tokenize=False
+                )
+            except Exception as e:  # a template that refuses a role or an order of turns
+                raise ApiError(
+                    f"the chat template cannot render these messages: {e}", 400, "messages"
+                ) from None
             # The template already wrote any special tokens the model expects.
             return self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages"
         return self.tokenizer(job["prompt"], add_special_tokens=True)["input_ids"], "prompt"

@@ -47,6 +47,9 @@ class ApiKey(_Section):
 
 class ServeConfig(_Section):
     model: ModelSpec
+    k8s: dict[str, Any] | None = Field(
+        None, description="`fulcrum k8s` only: the RayService's cluster settings (docs/kubernetes.md)."
+    )
     name: str | None = Field(None, description="The base's served model name (default: from model.base).")
     adapters: dict[str, str] = Field(
         default_factory=dict, description="Adapter id -> run directory or adapter directory."

@@ -107,8 +107,11 @@ class _Request:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
-    def emit(self, event: TokenEvent | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+def _deliver(items: list[tuple[_Request, TokenEvent]]) -> None:
+    """On the event loop: hand a step's events to their streams."""
+    for req, event in items:
+        req.queue.put_nowait(event)
 
 
 class _Pin:
@@ -172,16 +175,23 @@ class _BatchCache:
         ]
 
     def as_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(self.kv):
-            cache.update(k, v, i)
-        return cache
+        return _dynamic_cache(self.kv)
 
     def take(self, cache: Any) -> None:
         """Adopt the cache the forward extended by one column (the mask was extended before it)."""
         self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _dynamic_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A transformers DynamicCache holding these tensors as they are (`update` would copy them once more:
+    it concatenates onto an empty tensor)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # sets the layer up (dtype, device)
+        cache.layers[i].keys, cache.layers[i].values = k, v
+    return cache
 
 
 def _kv_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -211,6 +221,7 @@ class BatchEngine:
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or context_length
         self.context_length = min(context_length, limit)
         self.device = next(model.parameters()).device
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.dtype = next(model.parameters()).dtype
         # Slot 0 is "no adapter"; live adapters take at most max_adapters slots, and a few spares hold
         # replaced versions until their in-flight requests finish.
@@ -228,6 +239,9 @@ class BatchEngine:
         self._lock = threading.RLock()  # the step and slot writes never interleave
         self._ref_lock = threading.Lock()  # reference counts of adapter versions (cheap, never held long)
         self._to_free: list[_Entry] = []
+        self._outbox: list[tuple[_Request, TokenEvent]] = []  # events of the running step
+        self._logits_to_keep = True
+        self._admitting: list[_Request] = []
         self._waiting: list[_Request] = []
         self._rows: list[_Request] = []
         self._cache = _BatchCache()
@@ -412,6 +426,10 @@ class BatchEngine:
         virtual = entry.adapter.num_virtual if entry else 0
         if not prompt_ids:
             raise AdapterError("the prompt is empty", 400)
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise AdapterError(
+                f"prompt token ids must lie in [0, {self.vocab_size}) (the base's vocabulary)", 400
+            )
         if len(prompt_ids) + virtual >= self.context_length:
             raise AdapterError(
                 f"the prompt is {len(prompt_ids)} tokens"
@@ -469,9 +487,10 @@ class BatchEngine:
             except Exception as e:  # a failed step fails its requests, never the loop
                 log.exception("engine step failed")
                 with self._lock:
-                    for req in self._rows + self._waiting:
-                        req.emit(e)
-                    self._rows, self._waiting, self._cache = [], [], _BatchCache()
+                    for req in self._rows + self._waiting + self._admitting:
+                        req.queue.put_nowait(e)
+                    self._rows, self._waiting, self._admitting = [], [], []
+                    self._cache, self._outbox = _BatchCache(), []
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -480,21 +499,36 @@ class BatchEngine:
             self.steps += 1
             self._collect()
             self._drop([r for r in self._rows if r.cancelled])
-            plain: list[_Request] = []
-            while self._waiting and len(self._rows) + len(plain) < self.max_batch_rows:
+            taken: list[_Request] = []
+            while self._waiting and len(self._rows) + len(taken) < self.max_batch_rows:
                 req = self._waiting.pop(0)
-                if req.cancelled:
-                    continue
+                if not req.cancelled:
+                    taken.append(req)
+            self._admitting = taken  # failed with the step if it fails before they join the batch
+            for req in taken:
                 if req.entry is not None and req.entry.adapter.num_virtual:
                     self._admit(req)  # virtual tokens first: prefilled alone
-                else:
-                    plain.append(req)
+            plain = [r for r in taken if r.entry is None or not r.entry.adapter.num_virtual]
             for chunk in _token_chunks(plain, self.max_prefill_tokens):
                 self._prefill(chunk)
+            self._admitting = []
+            self._flush()  # first tokens go out before the decode step
             if self._rows:
                 logits = self._decode_forward()
                 self._advance(self._rows, logits)
                 self._drop([r for r in self._rows if r.done])
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the events gathered so far to the event loop in one wake-up (not one per token)."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, TokenEvent]]] = {}
+        for req, event in items:
+            by_loop.setdefault(req.loop, []).append((req, event))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _drop(self, gone: list[_Request]) -> None:
         if not gone:
@@ -514,8 +548,7 @@ class BatchEngine:
         virtual = adapter.num_virtual if adapter else 0
         kwargs: dict[str, Any] = {}
         if adapter is not None and adapter.prefix_kv is not None:
-            for i, (k, v) in enumerate(adapter.prefix_kv):
-                cache.update(k, v, i)
+            cache = _dynamic_cache(adapter.prefix_kv)  # the forward concatenates: the prefix is not changed
             # peft's prefix tuning: the prompt's positions start after the virtual tokens.
             positions = torch.arange(virtual, virtual + ids.shape[1], device=self.device)
             kwargs["input_ids"] = ids
@@ -529,13 +562,12 @@ class BatchEngine:
         total = virtual + ids.shape[1]
         mask = torch.ones(1, total, dtype=torch.long, device=self.device)
         self.slot_state.set([req.entry.slot if req.entry else 0])
-        out = self.model(
+        out = self._forward(
             **kwargs,
             attention_mask=mask,
             position_ids=positions[None],
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
         )
         req.length = total
         req.position = int(positions[-1]) + 1
@@ -559,13 +591,12 @@ class BatchEngine:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.slot_state.set([r.entry.slot if r.entry else 0 for r in reqs])
-        out = self.model(
+        out = self._forward(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=DynamicCache(),
             use_cache=True,
-            logits_to_keep=1,
         )
         for r in reqs:
             r.length = r.position = len(r.prompt_ids)
@@ -579,6 +610,18 @@ class BatchEngine:
             self._cache.add(kv, mask.index_select(0, index))
             self._rows.extend(reqs[i] for i in going)
 
+    def _forward(self, **inputs: Any) -> Any:
+        """The base's forward; only the last position's logits are needed (models that do not know
+        `logits_to_keep` compute them all)."""
+        if self._logits_to_keep:
+            try:
+                return self.model(**inputs, logits_to_keep=1)
+            except TypeError as e:
+                if "logits_to_keep" not in str(e):
+                    raise
+                self._logits_to_keep = False
+        return self.model(**inputs)
+
     def _decode_forward(self) -> torch.Tensor:
         """One batched forward over every row's last token -> logits [rows, vocab]."""
         rows = self._rows
@@ -589,13 +632,12 @@ class BatchEngine:
         self._cache.mask = torch.cat([self._cache.mask, ones], dim=1)
         self.slot_state.set([r.entry.slot if r.entry else 0 for r in rows])
         cache = self._cache.as_cache()
-        out = self.model(
+        out = self._forward(
             input_ids=tokens,
             attention_mask=self._cache.mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
         )
         self._cache.take(out.past_key_values)
         for r in rows:
@@ -650,12 +692,12 @@ class BatchEngine:
         upto = len(req.text) - hold
         chunk = req.text[req.sent : upto] if upto > req.sent else ""
         req.sent = max(req.sent, upto)
-        req.emit(TokenEvent(token_id=token, text=chunk))
+        self._outbox.append((req, TokenEvent(token_id=token, text=chunk)))
 
     def _finish(self, req: _Request, token: int, text: str, reason: str) -> None:
         req.done = True
         req.sent = len(req.text)
-        req.emit(TokenEvent(token_id=token, text=text, finish_reason=reason))
+        self._outbox.append((req, TokenEvent(token_id=token, text=text, finish_reason=reason)))
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, Any]:

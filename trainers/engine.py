@@ -7,47 +7,11 @@ Both expose the same small surface so that loop.py reads as one plain loop.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def choose_zero_stage(n_params: int, workers: int, device_bytes: int | None) -> int:
-    """The lowest ZeRO stage whose per-device model state fits in 60% of the device (the rest is
-    left for activations). Mixed-precision Adam keeps 2 (weights) + 2 (grads) + 12 (fp32 master,
-    m, v) bytes per parameter; on one device ZeRO only adds work, so that case is always stage 0."""
-    if workers == 1 or device_bytes is None:
-        return 0
-    budget = 0.6 * device_bytes
-    n, w = n_params, workers
-    per_stage = {0: 16 * n, 1: 4 * n + 12 * n / w, 2: 2 * n + 14 * n / w, 3: 16 * n / w}
-    for stage, need in per_stage.items():
-        if need <= budget:
-            return stage
-    return 3
-
-
-def optimizer_offload_ratio(
-    spec: Any, n_params: int, device_bytes: int | None, activation_bytes: int
-) -> float:
-    """The share of the optimizer state to put on the host (DeepSpeed ZeRO-Offload++ `ratio`).
-
-    A number in the spec is taken as is. `auto` keeps on the GPU what fits in 85% of it beside the 16-bit
-    weights and gradients (4 bytes per parameter) and the activations; each offloaded parameter frees 16
-    bytes there (fp32 master weight, both Adam moments, fp32 gradient). The host holds the rest.
-    """
-    ratio = spec.scaling.offload_ratio
-    if ratio != "auto":
-        return float(ratio)
-    if device_bytes is None:
-        return 1.0
-    n = n_params / spec.scaling.workers  # ZeRO-3: each GPU holds a 1/workers slice
-    room = 0.85 * device_bytes - 4 * n - activation_bytes
-    on_gpu = min(max(room / (16 * n), 0.0), 1.0)
-    return max(0.05, math.ceil((1 - on_gpu) * 20) / 20)  # in steps of 5%, never nothing
 
 
 def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype, offload_ratio: float = 1.0) -> dict[str, Any]:

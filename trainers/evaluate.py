@@ -2,7 +2,8 @@
 on a few prompts answered side by side.
 
 At the end of training this runs inside the trainer's own workers, on the model as it is sharded there
-(`measure`, `comparison_of`); `fulcrum eval RUN_DIR` runs it again as one Ray task (`compare_before_after`)."""
+(`measure`, `comparison_of`); `fulcrum eval RUN_DIR` runs it again as one Ray task
+(`compare_before_after`)."""
 
 from __future__ import annotations
 

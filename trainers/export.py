@@ -53,7 +53,8 @@ def load_run(run_dir: Any) -> JobSpec:
 
 def export_run(run_dir: str, output: Path, merge: bool, dtype: str = "auto") -> dict[str, Any]:
     """Write the run's artifact to `output` (a local directory): the adapter alone, or (`merge`) a full model
-    with the adapter folded into the weights. Written to a temp dir first, then renamed: never half an export."""
+    with the adapter folded into the weights. Written to a temp dir first, then renamed: never half an
+    export."""
     spec = load_run(run_dir)
     artifact = run_artifact(run_dir, spec)
     if output.is_file():

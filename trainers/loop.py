@@ -170,7 +170,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     engine: DeepSpeedEngine | TorchEngine
     if spec.method.kind == "full":
-        engine = DeepSpeedEngine(model, spec, plan.zero_stage, dtype, total_steps, plan.offload_ratio)
+        engine = DeepSpeedEngine(
+            model, spec, plan.zero_stage, dtype, total_steps, plan.offload_ratio, device=device
+        )
     else:
         engine = TorchEngine(model, spec, total_steps, world, dtype)
     if plan.compiled:
@@ -200,6 +202,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ---- restore: after a worker failure, or `--resume` (Ray Train hands us the run's last checkpoint)
     step, tokens_seen, resumed_from, finished = 0, 0, None, False
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        # `--resume` of a run whose Ray Train snapshot is gone (copied without it, say): its own latest one.
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = _read_json(Path(d) / "trainer_state.json")
@@ -337,8 +342,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if not math.isfinite(step_loss_value):
                     # Stop before this step's weights reach a checkpoint: the last good one stays the latest.
                     raise FulcrumError(
-                        f"training diverged at step {step}: the loss is {step_loss_value} (not finite). The last "
-                        "good checkpoint is kept; lower train.lr (or raise warmup_ratio / set max_grad_norm) and "
+                        f"training diverged at step {step}: the loss is {step_loss_value} (not finite). "
+                        "The last good checkpoint is kept; lower train.lr (or raise warmup_ratio / set "
+                        "max_grad_norm) and "
                         f"resume with `fulcrum train --resume {run_dir}`, or start again"
                     )
                 elapsed = time.time() - started
@@ -404,6 +410,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             **peak_memory(device),
             "eval_loss": eval_loss,
             "frozen_checksum": frozen_checksum(engine.module),
+            "reload_check": check,
         }
     )
     if config.get("evaluate"):

@@ -300,9 +300,8 @@ def zero3_init(ds_config: dict[str, Any] | None, device: torch.device | None) ->
     if ds_config is None:
         yield
         return
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
     import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # zero.Init places the shards on the current device

@@ -118,7 +118,7 @@ def prepare_job(spec: JobSpec, console: Console | None = None) -> PreparedJob:
         "train_ref": ray.put(data.train.table),
         "eval_ref": ray.put(data.eval.table) if data.eval else None,
         "samples": sample_prompts_for(spec, data),
-        # Materialized bases (a .gguf conversion, an inline config) exist only on this machine: ship the files.
+        # Materialized bases (a .gguf conversion, an inline config) exist only on this machine: ship them.
         "packed_models": {
             source: ray.put(pack_directory(source))
             for source in {base_source, *frozen_sources.values()}
@@ -153,28 +153,33 @@ def describe_data(spec: JobSpec, prepared: PreparedJob) -> str:
 
 # --------------------------------------------------------------------------- the run directory
 def check_output(spec: JobSpec, resume: bool) -> RunDir:
-    """The run directory, refusing outputs that would overwrite or mix with other things."""
+    """The run directory, refusing outputs that would overwrite or mix with other things (exit 2, before
+    anything starts)."""
     run_dir = RunDir(str(spec.output))
+    if not resume:  # a resumed run's spec lives in the run directory itself
+        refuse_overlap(spec, run_dir)
     if storage.is_file(run_dir.location):
-        raise FulcrumError(f"output: {run_dir} is a file; set `output` to a directory")
+        raise spec.section_error(("output",), f"{run_dir} is a file; set `output` to a directory")
     if run_dir.exists() and not run_dir.is_empty() and not resume:
-        what = "holds a run" if run_dir.is_run() else "is not empty and is not a fulcrum run"
-        raise FulcrumError(
-            f"output: {run_dir} {what}; "
-            + (f"continue it with `fulcrum train --resume {run_dir}`, " if run_dir.is_run() else "")
-            + "or set a new `output`"
-            + (" (or add --overwrite to replace it)" if run_dir.is_run() else "")
-        )
-    if storage.is_local(run_dir.location):
-        _refuse_overlap(spec, run_dir)
+        if run_dir.is_run():
+            msg = (
+                f"{run_dir} holds a run; continue it with `fulcrum train --resume {run_dir}`, replace it "
+                "with "
+                "--overwrite, or set a new `output`"
+            )
+        else:
+            msg = f"{run_dir} is not empty and is not a fulcrum run; set `output` to a new directory"
+        raise spec.section_error(("output",), msg)
     return run_dir
 
 
-def _refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
+def refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
     """An output that is, or contains, the working directory, the spec's folder or an input would put a
     run among (and under --overwrite, delete) the user's own files."""
     import os
 
+    if not storage.is_local(run_dir.location):
+        return
     out = os.path.realpath(run_dir.path)
     guarded: list[tuple[str, str]] = [("the working directory", os.getcwd())]
     if spec._source and spec._source != "spec" and not storage.is_uri(spec._source):
@@ -191,9 +196,10 @@ def _refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
     for label, value in guarded:
         path = os.path.realpath(value)
         if path == out or path.startswith(out + os.sep):
-            raise FulcrumError(
-                f"output: {run_dir} is or contains {label} ({value}); fulcrum would write its run among your "
-                "files. Set `output` to a new directory of its own (e.g. runs/<name>)"
+            raise spec.section_error(
+                ("output",),
+                f"{run_dir} is or contains {label} ({value}); fulcrum would write its run among your files. "
+                "Set `output` to a new directory of its own (e.g. runs/<name>)",
             )
 
 
@@ -208,25 +214,30 @@ def check_resources(spec: JobSpec, gpus: float) -> None:
     total = ray.cluster_resources()
     s = spec.scaling
     if gpus and 0 < gpus < 1 and s.workers > 1:
-        raise FulcrumError(
-            f"scaling.gpus_per_worker: {gpus} with {s.workers} workers would put two ranks on one GPU, which "
-            "NCCL cannot do; use whole GPUs per worker, or one worker (fractions pack separate jobs or trials)"
+        raise spec.section_error(
+            ("scaling", "gpus_per_worker"),
+            f"{gpus} with {s.workers} workers would put two ranks on one GPU, which "
+            "NCCL cannot do; use whole GPUs per worker, or one worker (fractions pack separate jobs or "
+            "trials)",
         )
     need_cpu = s.workers * s.cpus_per_worker
     if need_cpu > total.get("CPU", 0):
-        raise FulcrumError(
-            f"scaling: {s.workers} workers x {s.cpus_per_worker} CPUs = {need_cpu:g} CPUs, but the Ray cluster has "
-            f"{total.get('CPU', 0):g}; lower scaling.workers or scaling.cpus_per_worker, or add nodes"
+        raise spec.section_error(
+            ("scaling", "cpus_per_worker"),
+            f"{s.workers} workers x {s.cpus_per_worker} CPUs = {need_cpu:g} CPUs, but the Ray cluster has "
+            f"{total.get('CPU', 0):g}; lower scaling.workers or scaling.cpus_per_worker, or add nodes",
         )
     if gpus and s.workers * gpus > total.get("GPU", 0):
-        raise FulcrumError(
-            f"scaling: {s.workers} workers x {gpus:g} GPUs, but the Ray cluster has {total.get('GPU', 0):g} GPUs; "
-            "lower scaling.workers or gpus_per_worker (0 trains on CPUs)"
+        raise spec.section_error(
+            ("scaling", "gpus_per_worker"),
+            f"{s.workers} workers x {gpus:g} GPUs, but the Ray cluster has {total.get('GPU', 0):g} GPUs; "
+            "lower scaling.workers or gpus_per_worker (0 trains on CPUs)",
         )
 
 
 def run_state(run_dir: RunDir) -> str:
-    """Where an existing run stands: `complete`, `trained` (artifact written, finishing missing), or `partial`."""
+    """Where an existing run stands: `complete`, `trained` (artifact written; the finish is missing), or
+    `partial`."""
     if run_dir.exists("summary.json"):
         return "complete"
     if run_dir.exists("final/trainer_state.json") or run_dir.exists("adapter") or run_dir.exists("model"):
@@ -257,6 +268,7 @@ def build_trainer(
         "evaluate": evaluate,
         "run_dir": run_dir.location,
         "have_before": run_dir.exists("eval_before.json"),
+        "resume_from": run_dir / latest if (latest := run_dir.latest_checkpoint()) else None,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -466,8 +478,10 @@ def finish_run(
         # Steps run again after a restart or --resume, and how far their losses were from the first run's.
         "replayed_steps": replayed,  # the last metrics the workers reported to Ray Train (Tune sees these)
     }
+    summary["reload_check"] = end.get("reload_check")
     if comparison:
         summary.update(summary_of_comparison(comparison))
+        summary["reload_check"] = summary["reload_check"] or end.get("reload_check")
         print_comparison(console, comparison)
     plot_loss(run_dir)
     summary["wall_seconds"] = time.time() - wall_start
@@ -484,24 +498,38 @@ def run_job(
     wall_start = time.time()
     run_dir = check_output(spec, resume)
     if resume and run_state(run_dir) == "complete":
-        console.print(
-            f"[green]{run_dir} is complete[/] (summary.json is there); nothing to resume"
-        )
+        console.print(f"[green]{run_dir} is complete[/] (summary.json is there); nothing to resume")
         return run_dir.read_json("summary.json")
+    from trainers.checks import check_sources
+
+    check_sources(spec)  # a truncated .gguf or an inline config that cannot build: one error, nothing written
     prepared = prepare_job(spec, console)
     gpus = resolve_gpus(spec)
     check_resources(spec, gpus)
-    for line in prepared.data.skipped[:5]:
-        console.print(f"[yellow]skipped[/] {line}")
-    if len(prepared.data.skipped) > 5:
-        console.print(f"[yellow]skipped[/] ... {len(prepared.data.skipped) - 5} more (all in summary.json)")
+    report_rows(console, "skipped", prepared.data.skipped)
+    dropped = getattr(prepared.data, "dropped", [])
+    if dropped:
+        console.print(
+            f"[yellow]warning:[/] {len(dropped)} rows have no answer token within data.max_length="
+            f"{spec.data.max_length} and are not trained (raise max_length to keep them):"
+        )
+        report_rows(console, "dropped", dropped)
     console.print(describe_data(spec, prepared))
 
     if not run_dir.is_run():
         run_dir.create(spec.to_yaml())
     if resume and run_state(run_dir) == "trained":
         return finish_trained(prepared, run_dir, evaluate, wall_start, console)
-    return train_run(prepared, run_dir, console=console, evaluate=evaluate, resume=resume, wall_start=wall_start)
+    return train_run(
+        prepared, run_dir, console=console, evaluate=evaluate, resume=resume, wall_start=wall_start
+    )
+
+
+def report_rows(console: Console, what: str, rows: list[str], show: int = 5) -> None:
+    for line in rows[:show]:
+        console.print(f"[yellow]{what}[/] {line}")
+    if len(rows) > show:
+        console.print(f"[yellow]{what}[/] ... {len(rows) - show} more (all in summary.json)")
 
 
 def train_run(

@@ -425,6 +425,14 @@ class JobSpec(_Section):
 def _check_consistency(spec: JobSpec) -> None:
     """Rules that span sections; each raises with the path of the field to change."""
     t, s = spec.train, spec.scaling
+    share = s.gpus_per_worker
+    if share != "auto" and 0 < float(share) < 1 and s.workers > 1:
+        raise _FieldProblem(
+            ("scaling", "gpus_per_worker"),
+            f"{share} with {s.workers} workers would put two ranks of one job on one GPU, which NCCL "
+            "cannot do; use whole GPUs per worker, or workers: 1 (fractions pack separate jobs or Tune "
+            "trials onto a GPU)",
+        )
     per_step = t.micro_batch_size * s.workers
     if t.batch_size % per_step:
         raise _FieldProblem(

@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from trainers.errors import FulcrumError
+from trainers.errors import FulcrumError, SpecError
 
 MARKER = ".fulcrum-run"
 
@@ -239,7 +239,7 @@ class RunDir:
         return exists(self / name if name else self.location)
 
     def is_run(self) -> bool:
-        """Only a directory that carries fulcrum's marker counts as a run (a folder with a spec.yaml does not)."""
+        """Only a directory carrying fulcrum's marker counts as a run (a folder with a spec.yaml does not)."""
         return exists(self / MARKER)
 
     def is_empty(self) -> bool:
@@ -255,7 +255,7 @@ class RunDir:
         if not self.exists():
             return
         if not self.is_run():
-            raise FulcrumError(
+            raise SpecError(
                 f"--overwrite: {self.location} exists but is not a fulcrum run (no {MARKER} marker, which "
                 "only fulcrum writes); not deleting it. Choose another `output`"
             )

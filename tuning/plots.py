@@ -31,7 +31,9 @@ def _save(fig: Any, location: str) -> str:
     return location
 
 
-def plot_metric_vs_lr(rows: list[dict[str, Any]], spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir) -> str | None:
+def plot_metric_vs_lr(
+    rows: list[dict[str, Any]], spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir
+) -> str | None:
     """results.png: each trial's last reported metric against its lr; hollow markers: stopped early."""
     points = [r for r in rows if r["metric"] is not None]
     if not points:

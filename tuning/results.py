@@ -140,7 +140,9 @@ def export_best(best: dict[str, Any], sweep: RunDir) -> str:
     return sweep / "best"
 
 
-def finish_sweep(spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir, grid: Any, console: Console) -> dict[str, Any]:
+def finish_sweep(
+    spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir, grid: Any, console: Console
+) -> dict[str, Any]:
     from tuning.plots import plot_curves, plot_metric_vs_lr
 
     rows = trial_rows(grid, tune_spec, sweep)
@@ -151,7 +153,9 @@ def finish_sweep(spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir, grid: Any, c
     for row in rows:
         if row["error"]:
             console.print(f"[red]trial {row['trial']} failed:[/] {row['error']}")
-    plots = [p for p in (plot_metric_vs_lr(rows, spec, tune_spec, sweep), plot_curves(rows, tune_spec, sweep)) if p]
+    plots = [
+        p for p in (plot_metric_vs_lr(rows, spec, tune_spec, sweep), plot_curves(rows, tune_spec, sweep)) if p
+    ]
     completed = [r for r in rows if r["status"] == "completed" and r["metric"] is not None]
     best = completed[0] if completed else None
     best_dir = export_best(best, sweep) if best else None

@@ -129,10 +129,18 @@ def param_space(tune_spec: TuneSpec) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- a trial's spec
-def apply_overrides(spec_json: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """The spec dict with the trial's dotted overrides; a changed method.kind keeps only the fields the new
-    method has (and the method fields of the space that it lacks are dropped: they are the other kinds')."""
+def apply_overrides(
+    spec_json: dict[str, Any], config: dict[str, Any], method_explicit: set[str] | None = None
+) -> dict[str, Any]:
+    """The spec dict with the trial's dotted overrides. A changed method.kind starts from the new method's
+    defaults: of the old method it keeps only the fields the spec file set (`method_explicit`) that the new
+    one has; method fields of the space that the new kind lacks are dropped (they are the other kinds')."""
     data = copy.deepcopy(spec_json)
+    old_method = data.get("method", {})
+    new_kind = config.get("method.kind", old_method.get("kind"))
+    if new_kind != old_method.get("kind"):
+        keep = method_explicit if method_explicit is not None else set(old_method)
+        data["method"] = {k: v for k, v in old_method.items() if k in keep}
     for key, value in config.items():
         node = data
         *parents, last = key.split(".")
@@ -170,7 +178,7 @@ def data_key(spec: JobSpec) -> str:
 
 def trial_spec(base: JobSpec, config: dict[str, Any], output: str) -> JobSpec:
     """The spec of one trial: the base with the overrides, validated like a spec file, with its own output."""
-    data = apply_overrides(base.model_dump(mode="json"), config)
+    data = apply_overrides(base.model_dump(mode="json"), config, set(base.method.model_fields_set))
     data["output"] = output
     data["tune"] = None
     return parse_spec(data, source=f"{base._source} (trial {_describe(config)})")
@@ -277,8 +285,8 @@ def check_space(spec: JobSpec, tune_spec: TuneSpec) -> None:
             raise spec.section_error(
                 ("tune", "space", key),
                 f"{key}={_short(config[key])} changes the tokenized data or the base model, which all trials "
-                "share (prepared once); sweep training fields (train.*, method.*, objective settings, scaling.*) "
-                "and run separate sweeps for different data or models",
+                "share (prepared once); sweep training fields (train.*, method.*, objective settings, "
+                "scaling.*) and run separate sweeps for different data or models",
             )
 
 

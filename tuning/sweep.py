@@ -17,10 +17,10 @@ import os
 from typing import Any
 
 import ray
+from ray.tune import Callback
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-from ray.tune import Callback
 
 from trainers import storage
 from trainers.data import total_steps
@@ -52,12 +52,29 @@ def _report_callback(eval_every: int) -> Any:
     return _TrialReports()
 
 
+def _point_train_at_this_cluster() -> None:
+    """A trial ASHA stops dies without a word: its TorchTrainer's controller goes with it, and only Train's
+    PlacementGroupCleaner (a detached actor) frees the workers' placement group. The cleaner asks Ray's state
+    API whether the controller lives, and finds the cluster through RAY_ADDRESS; where that is unset and this
+    machine runs more than one Ray, it fails and every stopped trial keeps its CPUs or GPUs for good. So the
+    controller (and from it the cleaner) gets this cluster's address: Train propagates only the variables in
+    its ENV_VARS_TO_PROPAGATE to the controller, and RAY_ADDRESS is added there (a Ray internal)."""
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        from ray.train.v2._internal import constants
+
+        constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    except (ImportError, AttributeError):  # another Ray version: the cleaner may still find the cluster
+        pass
+
+
 def run_trial(config: dict[str, Any], prepared: PreparedJob, sweep: str, evals: int, evaluate: bool) -> None:
     """One trial: its spec (validated), its run directory under the sweep, and the shared prepared data."""
     from ray import tune
 
     from trainers.run import finish_trained, train_run
 
+    _point_train_at_this_cluster()
     trial_id = tune.get_context().get_trial_id()
     run_dir = RunDir(storage.join(sweep, TRIALS_DIR, trial_id))
     spec = trial_spec(prepared.spec, config, run_dir.location)
@@ -68,20 +85,12 @@ def run_trial(config: dict[str, Any], prepared: PreparedJob, sweep: str, evals: 
     console = Console(file=io.StringIO(), width=120)
     try:
         state = run_state(run_dir) if run_dir.is_run() else "new"
-        if state == "complete":  # restored after its summary was written: report what it ended with
-            summary = run_dir.read_json("summary.json")
-            tune.report(
-                {"step": summary["steps"], "eval_loss": summary["eval_loss"], "final": True, TIME_ATTR: 0}
-            )
-            return
         if state == "new":
             run_dir.create(spec.to_yaml())
-        if state == "trained":
+        if state == "trained":  # interrupted after training, before its summary: only finish it
             finish_trained(job, run_dir, evaluate, 0.0, console)
-            summary = run_dir.read_json("summary.json")
-            tune.report(
-                {"step": summary["steps"], "eval_loss": summary["eval_loss"], "final": True, TIME_ATTR: 0}
-            )
+        if state in ("complete", "trained"):  # restored by --resume: report what the trial ended with
+            tune.report(final_report(run_dir))
             return
         train_run(
             job,
@@ -95,6 +104,18 @@ def run_trial(config: dict[str, Any], prepared: PreparedJob, sweep: str, evals: 
         text = console.file.getvalue()  # type: ignore[attr-defined]
         if text and run_dir.exists():
             storage.append_text(run_dir / "trial.log", text)
+
+
+def final_report(run_dir: RunDir) -> dict[str, Any]:
+    """A finished trial's final report, again, from its own records (its last step and evaluation)."""
+    from trainers.report import read_metrics
+
+    records = read_metrics(run_dir)
+    last_step = next((r for r in reversed(records) if r.get("event") == "step"), {})
+    last_eval = next((r for r in reversed(records) if r.get("event") == "eval"), {})
+    summary = run_dir.read_json("summary.json")
+    evals = {k: v for k, v in last_eval.items() if k.startswith("eval_")}
+    return {"step": summary["steps"], "loss": last_step.get("loss"), **evals, "final": True, TIME_ATTR: 0}
 
 
 # --------------------------------------------------------------------------- the live table
@@ -233,7 +254,8 @@ def check_sweep_dir(sweep: RunDir, overwrite: bool) -> None:
     raise FulcrumError(
         f"output: {sweep} "
         + (
-            f"holds a sweep; continue it with `fulcrum tune --resume {sweep}`, add --overwrite to replace it, "
+            f"holds a sweep; continue it with `fulcrum tune --resume {sweep}`, "
+            "add --overwrite to replace it, "
             if is_sweep
             else "is not empty and is not a fulcrum sweep; "
         )
@@ -246,6 +268,12 @@ def prepare_sweep(spec: JobSpec, console: Console) -> tuple[TuneSpec, PreparedJo
     tune_spec = load_tune(spec)
     check_space(spec, tune_spec)
     prepared = prepare_job(spec, console)
+    if tune_spec.metric.startswith("eval_") and prepared.data.eval is None:
+        raise spec.section_error(
+            ("tune", "metric"),
+            f"{tune_spec.metric} needs eval data, and this spec has no eval split; set data.eval or "
+            "data.eval_fraction, or use `metric: loss`",
+        )
     check_resources(spec, resolve_gpus(spec))
     return tune_spec, prepared
 

@@ -66,9 +66,7 @@ def make_pki(d: Path) -> None:
          "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)  # fmt: skip
     _run("openssl", "genrsa", "-out", "sa.key", "2048", cwd=d)
     _run("openssl", "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
-    (d / "tokens.csv").write_text(
-        f'{ADMIN_TOKEN},admin,1,"system:masters"\n{NOBODY_TOKEN},nobody,2\n'
-    )
+    (d / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,1,"system:masters"\n{NOBODY_TOKEN},nobody,2\n')
 
 
 @dataclass
@@ -82,9 +80,16 @@ class ApiServer:
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {"server": self.url, "certificate-authority": str(self.pki / "ca.crt")}}],
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {"server": self.url, "certificate-authority": str(self.pki / "ca.crt")},
+                }
+            ],
             "users": [{"name": "u", "user": {"token": token}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "u", "namespace": namespace}}],
+            "contexts": [
+                {"name": "test", "context": {"cluster": "test", "user": "u", "namespace": namespace}}
+            ],
             "current-context": "test",
         }
         path.write_text(yaml.safe_dump(cfg))
@@ -118,7 +123,8 @@ def start_apiserver(etcd_url: str, pki: Path, log: Path, etcd_prefix: str = "/re
          "--insecure-port=0", f"--tls-cert-file={pki / 'server.crt'}",
          f"--tls-private-key-file={pki / 'server.key'}", f"--token-auth-file={pki / 'tokens.csv'}",
          "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc",
-         f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+         f"--service-account-key-file={pki / 'sa.pub'}",
+         f"--service-account-signing-key-file={pki / 'sa.key'}",
          "--service-cluster-ip-range=10.96.0.0/24", "--disable-admission-plugins=ServiceAccount"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -129,7 +135,9 @@ def start_apiserver(etcd_url: str, pki: Path, log: Path, etcd_prefix: str = "/re
         if proc.poll() is not None:
             raise RuntimeError(f"kube-apiserver exited: {log.read_text()[-2000:]}")
         try:
-            req = urllib.request.Request(f"{server.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            req = urllib.request.Request(
+                f"{server.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            )
             with urllib.request.urlopen(req, context=ctx, timeout=2) as r:
                 if r.status == 200:
                     return server
@@ -198,7 +206,9 @@ def crd_schemas() -> dict[str, Any]:
     for path in sorted(CRD_DIR.glob("ray.io_*.yaml")):
         crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-        out[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+        out[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(
+            strict(version["schema"]["openAPIV3Schema"])
+        )
     return out
 
 

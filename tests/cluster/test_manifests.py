@@ -51,14 +51,23 @@ def test_full_finetune_gets_a_gpu_group(tmp_path: Path, crd_schemas: dict[str, A
     assert job["metadata"] == {
         "name": "tiny",
         "namespace": "ml",
-        "labels": {"app.kubernetes.io/name": "fulcrum", "app.kubernetes.io/instance": "tiny", "fulcrum.dev/kind": "train"},
+        "labels": {
+            "app.kubernetes.io/name": "fulcrum",
+            "app.kubernetes.io/instance": "tiny",
+            "fulcrum.dev/kind": "train",
+        },
     }
     s = job["spec"]
     assert s["entrypoint"] == f"fulcrum train {SPEC_MOUNT}/spec.yaml"
     assert (s["shutdownAfterJobFinishes"], s["ttlSecondsAfterFinished"]) == (True, 600)
     assert (s["activeDeadlineSeconds"], s["backoffLimit"]) == (7200, 2)
     [group] = s["rayClusterSpec"]["workerGroupSpecs"]
-    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("gpu-workers", 2, 2, 2)
+    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == (
+        "gpu-workers",
+        2,
+        2,
+        2,
+    )
     container = _pod(group)["containers"][0]
     assert container["resources"]["limits"] == {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": 2}
     assert container["image"] == "ghcr.io/acme/fulcrum:0.1"
@@ -68,7 +77,9 @@ def test_full_finetune_gets_a_gpu_group(tmp_path: Path, crd_schemas: dict[str, A
         assert pod["serviceAccountName"] == "trainer"
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         assert mounts == {"dshm": "/dev/shm", "fulcrum-spec": SPEC_MOUNT, "fulcrum-storage": "/fulcrum"}
-        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        claims = [
+            v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+        ]
         assert claims == ["fulcrum-runs"]
     head = s["rayClusterSpec"]["headGroupSpec"]
     assert "nvidia.com/gpu" not in _pod(head)["containers"][0]["resources"]["limits"]
@@ -82,10 +93,19 @@ def test_full_finetune_gets_a_gpu_group(tmp_path: Path, crd_schemas: dict[str, A
     assert notes == []
 
 
-@pytest.mark.parametrize(("workers", "gpus", "pods", "group"), [(4, 0.25, 1, "peft-workers"), (3, 0.5, 2, "peft-workers"), (2, 0, 2, "cpu-workers")])
-def test_peft_groups_pack_fractional_gpus(
-    tmp_path: Path, crd_schemas: dict[str, Any], workers: int, gpus: float, pods: int, group: str
+@pytest.mark.parametrize(
+    ("workers", "gpus", "trials", "pods", "group"),
+    [
+        (1, 0.25, 6, 2, "peft-workers"),  # a sweep: 4 trials share each GPU
+        (1, 0.5, 1, 1, "peft-workers"),
+        (2, 1, 1, 2, "peft-workers"),
+        (2, 0, 1, 2, "cpu-workers"),
+    ],
+)
+def test_peft_groups_are_small_and_pack_fractional_gpus(
+    tmp_path: Path, crd_schemas: dict[str, Any], workers: int, gpus: float, trials: int, pods: int, group: str
 ) -> None:
+    sweep = {"tune": {"space": {"train.lr": {"choice": [1e-4, 1e-3]}}, "max_concurrent": trials}}
     spec = tiny_spec(
         tmp_path,
         method={"kind": "lora", "rank": 4},
@@ -93,6 +113,7 @@ def test_peft_groups_pack_fractional_gpus(
         scaling={"workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": 2},
         output="s3://bucket/runs/tiny",
         k8s={"namespace": "ml"},
+        **(sweep if trials > 1 else {}),
     )
     manifests, notes = render_file(write_spec(tmp_path, spec))
     kube.validate_manifests(manifests, crd_schemas)
@@ -100,11 +121,14 @@ def test_peft_groups_pack_fractional_gpus(
     assert (g["groupName"], g["replicas"]) == (group, pods)
     limits = _pod(g)["containers"][0]["resources"]["limits"]
     assert limits.get("nvidia.com/gpu", 0) == (1 if gpus else 0)
-    per_pod = math.floor(1 / gpus) if gpus else 1
+    per_pod = min(math.floor(1 / gpus), workers * trials) if 0 < gpus < 1 else 1
     assert limits["cpu"] == str(per_pod * 2 + 1)
     if 0 < gpus < 1:
-        assert notes == [f"gpus_per_worker {gpus:g}: {per_pod} workers share each 1-GPU pod (Ray packs fractional GPUs)"]
-        assert _rayjob(manifests)["metadata"]["annotations"]["fulcrum.dev/notes"] == notes[0]
+        note = (
+            f"gpus_per_worker {gpus:g}: {per_pod} worker(s) share each 1-GPU pod (Ray packs fractional GPUs)"
+        )
+        assert note in notes
+        assert note in _rayjob(manifests)["metadata"]["annotations"]["fulcrum.dev/notes"]
     # A URI output needs no volume.
     assert yaml.safe_load(manifests[0]["data"]["spec.yaml"])["output"] == "s3://bucket/runs/tiny"
     assert all("persistentVolumeClaim" not in v for v in _pod(g)["volumes"])
@@ -115,7 +139,11 @@ def test_tune_spec_renders_a_tune_job(tmp_path: Path, crd_schemas: dict[str, Any
         tmp_path,
         method={"kind": "lora"},
         scaling={"workers": 1, "gpus_per_worker": 0.5},
-        tune={"space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}, "num_samples": 4, "max_concurrent_trials": 4},
+        tune={
+            "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}},
+            "num_samples": 4,
+            "max_concurrent": 4,
+        },
         output="runs/sweep",
         k8s=_k8s(pip=["optuna>=4"]),
     )
@@ -164,10 +192,19 @@ def test_render_cli_prints_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"output": "runs/x", "k8s": {"namespace": "ml"}}, "spec.yaml:.*: output: 'runs/x' is a local path; on Kubernetes"),
+        (
+            {"output": "runs/x", "k8s": {"namespace": "ml"}},
+            "spec.yaml:.*: output: 'runs/x' is a local path; on Kubernetes",
+        ),
         ({"output": "/home/me/runs/x", "k8s": _k8s()}, "output: /home/me/runs/x is not on the shared volume"),
-        ({"output": "s3://b/r", "k8s": {"namespace": "ML_team"}}, r"spec.yaml:\d+: k8s.namespace: .*lower-case"),
-        ({"output": "s3://b/r", "k8s": {"storage": {"pvc": "x", "mount_path": "rel"}}}, "k8s.storage.mount_path: .*absolute"),
+        (
+            {"output": "s3://b/r", "k8s": {"namespace": "ML_team"}},
+            r"spec.yaml:\d+: k8s.namespace: .*lower-case",
+        ),
+        (
+            {"output": "s3://b/r", "k8s": {"storage": {"pvc": "x", "mount_path": "rel"}}},
+            "k8s.storage.mount_path: .*absolute",
+        ),
         ({"output": "s3://b/r", "k8s": {"imag": "x"}}, r"k8s.imag: unknown field `imag`; allowed: .*image"),
         ({"output": "s3://b/r", "k8s": {"worker": {"memory": "lots"}}}, "k8s.worker.memory: .*quantity"),
     ],
@@ -182,11 +219,15 @@ def test_large_local_data_is_refused_before_anything_is_sent(tmp_path: Path) -> 
     big = tmp_path / "big.jsonl"
     big.write_text('{"text": "' + "x" * 1_000_000 + '"}\n')
     spec = tiny_spec(tmp_path, data={"train": str(big)}, output="s3://b/r")
-    with pytest.raises(SpecError, match=r"data.train: local data file .*big.jsonl .* too large .* object store URI"):
+    with pytest.raises(
+        SpecError, match=r"data.train: local data file .*big.jsonl .* too large .* object store URI"
+    ):
         render_file(write_spec(tmp_path, spec))
 
 
-def test_data_on_the_shared_volume_is_not_checked_locally(tmp_path: Path, crd_schemas: dict[str, Any]) -> None:
+def test_data_on_the_shared_volume_is_not_checked_locally(
+    tmp_path: Path, crd_schemas: dict[str, Any]
+) -> None:
     spec = tiny_spec(tmp_path, data={"train": "/fulcrum/data/train.jsonl"}, output="runs/x", k8s=_k8s())
     manifests, _ = render_file(write_spec(tmp_path, spec))
     kube.validate_manifests(manifests, crd_schemas)

@@ -238,6 +238,19 @@ def test_streaming_sends_sse_with_final_usage(served: Any) -> None:
     )
 
 
+def test_stop_strings_and_seeded_sampling(served: Any) -> None:
+    url, (text, _) = served["url"], served["refs"]["lora-b"]
+    stop = next(ch for ch in text[1:] if ch.isascii() and ch.isalnum())  # the answers are random bytes
+    status, body = complete(url, "lora-b", stop=[stop])
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["text"] == text[: text.find(stop)]  # the stop string is not part of the text
+    sampled = [
+        complete(url, "lora-b", temperature=1.0, top_p=0.9, seed=s)[1]["choices"][0]["text"]
+        for s in (7, 7, 8)
+    ]
+    assert sampled[0] == sampled[1]  # the same seed repeats, whatever else is in the batch
+
+
 def test_errors_are_openai_error_objects_naming_the_field(served: Any) -> None:
     url = served["url"]
     status, body = complete(url, "nope")

@@ -117,6 +117,7 @@ def peft_generate(spec: ModelSpec, adapter: Path | None, prompt: list[int], eos:
             attention_mask=torch.ones_like(ids),
             max_new_tokens=NEW_TOKENS,
             do_sample=False,
+            use_cache=True,
             eos_token_id=eos,
             pad_token_id=eos,
         )
@@ -315,6 +316,8 @@ def test_stop_strings_sampling_and_context_limit(setup: dict[str, Any]) -> None:
     with pytest.raises(AdapterError) as e:
         engine.generate(prompt + prompt, None, SamplingParams())
     assert e.value.status == 400 and "context length is 25" in str(e.value)
+    with pytest.raises(AdapterError, match="token ids must lie in"):
+        engine.generate([1, 10**6], None, SamplingParams())
 
 
 def test_run_directory_and_cancelled_stream(setup: dict[str, Any], tmp_path: Path) -> None:

@@ -61,12 +61,27 @@ def test_workers_need_nothing_from_the_drivers_disk(tmp_path: Path, ray_cluster:
     driver reaches them through the object store, not through a path."""
     worker_cache, worker_home = tmp_path / "worker-cache", tmp_path / "worker-home"
     worker_home.mkdir()
+    token = (
+        Path.home() / ".ray" / "auth_token"
+    )  # Ray's token auth (when on) reads it from HOME, as on any node
+    if token.exists():
+        (worker_home / ".ray").mkdir()
+        shutil.copy(token, worker_home / ".ray" / "auth_token")
     spec = write_spec(tmp_path, tiny_spec(tmp_path, method={"kind": "lora"}, train={"max_steps": 2}))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     env["FULCRUM_CACHE"] = str(tmp_path / "driver-cache")
     runtime_env = {"env_vars": {"FULCRUM_CACHE": str(worker_cache), "HOME": str(worker_home)}}
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "train", str(spec), "--no-eval", "--runtime-env", json.dumps(runtime_env)],
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "train",
+            str(spec),
+            "--no-eval",
+            "--runtime-env",
+            json.dumps(runtime_env),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -85,9 +100,8 @@ def test_manifest_names_the_base_as_given_and_tokenizer_travels(tmp_path: Path) 
     assert same_base(manifest["base"], {"config": dict(TINY_LLAMA), "tokenizer": "bytes"})
     assert manifest["method"] == "lora" and manifest["peft_type"] == "LORA"
     assert manifest["quantization"] == "none" and manifest["dtype"] == "float32"
-    # The byte tokenizer is fulcrum's own: it travels with the adapter, chat template included.
-    assert manifest["tokenizer"] == "artifact" and "im_start" in manifest["chat_template"]
-    assert (run / "adapter" / "tokenizer_config.json").is_file()
+    # The inline base carries its tokenizer (pad token and chat template set): nothing to add to the adapter.
+    assert manifest["tokenizer"] == "base" and "im_start" in manifest["chat_template"]
     assert summary["reload_check"]["ok"] and summary["reload_check"]["tensors"] > 0
 
 
@@ -109,7 +123,9 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path: Path) -> None:
     spec = load_spec(
         write_spec(
             tmp_path,
-            tiny_spec(tmp_path, train={"lr": 1.0e12, "max_steps": 12, "checkpoint_every": 1, "max_grad_norm": 0}),
+            tiny_spec(
+                tmp_path, train={"lr": 1.0e12, "max_steps": 12, "checkpoint_every": 1, "max_grad_norm": 0}
+            ),
         )
     )
     with pytest.raises(FulcrumError, match=r"diverged at step \d+.*not finite"):
@@ -121,14 +137,11 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path: Path) -> None:
 
 
 def test_fractional_gpus_with_several_workers_are_refused(tmp_path: Path) -> None:
-    from trainers.run import check_resources
+    from trainers.errors import SpecError
 
-    spec = load_spec(write_spec(tmp_path, tiny_spec(tmp_path, scaling={"workers": 2, "gpus_per_worker": 0.5})))
-    with pytest.raises(FulcrumError, match="NCCL"):
-        check_resources(spec, 0.5)
-    many = load_spec(write_spec(tmp_path, tiny_spec(tmp_path, scaling={"workers": 1, "cpus_per_worker": 1000})))
-    with pytest.raises(FulcrumError, match="1000 CPUs, but the Ray cluster has"):
-        check_resources(many, 0)
+    path = write_spec(tmp_path, tiny_spec(tmp_path, scaling={"workers": 2, "gpus_per_worker": 0.5}))
+    with pytest.raises(SpecError, match=r"scaling\.gpus_per_worker: 0\.5 with 2 workers .*NCCL"):
+        load_spec(path)
 
 
 def test_distill_from_a_teacher_with_a_padded_vocabulary(tmp_path: Path) -> None:
@@ -149,23 +162,25 @@ def test_moved_run_resumes_where_it_is_now(tmp_path: Path) -> None:
     _, run = train(tmp_path, method={"kind": "lora"}, train={"max_steps": 4, "checkpoint_every": 2})
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
-    for name in ("summary.json", "adapter", "final"):
+    # As if it stopped after step 2's checkpoint, and was copied without Ray Train's own snapshot.
+    for name in ("summary.json", "adapter", "final", "checkpoint_manager_snapshot.json", "probe.safetensors"):
         path = moved / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    snapshot = json.loads((moved / "checkpoint_manager_snapshot.json").read_text())
-    snapshot["checkpoint_results"] = [
-        r for r in snapshot["checkpoint_results"] if "final" not in json.dumps(r)
-    ]
-    latest = snapshot.get("latest_checkpoint_result")
-    if latest and "final" in json.dumps(latest):
-        snapshot["latest_checkpoint_result"] = snapshot["checkpoint_results"][-1]
-    (moved / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    for path in moved.glob("checkpoint_*"):
+        if path.name != "checkpoint_000002":
+            shutil.rmtree(path)
     before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     summary = resume_job(str(moved), console=Console(file=io.StringIO()), evaluate=False)
     assert summary["run_dir"] == str(moved) and (moved / "adapter").is_dir()
     assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
-    steps = [json.loads(x)["step"] for x in (moved / "metrics.jsonl").read_text().splitlines() if '"step"' in x and '"event": "step"' in x]
+    steps = [
+        json.loads(x)["step"]
+        for x in (moved / "metrics.jsonl").read_text().splitlines()
+        if '"step"' in x and '"event": "step"' in x
+    ]
     assert steps == [1, 2, 3, 4]  # each step once, no gaps
+    assert summary["ranks"][-1]["start_step"] == 2
+    assert summary["replayed_steps"]["count"] == 2 and summary["replayed_steps"]["max_rel_diff"] < 1e-5
 
 
 def test_double_quant_is_honoured(tmp_path: Path) -> None:
@@ -174,5 +189,61 @@ def test_double_quant_is_honoured(tmp_path: Path) -> None:
 
     source = materialize_base(ModelSpec(config=dict(TINY_LLAMA), tokenizer="bytes"))
     for double in (True, False):
-        model = load_model(source, dtype=torch.float32, quantization="4bit", double_quant=double, device=torch.device("cpu"))
+        model = load_model(
+            source, dtype=torch.float32, quantization="4bit", double_quant=double, device=torch.device("cpu")
+        )
         assert model.config.quantization_config.bnb_4bit_use_double_quant is double
+
+
+def test_overwrite_never_deletes_a_folder_of_user_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`output: .` with --overwrite, from a folder holding the user's spec, data and notes: refused."""
+    from cluster.cli import main
+
+    spec = tiny_spec(tmp_path, output=".")
+    write_spec(tmp_path, spec)
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["train", "spec.yaml", "--overwrite"]) == 2
+    assert "working directory" in capsys.readouterr().err
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == before
+        and (tmp_path / "notes.txt").read_text() == "mine"
+    )
+
+
+def test_output_holding_an_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import main
+
+    spec = write_spec(tmp_path, tiny_spec(tmp_path, output=str(tmp_path)))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.yaml:" in err and "output" in err and ("data.train" in err or "spec's folder" in err)
+
+
+def test_overwrite_refuses_a_folder_fulcrum_did_not_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder that merely holds a spec.yaml is not a run: --overwrite leaves it alone."""
+    from cluster.cli import main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "spec.yaml").write_text("name: not-a-run\n")
+    spec = write_spec(tmp_path, tiny_spec(tmp_path, output=str(other)))
+    assert main(["train", str(spec), "--overwrite"]) == 2
+    assert "not a fulcrum run" in capsys.readouterr().err
+    assert (other / "spec.yaml").read_text() == "name: not-a-run\n"
+
+
+def test_more_cpus_than_the_cluster_has_fail_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = load_spec(
+        write_spec(tmp_path, tiny_spec(tmp_path, scaling={"workers": 1, "cpus_per_worker": 1001}))
+    )
+    with pytest.raises(FulcrumError, match=r"spec\.yaml:\d+: scaling\.cpus_per_worker: .*1001 CPUs, but"):
+        run_job(spec, console=Console(file=io.StringIO()))
+    assert not (tmp_path / "run").exists()

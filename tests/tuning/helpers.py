@@ -8,12 +8,15 @@ from typing import Any
 from tests.helpers import tiny_spec
 
 
-def sweep_spec(tmp_path: Path, tune: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """A 2-layer Llama with LoRA, 8 steps per trial, and the given tune section."""
+def sweep_spec(
+    tmp_path: Path, tune: dict[str, Any] | None, train: dict[str, Any] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """A 2-layer Llama with LoRA, 8 constant-lr steps per trial (unless `train` says otherwise), and the
+    given tune section; the sweep goes to tmp_path/sweep."""
     spec = tiny_spec(
         tmp_path,
         method={"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
-        train={"max_steps": 8, "lr": 2.0e-2, "scheduler": "constant"},
+        train={"max_steps": 8, "lr": 2.0e-2, "scheduler": "constant", **(train or {})},
         **overrides,
     )
     spec["output"] = str(tmp_path / "sweep")

@@ -57,7 +57,11 @@ def test_a_field_the_spec_lacks_is_named_with_its_line(tmp_path: Path) -> None:
 
 def test_a_sample_the_spec_refuses_is_named(tmp_path: Path) -> None:
     message = error_of(tmp_path, {"train.lr": {"uniform": [0.0, 1.0e-3]}})
-    assert "tune.space.train.lr" in message and "train.lr=0.0" in message and "greater than 0" in message
+    assert (
+        "tune.space.train.lr" in message
+        and "the sample train.lr=0 " in message
+        and "greater than 0" in message
+    )
     # A combination: batch_size must be a multiple of micro_batch_size x workers.
     message = error_of(tmp_path, {"train.batch_size": {"choice": [8, 6]}})
     assert "tune.space.train.batch_size" in message and "train.batch_size=6" in message
@@ -92,3 +96,18 @@ def test_the_cli_prints_a_bad_space_as_one_line(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert "tune.space.method.rnak" in err and "Traceback" not in err
     assert not (tmp_path / "sweep").exists()  # refused before anything was written
+
+
+def test_optuna_search_without_the_extra_says_what_to_install(tmp_path: Path) -> None:
+    import importlib.util
+
+    from trainers.errors import FulcrumError
+    from tuning.sweep import _search
+
+    if importlib.util.find_spec("optuna") is not None:
+        pytest.skip("optuna is installed here")
+    spec = parse_spec(
+        sweep_spec(tmp_path, {"space": {"train.lr": {"choice": [1e-3]}}, "search": {"kind": "optuna"}})
+    )
+    with pytest.raises(FulcrumError, match=r"pip install 'fulcrum\[optuna\]'"):
+        _search(load_tune(spec))
