@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from trainers.errors import SpecError
 from trainers.spec import JobSpec, parse_spec
+from trainers.spec import read_yaml as read_spec_yaml
 
 Kind = Literal["train", "tune", "serve"]
 
@@ -43,15 +42,7 @@ class Workload:
 
 def read_yaml(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{p}: file not found")
-    text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    text, data = read_spec_yaml(p, "file")
     if not isinstance(data, dict):
         raise SpecError(f"{p}: expected a YAML mapping (a job spec or a serve YAML)")
     return p, text, data

@@ -11,11 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainers.errors import SpecError
-from trainers.spec import ModelSpec, located_error
+from trainers.spec import ModelSpec, located_error, read_yaml
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]+")
 DEFAULT_MAX_BODY = 1 << 20
@@ -179,14 +178,6 @@ def parse_serve_config(
 
 
 def load_serve_config(path: str | os.PathLike[str]) -> ServeConfig:
+    text, data = read_yaml(path, "serve config")
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{p}: serve config not found")
-    text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     return parse_serve_config(data, source=str(p), text=text, config_dir=p.resolve().parent)

@@ -25,6 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,6 +249,10 @@ class BatchEngine:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Every step runs on this one long-lived thread. With `asyncio.to_thread` (the loop's shared pool,
+        # which may hand a step to a fresh thread that sets up its CUDA/cuBLAS state again) a decode step
+        # took about 3x as long on an H200 (61-67 ms against 21-23 ms; 0.95B, 64 rows; docs/benchmarks.md).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulcrum-step")
         self.steps = 0
         self.max_prefill_tokens = max(8192, self.context_length)  # padded tokens in one prefill forward
         model.eval().requires_grad_(False)
@@ -483,7 +488,7 @@ class BatchEngine:
                 await self._wake.wait()
                 continue
             try:
-                await asyncio.to_thread(self._step)
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._step)
             except Exception as e:  # a failed step fails its requests, never the loop
                 log.exception("engine step failed")
                 with self._lock:

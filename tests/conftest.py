@@ -31,3 +31,15 @@ def ray_cluster(_cache: Path) -> Any:
     ensure_ray(min_cpus=6)  # logical CPUs: 2 workers, a third for a relaunch, one for the evaluation
     yield ray
     ray.shutdown()
+
+
+# Tests that need a Ray cluster (the session one, or a `ray start --head`) run real training, serving, sweeps
+# or jobs: they are the `slow` ones. `pytest -m "not slow"` is the quick subset (spec, data, bad inputs,
+# memory plan, numerics, the serving engine, manifests, the API server, Helm).
+RAY_FIXTURES = {"ray_cluster", "ray_head", "served"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -445,7 +445,8 @@ def save_artifact(
         target = d / "adapter"
         engine.module.save_pretrained(target, safe_serialization=True)
         expected = get_peft_model_state_dict(engine.module)
-        peft_type = str(engine.module.peft_config["default"].peft_type.value)
+        kind = engine.module.peft_config["default"].peft_type  # an enum, or a string for our own tuners
+        peft_type = str(getattr(kind, "value", kind))
         if getattr(tokenizer, "fulcrum_changed", False):
             tokenizer.save_pretrained(target)  # a pad token or chat template training added
     else:

@@ -766,11 +766,12 @@ def parse_spec(
     return spec
 
 
-def load_spec(path: str | os.PathLike[str]) -> JobSpec:
-    """Read and validate a spec file; every problem becomes one SpecError line."""
+def read_yaml(path: str | os.PathLike[str], what: str = "spec file") -> tuple[str, Any]:
+    """The text and data of a YAML file (a job spec, a serve YAML): not found, non-UTF-8 bytes, invalid YAML
+    and duplicate keys each become one SpecError naming the file and line."""
     p = Path(path)
     if not p.is_file():
-        raise SpecError(f"{p}: spec file not found")
+        raise SpecError(f"{p}: {what} not found")
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -790,4 +791,11 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     if duplicate:
         field, first, second = duplicate
         raise SpecError(f"{p}:{second}: {field}: given twice (lines {first} and {second}); keep one of them")
+    return text, data
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate a spec file; every problem becomes one SpecError line."""
+    text, data = read_yaml(path)
+    p = Path(path)
     return parse_spec(data, source=str(p), text=text, spec_dir=p.resolve().parent)

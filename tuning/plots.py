@@ -31,6 +31,10 @@ def _save(fig: Any, location: str) -> str:
     return location
 
 
+def _numeric(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 def plot_metric_vs_lr(
     rows: list[dict[str, Any]], spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir
 ) -> str | None:
@@ -44,7 +48,7 @@ def plot_metric_vs_lr(
     groups: dict[Any, list[dict[str, Any]]] = {}
     for r in points:
         groups.setdefault(r["config"].get(colour_key) if colour_key else None, []).append(r)
-    ordered = sorted(groups.items(), key=lambda g: (g[0] is None, str(g[0])))
+    ordered = sorted(groups.items(), key=lambda g: (g[0] is None, _numeric(g[0]), str(g[0])))
     for index, (group, members) in enumerate(ordered):
         colour = plt.cm.tab10(index % 10)
         for status, fill in (("completed", True), ("stopped early", False), ("error", False)):

@@ -202,9 +202,12 @@ def _scheduler(tune_spec: TuneSpec) -> Any:
     )
 
 
-def _search(tune_spec: TuneSpec) -> Any:
+def _search(tune_spec: TuneSpec, max_concurrent: int = 0) -> Any:
     if tune_spec.search.kind != "optuna":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        # Tune ignores max_concurrent_trials for a generator passed in: it takes the limit itself.
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=tune_spec.search.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:  # pragma: no cover - depends on the extra
@@ -347,6 +350,8 @@ def _fit(
         # Restored tuners keep their original run config; the live table is this process's.
         tuner._local_tuner.get_run_config().callbacks = [feed]
     else:
+        concurrency = tune_spec.max_concurrent or default_concurrency(spec)
+        search = _search(tune_spec, concurrency)
         tuner = tune.Tuner(
             trainable,
             param_space=_space_for(tune_spec),
@@ -355,8 +360,9 @@ def _fit(
                 mode=tune_spec.mode,
                 num_samples=tune_spec.num_samples,
                 scheduler=_scheduler(tune_spec),
-                search_alg=_search(tune_spec),
-                max_concurrent_trials=tune_spec.max_concurrent or default_concurrency(spec),
+                search_alg=search,
+                # optuna: Tune wraps it in a ConcurrencyLimiter; the random/grid generator limits itself
+                max_concurrent_trials=concurrency if tune_spec.search.kind == "optuna" else None,
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,

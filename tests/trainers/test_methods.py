@@ -142,7 +142,7 @@ def test_loss_with_the_head_run_in_chunks_equals_the_full_logits_loss() -> None:
 
 
 def test_fewest_checkpointed_layers_fits_the_budget() -> None:
-    from trainers.loop import fewest_checkpointed_layers
+    from trainers.memory import fewest_checkpointed_layers
 
     gib = 2**30
     assert fewest_checkpointed_layers(32, 100 * gib, 0.5 * gib, 0.03 * gib) == 0  # all fit

@@ -98,7 +98,14 @@ def test_distill_moves_the_student_towards_a_trained_teacher(tmp_path: Path) -> 
 
 
 def test_distill_rejects_a_teacher_with_another_vocabulary(tmp_path: Path) -> None:
-    teacher = {"config": {**TINY_LLAMA, "vocab_size": 300}, "tokenizer": "bytes"}
-    with pytest.raises(FulcrumError, match=r"objective.teacher: the teacher's vocabulary has 300 entries"):
+    """Another tokenizer (here: the byte tokenizer plus one token) is refused before any worker starts; a
+    teacher whose tokenizer is the same but whose embedding is padded larger distils (test_cluster_scale)."""
+    from trainers.models import byte_tokenizer
+
+    other = byte_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    other.save_pretrained(tmp_path / "other-tokenizer")
+    teacher = {"config": dict(TINY_LLAMA), "tokenizer": str(tmp_path / "other-tokenizer")}
+    with pytest.raises(FulcrumError, match=r"objective.teacher: its tokenizer differs from the student's"):
         train(tmp_path, **distill_overrides(tmp_path, teacher))
     assert not (tmp_path / "run").exists()  # nothing written for a bad spec
