@@ -48,7 +48,17 @@ def ensure_ray(
                 ray.init(address="local", num_cpus=cpus, dashboard_port=_free_port(), **common)
             finally:
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    _route_worker_lines()
     return ray.cluster_resources()
+
+
+def _route_worker_lines() -> None:
+    """ray.init adds its console printer for worker lines; inside `run_log` they go to the log file only."""
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    if any(name == "fulcrum_run_log" for name, _ in dispatcher.handlers):
+        dispatcher.remove_handler("ray_print_logs")
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from trainers import storage
 from trainers.data import IGNORE, PreparedData, micro_batches, shard_rows, to_messages
-from trainers.models import load_model, load_tokenizer, resolve_dtype
+from trainers.models import load_model, load_tokenizer, local_source, quiet_libraries, resolve_dtype
 from trainers.objectives import CausalLM, eval_mode, sequence_logprobs, token_logits
 
 PROBE_FILE = "probe.safetensors"  # logits of the trained model on a fixed input, saved with the artifact
@@ -319,7 +319,6 @@ def probe_check(model: Any, run_dir: Any, dtype: torch.dtype, device: torch.devi
 @ray.remote
 def _compare_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from trainers.export import attach_artifact
-    from trainers.loop import local_source, quiet_libraries
     from trainers.spec import JobSpec
 
     quiet_libraries()

@@ -7,7 +7,6 @@ Step records go to a MetricsSink actor on the driver's node, fire-and-forget, so
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -30,32 +29,19 @@ from trainers.evaluate import all_reduce_sum, comparison_of, evaluate_objective,
 from trainers.manifest import MANIFEST_FILE, build_manifest
 from trainers.memory import count_from_config, plan_memory
 from trainers.methods import apply_method, count_parameters, decoder_layers, frozen_checksum
-from trainers.models import load_model, load_tokenizer, parameter_bytes_held, resolve_dtype, unpack_directory
+from trainers.models import (
+    load_model,
+    load_tokenizer,
+    local_source,
+    parameter_bytes_held,
+    quiet_libraries,
+    resolve_dtype,
+)
 from trainers.objectives import build_objective, eval_mode, token_logits
 from trainers.spec import JobSpec
 
 PROBE_ROWS, PROBE_TOKENS = 2, 32
 RNG_FILE = "rng_state.pt"
-
-
-def quiet_libraries() -> None:
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside DeepSpeed/transformers
-    warnings.filterwarnings("ignore", message=".*bitsandbytes.*")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-def local_source(source: str, packed: dict[str, Any]) -> str:
-    """Where this worker loads a model from: a hub id as is; a driver-materialized directory from the object
-    store into this worker's own cache (the driver's disk may be another machine's)."""
-    if source in packed:
-        return unpack_directory(ray.get(packed[source]))
-    return source
 
 
 def shard_fractions(model: torch.nn.Module) -> dict[str, float]:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -211,9 +212,9 @@ def pack_directory(path: str) -> dict[str, bytes]:
     """A materialized model directory as {relative path: bytes}, to ship through Ray's object store to
     workers that cannot see this machine's disk."""
     root = Path(path)
-    return {
-        str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()
-    } | {"": root.name.encode()}
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()} | {
+        "": root.name.encode()
+    }
 
 
 def unpack_directory(files: dict[str, bytes]) -> str:
@@ -323,3 +324,25 @@ def parameter_bytes_held(model: torch.nn.Module) -> int:
         local = p.ds_tensor if hasattr(p, "ds_tensor") else p
         total += local.numel() * local.element_size()
     return total
+
+
+def quiet_libraries() -> None:
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside DeepSpeed/transformers
+    warnings.filterwarnings("ignore", message=".*bitsandbytes.*")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def local_source(source: str, packed: dict[str, Any]) -> str:
+    """Where a worker loads a model from: a hub id as is; a driver-materialized directory from the object
+    store into this worker's own cache (the driver's disk may be another machine's)."""
+    if source in packed:
+        import ray
+
+        return unpack_directory(ray.get(packed[source]))
+    return source
