@@ -37,6 +37,16 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
 }
 SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
+# A 2-layer Llama for dry runs on a CPU (the tests keep their own copy: benchmarks/ does not import tests/).
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 
 
 def random_text(path: Path, n_bytes: int, seed: int = 0, doc_bytes: int = 4000) -> Path:

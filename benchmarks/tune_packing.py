@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from rich.console import Console
 
-from benchmarks.common import print_table, random_text, steady_tokens_per_s
+from benchmarks.common import TINY_LLAMA, print_table, random_text, steady_tokens_per_s
 from cluster.local import ensure_ray
 from trainers.spec import parse_spec
 from tuning.sweep import run_sweep
@@ -38,15 +38,7 @@ SMOLLM2_135M = {  # SmolLM2-135M's shape (vocabulary: the byte tokenizer's)
     "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
 }
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+TINY = TINY_LLAMA
 TRIALS = 4
 LRS = [1e-4, 2e-4, 3e-4, 5e-4]  # the swept field: one grid value per trial
 
