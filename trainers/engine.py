@@ -6,8 +6,6 @@ Both expose the same small surface so that loop.py reads as one plain loop.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -325,10 +323,3 @@ class Autocast(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(self.device_type, dtype=self.dtype):
             return self.module(*args, **kwargs)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

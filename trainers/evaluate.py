@@ -34,6 +34,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def eval_rows(n: int, rank: int, world: int) -> list[int]:
+    """This rank's rows of an eval table. With fewer rows than ranks every rank takes all of them: each
+    rank must run the same number of batches (ZeRO-3's forward is a collective), and the sums stay in
+    proportion."""
+    return shard_rows(n, rank, world, seed=0) if n >= world else list(range(n))
+
+
 @torch.no_grad()
 def evaluate_objective(
     model: Any,
@@ -48,7 +55,7 @@ def evaluate_objective(
     """The objective's mean loss (per token, or per pair for dpo) and mean statistics over a tokenized
     table, split over ranks (each runs the same number of batches: ZeRO-3's forward is a collective)."""
     n = table.num_rows
-    indices = shard_rows(n, rank, world, seed=0) if n >= world else list(range(n))
+    indices = eval_rows(n, rank, world)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     stats: dict[str, torch.Tensor] = {}
     weight = 0
@@ -188,7 +195,7 @@ def preference_accuracy(
     """Share of preference pairs where the model gives the chosen answer the higher mean per-token
     log-probability (the mean, because a sum favours the shorter answer whatever the model prefers)."""
     wins = pairs = 0
-    indices = shard_rows(table.num_rows, rank, world, seed=0) if table.num_rows >= world else []
+    indices = eval_rows(table.num_rows, rank, world)
     for batch in micro_batches(table, indices, micro_batch_size, pad_id, drop_last=False):
         b = {k: v.to(device) for k, v in batch.items()}
         chosen = sequence_logprobs(token_logits(model, b), b["labels"]) / label_counts(b["labels"])

@@ -23,9 +23,16 @@ import torch
 
 from trainers import storage
 from trainers.data import collate, micro_batches, shard_order, shard_rows, steps_per_epoch
-from trainers.engine import DeepSpeedEngine, TorchEngine, deepspeed_config, write_json
+from trainers.engine import DeepSpeedEngine, TorchEngine, deepspeed_config
 from trainers.errors import FulcrumError
-from trainers.evaluate import all_reduce_sum, comparison_of, evaluate_objective, measure, reload_check
+from trainers.evaluate import (
+    PROBE_FILE,
+    all_reduce_sum,
+    comparison_of,
+    evaluate_objective,
+    measure,
+    reload_check,
+)
 from trainers.manifest import MANIFEST_FILE, build_manifest
 from trainers.memory import count_from_config, plan_memory
 from trainers.methods import apply_method, count_parameters, decoder_layers, frozen_checksum
@@ -255,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.save(d)
             torch.save(rng_state(), d / f"rank{rank}_{RNG_FILE}")  # each rank's dropout stream
             if rank == 0:
-                write_json(d / "trainer_state.json", {"step": step, "tokens_seen": tokens_seen})
+                storage.write_json(str(d / "trainer_state.json"), {"step": step, "tokens_seen": tokens_seen})
             report(metrics, tmp)
             # Ray registers reports asynchronously; wait until it has, so that a worker failure right
             # after this point restarts from this checkpoint rather than an older one (or none).
@@ -380,7 +387,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         d = Path(tmp)
         if rank == 0:
             check = save_artifact(d, spec, engine, tokenizer, state_dict, probe, dtype)
-            write_json(d / "trainer_state.json", {"step": step, "tokens_seen": tokens_seen, "final": True})
+            storage.write_json(
+                str(d / "trainer_state.json"), {"step": step, "tokens_seen": tokens_seen, "final": True}
+            )
         ray.train.report(
             {"step": step, "loss": step_loss_value, "final": True, **latest_eval},
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
@@ -424,7 +433,7 @@ def save_artifact(
     weights in memory)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in probe.items()}, str(d / "probe.safetensors"))
+    save_file({k: v.contiguous() for k, v in probe.items()}, str(d / PROBE_FILE))
     if spec.is_peft:
         from peft import get_peft_model_state_dict
 
@@ -447,7 +456,7 @@ def save_artifact(
         dtype=str(dtype).removeprefix("torch."),
         tokenizer=tokenizer,
     )
-    write_json(target / MANIFEST_FILE, manifest)
+    storage.write_json(str(target / MANIFEST_FILE), manifest)
     return reload_check(target, expected)
 
 

@@ -34,13 +34,12 @@ from rich.progress import (
 from trainers import storage
 from trainers.data import PreparedData, prepare, total_steps
 from trainers.errors import FulcrumError
+from trainers.evaluate import PROBE_FILE, sample_prompts
 from trainers.models import load_tokenizer, materialize_base, pack_directory, tokenizer_matches
 from trainers.models import tokenizer_source as tokenizer_source_for
 from trainers.report import plot_loss, print_summary, read_metrics
 from trainers.spec import JobSpec, load_spec
 from trainers.storage import RunDir
-
-PROBE_FILE = "probe.safetensors"  # logits of the trained model on a fixed input, saved with the artifact
 
 
 @ray.remote(num_cpus=0)
@@ -117,7 +116,7 @@ def prepare_job(spec: JobSpec, console: Console | None = None) -> PreparedJob:
     refs: dict[str, Any] = {
         "train_ref": ray.put(data.train.table),
         "eval_ref": ray.put(data.eval.table) if data.eval else None,
-        "samples": sample_prompts_for(spec, data),
+        "samples": sample_prompts(spec, data),
         # Materialized bases (a .gguf conversion, an inline config) exist only on this machine: ship them.
         "packed_models": {
             source: ray.put(pack_directory(source))
@@ -132,12 +131,6 @@ def _is_cache_dir(source: str) -> bool:
     from trainers.models import cache_root
 
     return source.startswith(str(cache_root()))
-
-
-def sample_prompts_for(spec: JobSpec, data: PreparedData) -> list[dict[str, Any]]:
-    from trainers.evaluate import sample_prompts
-
-    return sample_prompts(spec, data)
 
 
 def describe_data(spec: JobSpec, prepared: PreparedJob) -> str:
