@@ -10,19 +10,27 @@ and peft's mixed batch (`generate(adapter_names=...)`) with the same adapters.
     python -m benchmarks.serve_bench                              # CPU, a small 4-layer Llama
     python -m benchmarks.serve_bench --shape 0.95b --device cuda --adapters 1,8,64 --prompts 64 \\
         --prompt-tokens 128 --new-tokens 64 --rank 16             # the issue's GPU setup
-    python -m benchmarks.serve_bench --url http://127.0.0.1:8000 --api-key sk-admin   # + over HTTP
+    python -m benchmarks.serve_bench --serve                      # + over HTTP, through `fulcrum serve`
+    python -m benchmarks.serve_bench --url http://127.0.0.1:8000 --api-key sk-admin   # + a running server
 
-Over HTTP the adapters are registered with `POST /v1/adapters`, so the server's adapter roots must include
-`--out` (e.g. `fulcrum serve --base ... --adapter-root OUT`) and its base must be the same inline shape.
+`--serve` starts `fulcrum serve` on the same inline base (a serve YAML written under `--out`), measures it
+with the official `openai` client, and stops it with SIGINT. With `--url`, the adapters are registered with
+`POST /v1/adapters`, so the server's adapter roots must include `--out` (e.g. `fulcrum serve --base ...
+--adapter-root OUT`) and its base must be the same inline shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
+import signal
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +103,21 @@ async def engine_run(
 ) -> dict[str, Any]:
     params = SamplingParams(max_tokens=new, temperature=0)
 
-    async def one(prompt: list[int], aid: str) -> tuple[float, float, int]:
+    async def one(prompt: list[int], aid: str) -> tuple[float, float, list[int]]:
         start = time.perf_counter()
-        first, n = None, 0
-        async for _ in engine.generate(prompt, aid, params):
+        first, tokens = None, []
+        async for event in engine.generate(prompt, aid, params):
             first = first or time.perf_counter() - start
-            n += 1
-        return first or 0.0, time.perf_counter() - start, n
+            tokens.append(event.token_id)
+        return first or 0.0, time.perf_counter() - start, tokens
 
     start = time.perf_counter()
     results = await asyncio.gather(*(one(p, a) for p, a in zip(prompts, ids, strict=True)))
     wall = time.perf_counter() - start
-    return summarize(wall, [r[1] for r in results], [r[0] for r in results], sum(r[2] for r in results))
+    summary = summarize(
+        wall, [r[1] for r in results], [r[0] for r in results], sum(len(r[2]) for r in results)
+    )
+    return {**summary, "_tokens": [r[2] for r in results]}
 
 
 def best(args: argparse.Namespace, measure: Any) -> dict[str, Any]:
@@ -126,10 +137,20 @@ def summarize(wall: float, latencies: list[float], ttfts: list[float] | None, to
     }
 
 
+DECODE_MODES = {  # --decode name -> (engine arguments, table label)
+    "graphs": ({"cuda_graphs": True}, "fulcrum engine"),
+    "static": ({"cuda_graphs": False}, "fulcrum engine: static cache, no graphs"),
+    "dynamic": ({"static_decode": False}, "fulcrum engine: transformers cache"),
+}
+
+
 def bench_engine(
-    args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], counts: list[int]
+    args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], counts: list[int], mode: str
 ) -> list[dict]:
+    """The engine in one decode mode; each row keeps its requests' tokens (`_tokens`) for the agreement
+    check between modes."""
     model, tokenizer = load_base(spec, args.device)
+    options, label = DECODE_MODES[mode]
     engine = BatchEngine(
         model,
         tokenizer,
@@ -137,6 +158,7 @@ def bench_engine(
         max_adapters=max(counts),
         max_batch_rows=args.prompts,
         context_length=args.prompt_tokens + args.new_tokens + 8,
+        **options,
     )
     engine.eos_ids = set()  # every request generates exactly --new-tokens, as peft's runs below
     loads = []
@@ -149,9 +171,28 @@ def bench_engine(
     rows = []
     for n in counts:
         ids = [f"lora-{i % n}" for i in range(args.prompts)]
-        result = best(args, lambda ids=ids: asyncio.run(engine_run(engine, prompts, ids, args.new_tokens)))
-        rows.append({"system": "fulcrum engine", "adapters": n, **result, "cold load ms": f"{cold:.1f}"})
+        result = best(
+            args, lambda ids=ids, e=engine: asyncio.run(engine_run(e, prompts, ids, args.new_tokens))
+        )
+        rows.append({"system": label, "adapters": n, **result, "cold load ms": f"{cold:.1f}"})
+    print(f"{label}: decode step ran as `{engine.decode_mode}`")
+    del engine, model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return rows
+
+
+def agreement(rows: list[dict], modes: list[str], counts: list[int]) -> None:
+    """Greedy tokens of each decode mode against the first: the same requests must give the same answers
+    (bf16 kernels that sum in another order may flip a near-tie, so the share is printed, not asserted)."""
+    by = {(r["system"], r["adapters"]): r["_tokens"] for r in rows if "_tokens" in r}
+    first = DECODE_MODES[modes[0]][1]
+    for mode in modes[1:]:
+        label = DECODE_MODES[mode][1]
+        for n in counts:
+            ours, theirs = by[(first, n)], by[(label, n)]
+            same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+            print(f"{n} adapters: {same}/{len(ours)} same tokens in `{mode}` as in `{modes[0]}`")
 
 
 # --------------------------------------------------------------------------- fulcrum, over HTTP
@@ -208,6 +249,56 @@ def bench_http(args: argparse.Namespace, adapters: list[Path], counts: list[int]
         result = best(args, lambda ids=ids: asyncio.run(http_run(args, texts, ids)))
         rows.append({"system": "fulcrum http", "adapters": n, **result, "cold load ms": f"{cold:.1f} (POST)"})
     return rows
+
+
+@contextlib.contextmanager
+def fulcrum_serve(args: argparse.Namespace, spec: ModelSpec) -> Iterator[str]:
+    """`fulcrum serve` on this base in a child process, for as long as the block runs -> its URL."""
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = {
+        "model": spec.model_dump(exclude_defaults=True),
+        "adapter_roots": [str(args.out.resolve())],
+        "resources": {"cpus": 1, "gpus": 1 if args.device == "cuda" else 0},
+        "max_adapters_per_replica": max(int(c) for c in args.adapters.split(",")),
+        "max_batch_rows": args.prompts,
+        "context_length": args.prompt_tokens + args.new_tokens + 8,
+        "port": port,
+    }
+    path = args.out / "serve.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    log = (args.out / "serve.log").open("w")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", str(path)], stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if child.poll() is not None:
+                raise RuntimeError(
+                    f"fulcrum serve exited with {child.returncode}; see {args.out / 'serve.log'}"
+                )
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("fulcrum serve did not answer within 10 minutes") from None
+                time.sleep(1)
+        yield url
+    finally:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        log.close()
 
 
 # --------------------------------------------------------------------------- plain transformers + peft
@@ -292,10 +383,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("/tmp/fulcrum-serve-bench"))
     parser.add_argument("--url", help="also measure a running `fulcrum serve` over HTTP (openai client)")
+    parser.add_argument("--serve", action="store_true", help="also start `fulcrum serve` and measure it")
     parser.add_argument("--api-key", help="an admin key of that server")
     parser.add_argument("--peft-mixed-max", type=int, default=8, help="skip peft's mixed batch above this")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="report the fastest of this many runs")
+    parser.add_argument(
+        "--decode",
+        default="graphs",
+        help=f"engine decode modes to measure, comma-separated, the first first ({', '.join(DECODE_MODES)})",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -313,9 +410,16 @@ def main() -> None:
     adapters = make_adapters(
         spec, args.device, max(counts), args.rank, args.out / f"{args.shape}-r{args.rank}"
     )
-    rows = bench_engine(args, spec, adapters, counts)
+    modes = args.decode.split(",")
+    unknown = [m for m in modes if m not in DECODE_MODES]
+    if unknown:
+        parser.error(f"--decode: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(DECODE_MODES)}")
+    rows = [row for mode in modes for row in bench_engine(args, spec, adapters, counts, mode)]
     if args.url:
         rows += bench_http(args, adapters, counts)
+    elif args.serve:
+        with fulcrum_serve(args, spec) as args.url:
+            rows += bench_http(args, adapters, counts)
     if not args.skip_peft:
         rows += bench_peft(args, spec, adapters, counts)
     print(
@@ -325,17 +429,18 @@ def main() -> None:
         + "\n"
     )
     print_table(rows, COLUMNS)
+    agreement(rows, modes, counts)
     rate = {(r["system"], r["adapters"]): r.get("_rate") for r in rows}
-    single = rate.get(("fulcrum engine", 1))
-    if single:
+    peft_one = rate.get(("peft: one adapter", 1))
+    for system in (DECODE_MODES[modes[0]][1], "fulcrum http"):
+        single = rate.get((system, 1))
+        if not single:
+            continue
         for n in counts:
-            if n != 1 and rate.get(("fulcrum engine", n)):
-                share = rate[("fulcrum engine", n)] / single
-                print(f"fulcrum, {n} distinct adapters: {share:.0%} of its single-adapter rate")
-        if rate.get(("peft: one adapter", 1)):
-            print(
-                f"fulcrum single adapter vs peft one adapter: {single / rate[('peft: one adapter', 1)]:.2f}x"
-            )
+            if n != 1 and rate.get((system, n)):
+                print(f"{system}, {n} distinct adapters: {rate[(system, n)] / single:.0%} of its single rate")
+        if peft_one:
+            print(f"{system}, single adapter vs peft one adapter: {single / peft_one:.2f}x")
 
 
 if __name__ == "__main__":

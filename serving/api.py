@@ -169,9 +169,14 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 async def _stream(
-    events: AsyncIterator[dict[str, Any]], prompt_tokens: int, meta: dict[str, Any], chat: bool, usage: bool
+    events: AsyncIterator[list[dict[str, Any]]],
+    prompt_tokens: int,
+    meta: dict[str, Any],
+    chat: bool,
+    usage: bool,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per token, then (by default) a usage chunk, then [DONE]."""
+    """Server-sent events: one chunk per item from the replica (the tokens made since the last one; a
+    single token while the client keeps up), then (by default) a usage chunk, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     count = 0
 
@@ -188,9 +193,10 @@ async def _stream(
     try:
         if chat:
             yield _sse(chunk(None, None, first=True))
-        async for event in events:
-            count += 1
-            yield _sse(chunk(event["text"], event["finish_reason"]))
+        async for batch in events:
+            count += len(batch)
+            text = "".join(e["text"] for e in batch)
+            yield _sse(chunk(text, batch[-1]["finish_reason"]))
     except Exception as e:  # headers are gone: the error goes into the stream as an error object
         err = as_api_error(e)
         yield _sse(
@@ -390,10 +396,10 @@ class OpenAIIngress:
             )
         text, finish, count = [], None, 0
         try:
-            async for event in events:
-                text.append(event["text"])
-                count += 1
-                finish = event["finish_reason"] or finish
+            async for batch in events:
+                text.extend(e["text"] for e in batch)
+                count += len(batch)
+                finish = batch[-1]["finish_reason"] or finish
         except Exception as e:
             raise as_api_error(e) from None
         usage = {"prompt_tokens": head["prompt_tokens"], "completion_tokens": count}

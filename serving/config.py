@@ -60,6 +60,17 @@ class ServeConfig(_Section):
     resources: Resources = Field(default_factory=Resources)
     max_adapters_per_replica: int = Field(8, ge=1, description="LRU bound of adapters per replica.")
     max_batch_rows: int = Field(16, ge=1, description="Requests decoded together in one step.")
+    stream_interval_ms: float = Field(
+        25.0,
+        ge=0,
+        description="Streamed answers send their first token at once, then what is new at most this often "
+        "(0: every token on its own; each chunk costs the replica time that the batch's decoding needs).",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="Replay the decode step as CUDA graphs on GPUs (Llama-family bases); false runs it "
+        "eagerly, for debugging.",
+    )
     context_length: int | None = Field(
         None, ge=2, description="Prompt + answer tokens per request (default: the base's, at most 4096)."
     )

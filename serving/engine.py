@@ -11,9 +11,9 @@ Each step of the loop (run in a worker thread so the event loop keeps serving HT
      torch.Generator), detect EOS / stop strings / max_tokens / the context limit, stream TokenEvents.
 A finished row leaves at once (its cache rows are dropped), so a short request never waits for a long one.
 
-Seams for the performance work: `_decode_forward` is the one batched call (a static cache + CUDA graph or
-torch.compile replaces it), `_BatchCache` owns the KV layout, and serving/lora.py owns the per-row adapter
-math (a gather-matmul kernel replaces its bmm).
+The decode step itself lives in serving/decode.py: for Llama-family bases a static per-row KV cache and a
+hand-written step captured as CUDA graphs on GPUs, otherwise transformers' forward over a left-padded cache.
+serving/lora.py owns the per-row adapter math (a gather-matmul kernel would replace its bmm).
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from serving.adapters import LoadedAdapter, read_adapter
+from serving.decode import DynamicDecoder, StaticDecoder, dynamic_cache, kv_of, static_decode_unsupported
 from serving.lora import SlotBottleneck, SlotLinear, SlotState
 from serving.types import AdapterError, AdapterInfo, SamplingParams, TokenEvent
 
@@ -127,78 +127,6 @@ class _Pin:
             self.engine._unpin(entry)
 
 
-class _BatchCache:
-    """The running batch's KV cache, left-padded: per layer keys/values [rows, heads, L, dim], and an
-    attention mask [rows, L] (1 = a real token)."""
-
-    def __init__(self) -> None:
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.mask: torch.Tensor | None = None
-
-    @property
-    def rows(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[0]
-
-    def add(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
-        """Append rows (their own left-padded cache, [n, heads, Lr, dim] per layer and mask [n, Lr])."""
-        if self.mask is None:
-            self.kv, self.mask = kv, mask
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-
-        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            extra = length - t.shape[-dim_from_end]
-            if extra == 0:
-                return t
-            spec = [0, 0] * (dim_from_end - 1) + [extra, 0]
-            return F.pad(t, spec)
-
-        self.kv = [
-            (torch.cat([pad(bk, 2), pad(k, 2)]), torch.cat([pad(bv, 2), pad(v, 2)]))
-            for (bk, bv), (k, v) in zip(self.kv, kv, strict=True)
-        ]
-        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows; drop leading columns that are padding for every remaining row."""
-        if not rows:
-            self.kv, self.mask = [], None
-            return
-        assert self.mask is not None
-        index = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else 0
-        self.mask = mask[:, start:]
-        self.kv = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in self.kv
-        ]
-
-    def as_cache(self) -> Any:
-        return _dynamic_cache(self.kv)
-
-    def take(self, cache: Any) -> None:
-        """Adopt the cache the forward extended by one column (the mask was extended before it)."""
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _dynamic_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A transformers DynamicCache holding these tensors as they are (`update` would copy them once more:
-    it concatenates onto an empty tensor)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k[:, :, :0], v[:, :, :0], i)  # sets the layer up (dtype, device)
-        cache.layers[i].keys, cache.layers[i].values = k, v
-    return cache
-
-
-def _kv_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 class BatchEngine:
     """Continuous batching over one frozen HF causal LM with per-row adapters (serving/types.py Engine)."""
 
@@ -211,6 +139,8 @@ class BatchEngine:
         max_adapters: int,
         max_batch_rows: int,
         context_length: int,
+        cuda_graphs: bool = True,
+        static_decode: bool = True,
     ) -> None:
         if max_adapters < 1 or max_batch_rows < 1 or context_length < 2:
             raise ValueError("max_adapters and max_batch_rows must be >= 1, context_length >= 2")
@@ -237,6 +167,7 @@ class BatchEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = eos_ids
+        self._decode = _text_decoder(tokenizer)
         self._lock = threading.RLock()  # the step and slot writes never interleave
         self._ref_lock = threading.Lock()  # reference counts of adapter versions (cheap, never held long)
         self._to_free: list[_Entry] = []
@@ -245,7 +176,11 @@ class BatchEngine:
         self._admitting: list[_Request] = []
         self._waiting: list[_Request] = []
         self._rows: list[_Request] = []
-        self._cache = _BatchCache()
+        self.cuda_graphs = cuda_graphs
+        self.static_unsupported = (
+            static_decode_unsupported(model, self.context_length) if static_decode else "turned off"
+        )
+        self._decoder = self._new_decoder()
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -256,6 +191,24 @@ class BatchEngine:
         self.steps = 0
         self.max_prefill_tokens = max(8192, self.context_length)  # padded tokens in one prefill forward
         model.eval().requires_grad_(False)
+
+    def _new_decoder(self) -> StaticDecoder | DynamicDecoder:
+        if self.static_unsupported is not None:
+            return DynamicDecoder(self._forward, self.slot_state)
+        return StaticDecoder(
+            self.model,
+            self.slot_state,
+            max_rows=self.max_batch_rows,
+            context_length=self.context_length,
+            graphs=self.cuda_graphs,
+        )
+
+    @property
+    def decode_mode(self) -> str:
+        """How the decode step runs: `cuda graphs`, `static` (eager, e.g. on CPUs) or `dynamic`."""
+        if isinstance(self._decoder, StaticDecoder):
+            return "cuda graphs" if self._decoder.graphs else "static"
+        return "dynamic"
 
     # ------------------------------------------------------------------ adapters
     def adapters(self) -> dict[str, AdapterInfo]:
@@ -379,6 +332,8 @@ class BatchEngine:
             module = self._modules[name]
             parent_name, _, child = name.rpartition(".")
             parent = self._modules[parent_name] if parent_name else self.model
+            if kind is SlotBottleneck and isinstance(self._decoder, StaticDecoder):
+                _check_static_wrap(name)
             if kind is SlotLinear:
                 layer = SlotLinear(module, self.slot_state, self.num_slots)
             else:
@@ -386,6 +341,7 @@ class BatchEngine:
                 layer = SlotBottleneck(module, self.slot_state, self.num_slots, hidden)
             setattr(parent, child, layer)
             self._slot_layers[name] = layer
+            self.slot_state.version += 1  # the decode step changed: captured graphs are stale
         if not isinstance(layer, kind):
             raise AdapterError(f"module `{name}` already carries another kind of adapter layer")
         return layer
@@ -421,7 +377,15 @@ class BatchEngine:
     def generate(
         self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams
     ) -> AsyncIterator[TokenEvent]:
-        """Tokens for one request. Unknown adapters (404) and prompts that leave no room in the context
+        """Tokens for one request, one event each (errors as `generate_batches`)."""
+        return _one_by_one(self.generate_batches(prompt_ids, adapter_id, params))
+
+    def generate_batches(
+        self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams
+    ) -> AsyncIterator[list[TokenEvent]]:
+        """Tokens for one request, in lists of whatever arrived since the consumer last asked: a slow
+        consumer (a Ray stream, whose every item costs a round of messages) takes many tokens at once
+        instead of falling behind. Unknown adapters (404) and prompts that leave no room in the context
         (400) raise here, before anything is queued; the adapter version is pinned here as well."""
         entry = None
         if adapter_id is not None:
@@ -449,7 +413,7 @@ class BatchEngine:
 
     async def _stream(
         self, prompt_ids: list[int], entry: _Entry | None, params: SamplingParams, pin: _Pin
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncIterator[list[TokenEvent]]:
         loop = asyncio.get_running_loop()
         req = _Request(prompt_ids=prompt_ids, entry=entry, params=params, queue=asyncio.Queue(), loop=loop)
         if params.temperature > 0:
@@ -464,11 +428,16 @@ class BatchEngine:
             assert self._wake is not None
             self._wake.set()
             while True:
-                event = await req.queue.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
+                batch = [await req.queue.get()]
+                while not req.queue.empty():
+                    batch.append(req.queue.get_nowait())
+                failed = next((e for e in batch if isinstance(e, BaseException)), None)
+                events = [e for e in batch if isinstance(e, TokenEvent)]
+                if events:
+                    yield events
+                if failed is not None:
+                    raise failed
+                if events and events[-1].finish_reason is not None:
                     break
         finally:
             req.cancelled = True
@@ -495,7 +464,7 @@ class BatchEngine:
                     for req in self._rows + self._waiting + self._admitting:
                         req.queue.put_nowait(e)
                     self._rows, self._waiting, self._admitting = [], [], []
-                    self._cache, self._outbox = _BatchCache(), []
+                    self._decoder, self._outbox = self._new_decoder(), []
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -539,7 +508,7 @@ class BatchEngine:
         if not gone:
             return
         keep = [i for i, r in enumerate(self._rows) if r not in gone]
-        self._cache.keep(keep)
+        self._decoder.keep(keep)
         self._rows = [self._rows[i] for i in keep]
 
     def _admit(self, req: _Request) -> None:
@@ -553,7 +522,7 @@ class BatchEngine:
         virtual = adapter.num_virtual if adapter else 0
         kwargs: dict[str, Any] = {}
         if adapter is not None and adapter.prefix_kv is not None:
-            cache = _dynamic_cache(adapter.prefix_kv)  # the forward concatenates: the prefix is not changed
+            cache = dynamic_cache(adapter.prefix_kv)  # the forward concatenates: the prefix is not changed
             # peft's prefix tuning: the prompt's positions start after the virtual tokens.
             positions = torch.arange(virtual, virtual + ids.shape[1], device=self.device)
             kwargs["input_ids"] = ids
@@ -578,7 +547,7 @@ class BatchEngine:
         req.position = int(positions[-1]) + 1
         self._advance([req], out.logits[:, -1])
         if not req.done:
-            self._cache.add(_kv_of(out.past_key_values), mask)
+            self._decoder.add(kv_of(out.past_key_values), mask)
             self._rows.append(req)
 
     def _prefill(self, reqs: list[_Request]) -> None:
@@ -609,10 +578,8 @@ class BatchEngine:
         going = [i for i, r in enumerate(reqs) if not r.done]
         if going:
             index = torch.tensor(going, device=self.device)
-            kv = [
-                (k.index_select(0, index), v.index_select(0, index)) for k, v in _kv_of(out.past_key_values)
-            ]
-            self._cache.add(kv, mask.index_select(0, index))
+            kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv_of(out.past_key_values)]
+            self._decoder.add(kv, mask.index_select(0, index))
             self._rows.extend(reqs[i] for i in going)
 
     def _forward(self, **inputs: Any) -> Any:
@@ -630,25 +597,15 @@ class BatchEngine:
     def _decode_forward(self) -> torch.Tensor:
         """One batched forward over every row's last token -> logits [rows, vocab]."""
         rows = self._rows
-        assert self._cache.mask is not None
-        tokens = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
-        positions = torch.tensor([[r.position] for r in rows], device=self.device)
-        ones = torch.ones(len(rows), 1, dtype=self._cache.mask.dtype, device=self.device)
-        self._cache.mask = torch.cat([self._cache.mask, ones], dim=1)
-        self.slot_state.set([r.entry.slot if r.entry else 0 for r in rows])
-        cache = self._cache.as_cache()
-        out = self._forward(
-            input_ids=tokens,
-            attention_mask=self._cache.mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
+        logits = self._decoder.step(
+            [r.generated[-1] for r in rows],
+            [r.position for r in rows],
+            [r.entry.slot if r.entry else 0 for r in rows],
         )
-        self._cache.take(out.past_key_values)
         for r in rows:
             r.position += 1
             r.length += 1
-        return out.logits[:, -1]
+        return logits
 
     # ------------------------------------------------------------------ sampling and stopping
     def _sample(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
@@ -677,8 +634,8 @@ class BatchEngine:
             return
         # Incremental detokenizing (as TGI/vLLM do): decode a short window, emit only complete characters.
         ids = req.generated
-        prefix = self.tokenizer.decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[req.prefix_offset :], skip_special_tokens=True)
+        prefix = self._decode(ids[req.prefix_offset : req.read_offset])
+        full = self._decode(ids[req.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             req.text += full[len(prefix) :]
             req.prefix_offset, req.read_offset = req.read_offset, len(ids)
@@ -724,6 +681,26 @@ class BatchEngine:
                 await self._task
 
 
+def _text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """ids -> text without special tokens. A fast tokenizer's Rust core directly where transformers adds
+    nothing to it (no clean-up of spaces): its Python wrapper cost ~6x the decode itself, twice per token
+    per row of every step."""
+    core = getattr(tokenizer, "_tokenizer", None)
+    if (
+        core is not None
+        and hasattr(core, "decode")
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    ):
+        return lambda ids: core.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def _one_by_one(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+    async for batch in batches:
+        for event in batch:
+            yield event
+
+
 def _info(adapter_id: str, path: str, loaded: LoadedAdapter) -> AdapterInfo:
     return AdapterInfo(
         id=adapter_id,
@@ -732,6 +709,18 @@ def _info(adapter_id: str, path: str, loaded: LoadedAdapter) -> AdapterInfo:
         manifest=loaded.manifest,
         chat_template=loaded.chat_template,
     )
+
+
+def _check_static_wrap(name: str) -> None:
+    """The static decode step calls attention, MLP, norm and linear modules (and `self_attn` blocks) as
+    modules, but not a whole decoder layer or the model: an adapter there would silently do nothing."""
+    parts = name.split(".")
+    if parts[-1].isdigit() or parts[-1] in ("model", "layers") or name == "model":
+        raise AdapterError(
+            f"the adapter wraps `{name}` as a whole; this server applies bottleneck adapters to attention "
+            "and MLP blocks (`self_attn`, `mlp`, the defaults), not to whole decoder layers",
+            400,
+        )
 
 
 def _token_chunks(reqs: list[_Request], budget: int) -> list[list[_Request]]:

@@ -35,10 +35,17 @@ class SlotState:
     def __init__(self, device: torch.device) -> None:
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.uniform: int | None = 0  # the one slot every row uses, if they all use the same
+        # Bumped whenever a slot layer is installed or (re)allocates a tensor: captured CUDA graphs read
+        # the old tensors and must be captured again. Writing into a slot in place needs no bump.
+        self.version = 0
 
     def set(self, slots: list[int]) -> None:
         self.index = torch.tensor(slots, dtype=torch.long, device=self.index.device)
         self.uniform = slots[0] if len(set(slots)) == 1 else None
+
+    def use_buffer(self, index: torch.Tensor, uniform: int | None) -> None:
+        """Read the row -> slot index from a fixed buffer (the static decode step refills it in place)."""
+        self.index, self.uniform = index, uniform
 
 
 def _grow(t: torch.Tensor | None, shape: tuple[int, ...], fill: float, like: torch.Tensor) -> torch.Tensor:
@@ -83,6 +90,7 @@ class SlotLinear(nn.Module):
         if r > r_max:
             self.lora_a = _grow(self.lora_a, (self.num_slots, r, self.in_features), 0.0, w)
             self.lora_b = _grow(self.lora_b, (self.num_slots, self.out_features, r), 0.0, w)
+            self.state.version += 1
         assert self.lora_a is not None and self.lora_b is not None
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
@@ -95,6 +103,7 @@ class SlotLinear(nn.Module):
             self.out_scale = torch.ones(self.num_slots, self.out_features, dtype=w.dtype, device=w.device)
             if self.base_layer.bias is not None:
                 self.bias_scale = torch.ones_like(self.out_scale)
+            self.state.version += 1
         self.out_scale[slot] = scale.to(w.dtype)
         if self.bias_scale is not None:
             self.bias_scale[slot] = scale.to(w.dtype) if scales_bias else 1.0
@@ -103,6 +112,7 @@ class SlotLinear(nn.Module):
         w = self.base_layer.weight
         if self.in_scale is None:
             self.in_scale = torch.ones(self.num_slots, self.in_features, dtype=w.dtype, device=w.device)
+            self.state.version += 1
         self.in_scale[slot] = scale.to(w.dtype)
 
     def clear(self, slot: int) -> None:
@@ -181,6 +191,7 @@ class SlotBottleneck(nn.Module):
             self.down_b = _grow(self.down_b, (self.num_slots, size), 0.0, like)
             self.up_w = _grow(self.up_w, (self.num_slots, self.hidden, size), 0.0, like)
             self.up_b = _grow(self.up_b, (self.num_slots, self.hidden), 0.0, like)
+            self.state.version += 1
         self.clear(slot)
         assert self.down_w is not None and self.down_b is not None and self.up_w is not None
         assert self.up_b is not None
@@ -201,9 +212,11 @@ class SlotBottleneck(nn.Module):
 
     def _rebuild_masks(self, device: torch.device) -> None:
         kinds = sorted({a for a in self.activation if a})
-        self._act_masks = {
-            k: torch.tensor([a == k for a in self.activation], dtype=torch.bool, device=device) for k in kinds
-        }
+        if kinds != sorted(self._act_masks):  # another set of activations: another step (graphs again)
+            self._act_masks = {k: torch.zeros(self.num_slots, dtype=torch.bool, device=device) for k in kinds}
+            self.state.version += 1
+        for k, mask in self._act_masks.items():  # in place: captured graphs read these tensors
+            mask.copy_(torch.tensor([a == k for a in self.activation], dtype=torch.bool))
 
     def _adapt(self, h: torch.Tensor) -> torch.Tensor:
         assert self.down_w is not None and self.down_b is not None and self.up_w is not None

@@ -101,7 +101,9 @@ def make_adapter(spec: ModelSpec, kind: str, out: Path, seed: int, manifest_base
     return out
 
 
-def peft_generate(spec: ModelSpec, adapter: Path | None, prompt: list[int], eos: int) -> list[int]:
+def peft_generate(
+    spec: ModelSpec, adapter: Path | None, prompt: list[int], eos: int, max_new_tokens: int = NEW_TOKENS
+) -> list[int]:
     """What plain transformers + peft `generate` gives for one adapter alone (greedy)."""
     from peft import PeftModel
 
@@ -115,7 +117,7 @@ def peft_generate(spec: ModelSpec, adapter: Path | None, prompt: list[int], eos:
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=True,
             eos_token_id=eos,
@@ -154,9 +156,11 @@ def prompts(tokenizer: Any, n: int) -> list[list[int]]:
     return [tokenizer.encode(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(n)]
 
 
-def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any]) -> None:
+@pytest.mark.parametrize("static", [True, False], ids=["static-cache", "transformers-cache"])
+def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any], static: bool) -> None:
     spec, paths = setup["spec"], setup["paths"]
-    engine = new_engine(spec)
+    engine = new_engine(spec, static_decode=static)
+    assert engine.decode_mode == ("static" if static else "dynamic")  # no GPU here: no CUDA graphs
     for aid, path in paths.items():
         info = engine.add_adapter(aid, str(path))
         assert info.method == METHOD_OF.get(aid, aid)
@@ -185,6 +189,34 @@ def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any]) -> None:
             changed.append(aid)
     # The adapters are not no-ops: each answers differently from the base on its prompt.
     assert len(changed) >= len(paths) - 1, changed
+
+
+def test_static_cache_grows_and_reuses_rows(setup: dict[str, Any]) -> None:
+    """Long prompts make the per-row cache grow past its first length bucket; more requests than batch
+    rows make finished rows' cache rows be taken again. Every answer still equals peft's."""
+    spec, paths = setup["spec"], setup["paths"]
+    engine = new_engine(spec, max_batch_rows=3, context_length=256)
+    engine.add_adapter("lora8", str(paths["lora8"]))
+    engine.add_adapter("dora", str(paths["dora"]))
+    words = "the cat sat on a mat and the dog ran to the park "
+    batch = [engine.tokenizer.encode(words * 5)[: 40 + 30 * i] for i in range(6)]
+    ids = ["lora8", "dora", None, "dora", "lora8", None]
+    lengths = [4, 9, 6, 12, 5, 8]
+    eos = engine.tokenizer.eos_token_id
+
+    async def run_all() -> list[list[TokenEvent]]:
+        return await asyncio.gather(
+            *(
+                collect(engine, p, a, max_tokens=n, temperature=0)
+                for p, a, n in zip(batch, ids, lengths, strict=True)
+            )
+        )
+
+    results = asyncio.run(run_all())
+    assert engine._decoder.len_cap == 256 and engine._decoder.rows_cap == 3  # grew from 64 columns
+    for prompt, aid, n, events in zip(batch, ids, lengths, results, strict=True):
+        ref = peft_generate(spec, paths[aid] if aid else None, prompt, eos, max_new_tokens=n)
+        assert [e.token_id for e in events] == ref, f"adapter {aid}, prompt of {len(prompt)} tokens"
 
 
 def test_short_request_overtakes_long_one(setup: dict[str, Any]) -> None:

@@ -1,0 +1,332 @@
+"""The batched decode step: the running rows' KV caches and the one forward that extends every row by a token.
+
+Two decoders share one small surface (`add` rows after their prefill, `keep` some rows, `step` once):
+
+- `StaticDecoder` (Llama-family bases: llama, mistral, qwen2): each row owns a row of a preallocated cache,
+  [rows, kv heads, length, head dim] per layer, and writes its new key/value at its own length. The step is a
+  fixed sequence of kernels over fixed buffers, so on a GPU it is captured once per (row bucket, length
+  bucket) as a CUDA graph and replayed: a decode step of a small model is otherwise bound by the host
+  launching ~1000 kernels (vLLM and SGLang capture the same way). Rows never move: a finished row's cache row
+  goes back to a free list and the lowest free one is reused, so the live rows stay packed at the front.
+- `DynamicDecoder` (every other architecture): transformers' own forward over a left-padded DynamicCache.
+
+Adapters ride along unchanged: the projections are called as modules, so serving/lora.py's slot layers
+apply each row's adapter, reading the row -> slot index from `SlotState`'s static buffer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.lora import SlotBottleneck, SlotState
+from serving.types import AdapterError
+
+log = logging.getLogger(__name__)
+
+STATIC_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+KVList = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _bucket(n: int, cap: int, smallest: int = 1) -> int:
+    """The smallest power of two >= n (at least `smallest`), at most `cap` (graphs are kept per bucket)."""
+    b = smallest
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+def static_decode_unsupported(model: nn.Module, context_length: int) -> str | None:
+    """Why the static decoder cannot run this base (None: it can)."""
+    config = model.config.get_text_config()
+    kind = getattr(config, "model_type", "")
+    if kind not in STATIC_MODEL_TYPES:
+        return f"model type `{kind}` (the static decode step covers {', '.join(sorted(STATIC_MODEL_TYPES))})"
+    window = getattr(config, "sliding_window", None)
+    windowed = kind == "mistral" or getattr(config, "use_sliding_window", False)
+    if windowed and window is not None and context_length > window:
+        return f"a sliding attention window of {window} tokens below the context length {context_length}"
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or any(not hasattr(inner, n) for n in needed) or model.get_output_embeddings() is None:
+        return "an unexpected module layout"
+    return None
+
+
+class DynamicDecoder:
+    """Left-padded DynamicCache rows and transformers' own forward: per layer keys/values [rows, heads, L,
+    dim] and an attention mask [rows, L] (1 = a real token). Any causal LM runs this way."""
+
+    def __init__(self, forward: Callable[..., Any], slot_state: SlotState) -> None:
+        self._forward = forward
+        self.slot_state = slot_state
+        self.kv: KVList = []
+        self.mask: torch.Tensor | None = None
+
+    def add(self, kv: KVList, mask: torch.Tensor) -> None:
+        """Append rows (their own left-padded cache, [n, heads, Lr, dim] per layer and mask [n, Lr])."""
+        if self.mask is None:
+            self.kv, self.mask = kv, mask
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            extra = length - t.shape[-dim_from_end]
+            if extra == 0:
+                return t
+            return F.pad(t, [0, 0] * (dim_from_end - 1) + [extra, 0])
+
+        self.kv = [
+            (torch.cat([pad(bk, 2), pad(k, 2)]), torch.cat([pad(bv, 2), pad(v, 2)]))
+            for (bk, bv), (k, v) in zip(self.kv, kv, strict=True)
+        ]
+        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows; drop leading columns that are padding for every remaining row."""
+        if not rows:
+            self.kv, self.mask = [], None
+            return
+        assert self.mask is not None
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        self.mask = mask[:, start:]
+        self.kv = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in self.kv
+        ]
+
+    def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        assert self.mask is not None
+        device = self.mask.device
+        ones = torch.ones(len(tokens), 1, dtype=self.mask.dtype, device=device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.slot_state.set(slots)
+        out = self._forward(
+            input_ids=torch.tensor(tokens, device=device)[:, None],
+            attention_mask=self.mask,
+            position_ids=torch.tensor(positions, device=device)[:, None],
+            past_key_values=dynamic_cache(self.kv),
+            use_cache=True,
+        )
+        self.kv = kv_of(out.past_key_values)
+        return out.logits[:, -1]
+
+
+def dynamic_cache(kv: KVList) -> Any:
+    """A transformers DynamicCache holding these tensors as they are (`update` would copy them once more:
+    it concatenates onto an empty tensor)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # sets the layer up (dtype, device)
+        cache.layers[i].keys, cache.layers[i].values = k, v
+    return cache
+
+
+def kv_of(cache: Any) -> KVList:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class StaticDecoder:
+    """Per-row cache rows in preallocated tensors and a hand-written decode step for Llama-family bases,
+    replayed as CUDA graphs on GPUs. The cache grows (rows and length, by doubling) as requests need it."""
+
+    def __init__(
+        self, model: nn.Module, slot_state: SlotState, *, max_rows: int, context_length: int, graphs: bool
+    ) -> None:
+        self.model = model
+        self.inner: Any = model.model
+        self.lm_head = model.get_output_embeddings()
+        self.slot_state = slot_state
+        self.max_rows = max_rows
+        self.context_length = context_length
+        config = model.config.get_text_config()
+        self.heads = config.num_attention_heads
+        self.layers = len(self.inner.layers)
+        self.kv_heads = config.num_key_value_heads
+        attn = _attention_of(self.inner.layers[0])
+        self.head_dim = getattr(attn, "head_dim", config.hidden_size // self.heads)
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        self.graphs = graphs and self.device.type == "cuda"
+        # Inputs of a step, indexed by cache row: token, position id, write column (= the row's length),
+        # adapter slot. One host->device copy a step fills all four.
+        self.inputs = torch.zeros(4, max_rows, dtype=torch.long, device=self.device)
+        self.columns = torch.arange(context_length, device=self.device)
+        self.row_ids = torch.arange(max_rows, device=self.device)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.rows_cap = self.len_cap = 0
+        self.row_of: list[int] = []  # cache row of each running row, in the engine's order
+        self.length: list[int] = []  # tokens in each running row's cache
+        self._free: list[int] = []  # free cache rows below rows_cap (a heap: lowest first)
+        self._captured: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+        self._layout = -1  # SlotState.version the captured graphs were made with
+
+    # ------------------------------------------------------------------ the cache
+    def _grow(self, rows: int, length: int) -> None:
+        new_rows = max(self.rows_cap, _bucket(rows, self.max_rows, 8))
+        new_len = max(self.len_cap, _bucket(length, self.context_length, 64))
+        if (new_rows, new_len) == (self.rows_cap, self.len_cap):
+            return
+        shape = (new_rows, self.kv_heads, new_len, self.head_dim)
+        try:
+            grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.layers)]
+        except torch.OutOfMemoryError as e:
+            raise AdapterError(
+                f"the KV cache cannot grow to {new_rows} rows x {new_len} tokens on {self.device}: lower "
+                "max_batch_rows or context_length, or give the replica more memory",
+                503,
+            ) from e
+        for old, new in zip(self.k + self.v, grown, strict=False):
+            new[: self.rows_cap, :, : self.len_cap] = old
+        n = len(grown) // 2
+        self.k, self.v = grown[:n], grown[n:]
+        self._free.extend(range(self.rows_cap, new_rows))
+        heapq.heapify(self._free)
+        self.rows_cap, self.len_cap = new_rows, new_len
+        self._drop_graphs()  # they read the old tensors
+
+    def add(self, kv: KVList, mask: torch.Tensor) -> None:
+        """Take rows prefilled elsewhere: their left-padded cache ([n, heads, T, dim] per layer, mask [n, T])
+        moves into free cache rows, left-aligned (column j of a row holds its j-th token)."""
+        n, width = mask.shape
+        lengths = mask.sum(dim=1)
+        if len(self.row_of) + n > self.max_rows:
+            raise RuntimeError("more running rows than max_batch_rows")  # the engine admits within it
+        self._grow(len(self.row_of) + n, width + 1)
+        rows = [heapq.heappop(self._free) for _ in range(n)]
+        # A row of length l sits at columns width-l .. width-1: read column width-l+j into column j.
+        source = (self.columns[:width][None, :] + (width - lengths)[:, None]).clamp(max=width - 1)
+        index = source[:, None, :, None].expand(n, self.kv_heads, width, self.head_dim)
+        dest = torch.tensor(rows, device=self.device)
+        for cache_k, cache_v, (k, v) in zip(self.k, self.v, kv, strict=True):
+            cache_k[dest, :, :width] = k.gather(2, index).to(self.dtype)
+            cache_v[dest, :, :width] = v.gather(2, index).to(self.dtype)
+        self.row_of.extend(rows)
+        self.length.extend(lengths.tolist())
+
+    def keep(self, rows: list[int]) -> None:
+        kept = set(rows)
+        for i, row in enumerate(self.row_of):
+            if i not in kept:
+                heapq.heappush(self._free, row)
+        self.row_of = [self.row_of[i] for i in rows]
+        self.length = [self.length[i] for i in rows]
+
+    # ------------------------------------------------------------------ one step
+    def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Feed each running row its next token -> logits [rows, vocab] (rows in the engine's order)."""
+        if not self.row_of:
+            raise RuntimeError("no running rows")
+        self._grow(0, max(self.length) + 1)
+        width = _bucket(max(self.row_of) + 1, self.rows_cap, 8)
+        span = _bucket(max(self.length) + 1, self.len_cap, 64)
+        host = torch.zeros(4, width, dtype=torch.long)
+        host[:, self.row_of] = torch.tensor([tokens, positions, self.length, slots], dtype=torch.long)
+        self.inputs[:, :width].copy_(host)
+        base_only = not any(slots)
+        # A captured graph must not depend on which adapters the rows use: every mixed batch gathers.
+        single = slots[0] if not self.graphs and len(set(slots)) == 1 else None
+        self.slot_state.use_buffer(self.inputs[3, :width], uniform=0 if base_only else single)
+        logits = self._replay(width, span, base_only) if self.graphs else self._forward(width, span)
+        self.length = [n + 1 for n in self.length]
+        return logits.index_select(0, torch.tensor(self.row_of, device=self.device))
+
+    def _replay(self, width: int, span: int, base_only: bool) -> torch.Tensor:
+        if self._layout != self.slot_state.version:  # an adapter layer was added or reallocated
+            self._drop_graphs()
+            self._layout = self.slot_state.version
+        key = (width, span, base_only, self._layout)
+        captured = self._captured.get(key)
+        if captured is None:
+            captured = self._capture(width, span)
+            self._captured[key] = captured
+        graph, logits = captured
+        graph.replay()
+        return logits
+
+    def _drop_graphs(self) -> None:
+        # The memory pool dies with its last graph: a new one is needed for the next capture.
+        self._captured.clear()
+        self._pool = None
+
+    def _capture(self, width: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream first (cuBLAS picks its kernels and workspaces outside the capture). The
+        # step's cache writes are idempotent: the replay that follows writes the same keys and values.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._forward(width, span)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: adapter loads may touch the GPU from other threads while this one captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self._forward(width, span)
+        log.debug("captured the decode step for %d rows x %d columns", width, span)
+        return graph, logits
+
+    def _forward(self, width: int, span: int) -> torch.Tensor:
+        """The decode step over cache rows [0, width) and columns [0, span): every op reads the fixed input
+        buffers, so a CUDA graph of it replays correctly for new inputs."""
+        tokens, positions, write_at = self.inputs[0, :width], self.inputs[1, :width], self.inputs[2, :width]
+        rows = self.row_ids[:width]
+        hidden = self.inner.embed_tokens(tokens[:, None])  # [rows, 1, hidden]
+        cos, sin = self.inner.rotary_emb(hidden, positions[:, None])
+        visible = (self.columns[:span][None, :] <= write_at[:, None])[:, None, None, :]  # [rows, 1, 1, span]
+        for i, layer in enumerate(self.inner.layers):
+            attn_in = layer.input_layernorm(hidden)
+            hidden = hidden + self._attention(i, layer.self_attn, attn_in, cos, sin, visible, rows, write_at)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.lm_head(self.inner.norm(hidden)[:, 0])
+
+    def _attention(
+        self,
+        i: int,
+        module: nn.Module,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        visible: torch.Tensor,
+        rows: torch.Tensor,
+        write_at: torch.Tensor,
+    ) -> torch.Tensor:
+        attn = module.base_layer if isinstance(module, SlotBottleneck) else module
+        width, dim = x.shape[0], self.head_dim
+        q = attn.q_proj(x).view(width, 1, self.heads, dim).transpose(1, 2)
+        k = attn.k_proj(x).view(width, 1, self.kv_heads, dim).transpose(1, 2)
+        v = attn.v_proj(x).view(width, 1, self.kv_heads, dim).transpose(1, 2)
+        q, k = self.rope(q, k, cos, sin)
+        cache_k, cache_v = self.k[i], self.v[i]
+        cache_k[rows, :, write_at] = k[:, :, 0]
+        cache_v[rows, :, write_at] = v[:, :, 0]
+        # Grouped-query attention without repeating the cache: the query heads that share a key/value head
+        # become that head's "query positions" (one token each, so no causal mask is needed).
+        q = q.reshape(width, self.kv_heads, self.heads // self.kv_heads, dim)
+        span = visible.shape[-1]
+        out = F.scaled_dot_product_attention(
+            q, cache_k[:width, :, :span], cache_v[:width, :, :span], attn_mask=visible, scale=self.scaling
+        )
+        out = attn.o_proj(out.reshape(width, 1, self.heads * dim))
+        return module._adapt(out) if isinstance(module, SlotBottleneck) else out
+
+
+def _attention_of(layer: nn.Module) -> nn.Module:
+    attn = layer.self_attn
+    return attn.base_layer if isinstance(attn, SlotBottleneck) else attn
