@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,28 @@ def matmul_tflops(n: int = 8192, repeats: int = 50) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def flops_per_token(config: dict[str, Any], seq: int) -> float:
-    """6·N (weights, forward + backward) plus 12·layers·hidden·seq (attention scores); no recomputation."""
+def flops_per_token(config: dict[str, Any], seq: int, embedding: bool = True) -> float:
+    """6·N (weights, forward + backward) plus 12·layers·hidden·seq (attention scores); no recomputation.
+    N counts the input embedding unless `embedding` is false (a lookup, no matmul; the head stays)."""
     h, layers, inter, vocab = (
         config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
     )
     kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
-    n_params = layers * per_layer + 2 * vocab * h
+    n_params = layers * per_layer + (2 if embedding else 1) * vocab * h
     return 6 * n_params + 12 * layers * h * seq
+
+
+def timed_steps(step: Callable[[int], torch.Tensor], steps: int, skip: int = 3) -> tuple[float, list[float]]:
+    """Runs `step(i)` (one optimizer step, returning its loss) `steps` times: the median seconds a step after
+    the first `skip`, and the losses. Reading each loss back syncs: the step is over when it returns."""
+    import statistics
+
+    losses, times = [], []
+    for i in range(steps):
+        losses.append(float(step(i).item()))
+        times.append(time.perf_counter())
+    return statistics.median(b - a for a, b in itertools.pairwise(times[skip:])), losses
 
 
 def steady_tokens_per_s(run_dir: Path, skip: int = 3) -> float:

@@ -1,6 +1,10 @@
-"""Full fine-tuning throughput through `fulcrum train` (run_job) on one GPU: tokens/s, MFU, peak memory.
+"""Full fine-tuning throughput through `fulcrum train` (run_job) on one GPU: tokens/s, MFU, peak memory; and,
+in the same run, the plain single-process loop a skilled user writes (float32 weights under bf16 autocast,
+fused AdamW, clipping, the same schedule, seed and batches), eager, with torch.compile and with Liger kernels.
+Prints fulcrum's ratio to the fastest of them and checks every loss curve against fulcrum's.
 
-python benchmarks/full_finetune.py --out /tmp/bench [--steps 20] [--variants mb4-ckpt,mb8]
+python -m benchmarks.full_finetune --out /tmp/bench [--steps 20] [--variants mb8-compile] [--peers compile]
+python -m benchmarks.full_finetune --out /tmp/dry --dry-run   # a tiny model on the CPU, to check the script
 """
 
 from __future__ import annotations
@@ -11,18 +15,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 from rich.console import Console
 
 from benchmarks.common import (
     SHAPES,
+    TINY_LLAMA,
     flops_per_token,
     matmul_tflops,
     print_failure,
     print_table,
     random_text,
     steady_tokens_per_s,
+    timed_steps,
 )
 from cluster.local import ensure_ray
+from trainers.models import materialize_base
+from trainers.report import read_metrics
 from trainers.run import run_job
 from trainers.spec import parse_spec
 
@@ -33,6 +43,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mb4": {"micro_batch_size": 4, "gradient_checkpointing": False, **EAGER},
     "mb8": {"micro_batch_size": 8, "gradient_checkpointing": False, **EAGER},
     "mb8-compile": {"micro_batch_size": 8, "gradient_checkpointing": False, "compile": True},
+    # The ablation of the stage-0 path: DeepSpeed's engine (as before), and the plain one without compiling.
+    "mb8-deepspeed-compile": {
+        "micro_batch_size": 8,
+        "gradient_checkpointing": False,
+        "compile": True,
+        "engine": "deepspeed",
+    },
     "mb16-ckpt": {"micro_batch_size": 16, "gradient_checkpointing": True, **EAGER},
     "mb1-zero3-ckpt": {"micro_batch_size": 1, "gradient_checkpointing": True, "zero_stage": 3, **EAGER},
     "mb4-zero3-ckpt": {"micro_batch_size": 4, "gradient_checkpointing": True, "zero_stage": 3, **EAGER},
@@ -49,18 +66,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
         **EAGER,
     },
 }
-SCALING_KEYS = ("zero_stage", "offload", "offload_ratio", "cpus_per_worker")
+SCALING_KEYS = ("zero_stage", "offload", "offload_ratio", "cpus_per_worker", "engine")
+# Loss curves: same seed, weights and batches; fulcrum keeps bf16 weights (float32 masters), the plain loops
+# float32 weights under autocast, so the residual stream rounds differently. A step whose loss differs by
+# more than this from fulcrum's is flagged.
+TOLERANCE = 0.02
 
 
-def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shape: str) -> dict[str, Any]:
-    run_dir = out / f"{name}-w{workers}"
+def variant_spec(name: str, out: Path, data: Path, steps: int, workers: int, config: dict[str, Any]) -> Any:
     v = dict(VARIANTS[name])
     scaling = {k: v.pop(k) for k in SCALING_KEYS if k in v}
     accumulate = v.pop("accumulate", 1)
-    spec = parse_spec(
+    return parse_spec(
         {
             "name": f"bench-{name}-w{workers}",
-            "model": {"config": SHAPES[shape], "tokenizer": "bytes", "dtype": "bfloat16"},
+            "model": {"config": config, "tokenizer": "bytes", "dtype": "bfloat16"},
             "method": {"kind": "full"},
             "objective": {"kind": "cpt"},
             "data": {"train": str(data), "max_length": SEQ, "eval_fraction": 0},
@@ -75,9 +95,13 @@ def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shap
             },
             "scaling": {"workers": workers, "gpus_per_worker": 1, "cpus_per_worker": 4} | scaling,
             "eval": {"samples": 0},
-            "output": str(run_dir),
+            "output": str(out / f"{name}-w{workers}"),
         }
     )
+
+
+def run_variant(spec: Any, name: str, workers: int) -> dict[str, Any]:
+    run_dir = Path(str(spec.output))
     summary = run_job(spec, console=Console(file=io.StringIO()), evaluate=False)
     tps = steady_tokens_per_s(run_dir)
     return {
@@ -88,50 +112,168 @@ def run_variant(name: str, out: Path, data: Path, steps: int, workers: int, shap
         "peak GiB": (summary["peak_memory_bytes"] or 0) / 2**30,
         "engine": summary["engine"],
         "ckpt": summary["gradient_checkpointing"],
+        "compiled": summary["compiled"],
         "offload": summary["offload_ratio"],
         "loss": f"{summary['first_loss']:.3f}->{summary['last_loss']:.3f}",
+        "losses": [r["loss"] for r in read_metrics(run_dir) if r["event"] == "step"],
     }
+
+
+def plain_batches(spec: Any) -> list[torch.Tensor]:
+    """The input ids of rank 0's micro-batches, in the order the fulcrum run of `spec` trains on them."""
+    from trainers.data import micro_batches, prepare, shard_order, shard_rows
+    from trainers.models import load_tokenizer
+
+    tokenizer = load_tokenizer(materialize_base(spec.model))
+    table = prepare(spec, tokenizer).train.table
+    order = shard_order(shard_rows(table.num_rows, 0, 1, spec.train.seed), spec.train.seed, spec.data.shuffle)
+    batches = micro_batches(table, order, spec.train.micro_batch_size, tokenizer.pad_token_id)
+    return [next(batches)["input_ids"] for _ in range(spec.train.max_steps)]
+
+
+def plain_loop(source: str, batches: list[torch.Tensor], kind: str, spec: Any) -> dict[str, Any]:
+    """What a skilled user writes: float32 weights (the master copy) under bf16 autocast, fused AdamW,
+    clipping, the spec's schedule; `kind` eager, compile (torch.compile of the model) or liger (Liger's
+    RoPE, SwiGLU, RMSNorm and fused linear cross-entropy, eager). One process, no Ray Train."""
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    if kind == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()  # patches the Llama classes: before the model is built
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    model.train()
+    t = spec.train
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay, fused=cuda or None
+    )
+    warmup = int(t.warmup_ratio * t.max_steps)
+    scheduler = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=t.max_steps)
+    forward = torch.compile(model) if kind == "compile" else model
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(i: int) -> torch.Tensor:
+        ids = batches[i].to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        opt.step()
+        scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step_s, losses = timed_steps(step, len(batches))
+    return {
+        "tokens/s": batches[0].numel() / step_s,
+        "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "losses": losses,
+    }
+
+
+def run_peer(kind: str, spec: Any, batches: list[torch.Tensor], gpus: float) -> dict[str, Any]:
+    # A fresh process per loop (max_calls=1): compiled state, patched classes, cached GPU memory go with it.
+    task = ray.remote(num_gpus=gpus, max_calls=1)(plain_loop)
+    try:
+        row = ray.get(task.remote(materialize_base(spec.model), batches, kind, spec))
+    except Exception as e:  # Liger and compile together failed before; one loop must not lose the rest
+        return {"variant": f"plain {kind}", "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
+    tps = row["tokens/s"]
+    return {"variant": f"plain {kind}", "workers": 1, "engine": "torch, no Ray", "tokens/s/GPU": tps, **row}
+
+
+def curve_check(rows: list[dict[str, Any]], reference: dict[str, Any]) -> None:
+    """Each row's largest relative loss difference from `reference`, per step; flagged past TOLERANCE."""
+    for r in rows:
+        if r is reference or "losses" not in r:
+            continue
+        worst = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], reference["losses"], strict=False))
+        r["curve"] = f"{worst:.2%} " + ("ok" if worst <= TOLERANCE else "MISMATCH")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="mb8-compile")
     parser.add_argument("--shape", choices=SHAPES, default="0.95b")
     parser.add_argument("--workers", default="1", help="comma-separated worker (GPU) counts, e.g. 1,2")
+    parser.add_argument("--peers", default="eager,compile,liger", help="plain loops to run ('' for none)")
+    parser.add_argument("--doc-bytes", type=int, default=1 << 20, help="<= 2048: packed documents")
+    parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    peak = matmul_tflops()
-    per_token = flops_per_token(SHAPES[args.shape], SEQ)
+    config = TINY_LLAMA | {"vocab_size": 259} if args.dry_run else SHAPES[args.shape]
+    global SEQ
+    SEQ = 64 if args.dry_run else SEQ
+    peak = 1.0 if args.dry_run else matmul_tflops()
+    per_token = flops_per_token(config, SEQ)
+    no_embedding = flops_per_token(config, SEQ, embedding=False)
     most_workers = max(int(w) for w in args.workers.split(","))
-    data = random_text(args.out / "random.jsonl", SEQ * 8 * most_workers * (args.steps + 2))
+    data = random_text(
+        args.out / "random.jsonl", SEQ * 8 * most_workers * (args.steps + 2), doc_bytes=args.doc_bytes
+    )
     ensure_ray(min_cpus=4 * most_workers + 2)
-    rows = []
+    rows: list[dict[str, Any]] = []
     runs = [(name, int(w)) for w in args.workers.split(",") for name in args.variants.split(",")]
+    specs = {}
     for name, workers in runs:
+        spec = specs[name, workers] = variant_spec(name, args.out, data, args.steps, workers, config)
+        if args.dry_run:  # CPU workers: no GPU to ask for
+            spec = specs[name, workers] = spec.model_copy(
+                update={"scaling": spec.scaling.model_copy(update={"gpus_per_worker": 0})}
+            )
         try:
-            row = run_variant(name, args.out, data, args.steps, workers, args.shape)
-            row["MFU %"] = 100 * row["tokens/s/GPU"] * per_token / (peak * 1e12)
+            rows.append(run_variant(spec, name, workers))
         except Exception as e:  # one variant's OOM must not lose the others' numbers
-            print_failure(args.out / f"{name}-w{workers}", e)
-            row = {"variant": name, "workers": workers, "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
-        rows.append({k: (f"{x:.1f}" if isinstance(x, float) else x) for k, x in row.items()})
-        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"matmul bf16 8192^3: {peak:.0f} TFLOP/s; model FLOPs/token: {per_token / 1e9:.2f} G")
+            print_failure(Path(str(spec.output)), e)
+            rows.append({"variant": name, "workers": workers, "engine": f"failed: {str(e)[-80:]}"})
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    fulcrum = [r for r in rows if "losses" in r]
+    if args.peers and fulcrum:
+        first = specs[runs[0]]
+        batches = plain_batches(first)
+        for kind in args.peers.split(","):
+            rows.append(run_peer(kind, first, batches, 0 if args.dry_run else 1))
+            (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    for r in rows:
+        if "tokens/s/GPU" in r:
+            r["MFU %"] = 100 * r["tokens/s/GPU"] * per_token / (peak * 1e12)
+            r["MFU % (no emb.)"] = 100 * r["tokens/s/GPU"] * no_embedding / (peak * 1e12)
+    peers = [r for r in rows if r["variant"].startswith("plain") and "tokens/s" in r]
+    if fulcrum:
+        curve_check(rows, fulcrum[0])
+    if peers:
+        best = max(peers, key=lambda r: r["tokens/s"])
+        for r in fulcrum:
+            r["vs best plain"] = f"{r['tokens/s/GPU'] / best['tokens/s']:.2f}x ({best['variant']})"
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    for r in rows:
+        if "losses" in r:
+            print(r["variant"], [round(x, 3) for x in r["losses"]])
+    print(
+        f"matmul bf16 8192^3: {peak:.0f} TFLOP/s; model FLOPs/token: {per_token / 1e9:.2f} G "
+        f"({no_embedding / 1e9:.2f} G without the embedding); curve tolerance {TOLERANCE:.0%} a step"
+    )
     print_table(
-        rows,
+        [{k: (f"{x:.1f}" if isinstance(x, float) else x) for k, x in r.items()} for r in rows],
         [
             "variant",
             "workers",
             "engine",
+            "compiled",
             "ckpt",
             "offload",
             "tokens/s",
             "tokens/s/GPU",
             "MFU %",
+            "MFU % (no emb.)",
             "peak GiB",
-            "loss",
+            "vs best plain",
+            "curve",
         ],
     )
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,14 @@ import ray
 import torch
 from rich.console import Console
 
-from benchmarks.common import SHAPES, print_failure, print_table, random_text, steady_tokens_per_s
+from benchmarks.common import (
+    SHAPES,
+    print_failure,
+    print_table,
+    random_text,
+    steady_tokens_per_s,
+    timed_steps,
+)
 from cluster.local import ensure_ray
 from trainers.models import materialize_base
 from trainers.report import read_metrics
@@ -90,19 +95,17 @@ def plain_peft_loop(source: str, table: Any, steps: int, quantize: bool) -> dict
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
     ids = torch.tensor(table.column("input_ids").to_pylist()[: steps * MICRO]).cuda()
-    losses, times = [], []
     torch.cuda.reset_peak_memory_stats()
-    for step in range(steps):
-        batch = ids[step * MICRO : (step + 1) * MICRO]
+
+    def step(i: int) -> torch.Tensor:
+        batch = ids[i * MICRO : (i + 1) * MICRO]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # syncs: the step is over when this returns
-        times.append(time.perf_counter())
-    import statistics
+        return loss
 
-    step_s = statistics.median(b - a for a, b in itertools.pairwise(times[3:]))
+    step_s, losses = timed_steps(step, steps)
     return {
         "tokens/s": MICRO * SEQ / step_s,
         "peak GiB": torch.cuda.max_memory_allocated() / 2**30,

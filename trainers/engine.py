@@ -1,5 +1,5 @@
-"""The two ways a worker steps a model: a DeepSpeed ZeRO engine (method `full`) or plain PyTorch with
-DDP (PEFT and `freeze`, whose few trainable weights gain nothing from sharding).
+"""The two ways a worker steps a model: plain PyTorch with DDP (PEFT, `freeze`, and `full` at ZeRO stage 0,
+where nothing is sharded or offloaded) or a DeepSpeed ZeRO engine (`full` at stages 1-3, and offload).
 
 Both expose the same small surface so that loop.py reads as one plain loop.
 """
@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def uses_deepspeed(spec: Any, stage: int) -> bool:
+    """DeepSpeed earns its keep where it shards or offloads. At stage 0 it would only replicate what DDP
+    does, behind a bf16 optimizer wrapper that cost a fifth of the step (docs/benchmarks.md)."""
+    s = spec.scaling
+    return spec.method.kind == "full" and (stage > 0 or s.offload != "none" or s.engine == "deepspeed")
 
 
 def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype, offload_ratio: float = 1.0) -> dict[str, Any]:
@@ -179,12 +186,13 @@ class DeepSpeedEngine:
 
 
 class TorchEngine:
-    """Plain PyTorch steps with DDP across workers: for PEFT methods and `freeze`.
+    """Plain PyTorch steps with DDP across workers: for PEFT methods, `freeze`, and `full` at ZeRO stage 0.
 
     Mixed precision: trainable weights stored in 16 bits get float32 master copies that the optimizer
     updates (a bf16 weight near 1 moves in steps of 2^-8, so a 1e-5 update rounds away); the model itself
-    stays in its dtype, so what it computes and what is saved is the 16-bit model. float16 also scales the
-    loss (GradScaler), whose gradients would otherwise underflow.
+    stays in its dtype, so what it computes and what is saved is the 16-bit model. Gradients of 16-bit
+    weights are summed over micro-batches in float32, on the masters. float16 also scales the loss
+    (GradScaler), whose gradients would otherwise underflow.
     """
 
     def __init__(
@@ -193,7 +201,9 @@ class TorchEngine:
         self.module = model
         self.wrapped: torch.nn.Module = model
         device = next(p for p in model.parameters() if p.requires_grad).device
-        if dtype in (torch.bfloat16, torch.float16):
+        # `full` holds every weight in the 16-bit dtype, so it runs as is, as under DeepSpeed; the others
+        # mix float32 trainable weights into a 16-bit model.
+        if dtype in (torch.bfloat16, torch.float16) and spec.method.kind != "full":
             # peft keeps adapter weights in float32 (their updates are too small for bf16) and by default
             # casts every LoRA input up to float32 to match: a float32 copy of each activation, kept for
             # backward. Under autocast the adapter matmuls run in 16-bit on the 16-bit input instead.
@@ -221,6 +231,9 @@ class TorchEngine:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.max_grad_norm = spec.train.max_grad_norm
         self.accum = spec.grad_accum
+        # Accumulating over micro-batches, 16-bit gradients move onto the float32 masters after each one
+        # (summing them in 16 bits would round); DDP then reduces every micro-batch, not only the last.
+        self.fold_each_micro = self.accum > 1 and bool(self.masters)
         self.micro = 0
         self._grad_norm: torch.Tensor | None = None
 
@@ -239,18 +252,29 @@ class TorchEngine:
         self.micro += 1
         last = self.micro % self.accum == 0
         loss = self.scaler.scale(loss)
-        if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and not last:
+        ddp = isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
+        if ddp and not last and not self.fold_each_micro:
             with self.wrapped.no_sync():  # all-reduce gradients once per optimizer step
                 loss.backward()
         else:
             loss.backward()
+        if self.fold_each_micro or last:
+            self._fold_grads()
+
+    def _fold_grads(self) -> None:
+        """The optimizer sees float32 gradients on the float32 masters."""
+        for p, master in self.masters:
+            if p.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = p.grad.float()
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
 
     def step(self) -> None:
         if self.micro % self.accum:
             return
-        for p, master in self.masters:  # the optimizer sees float32 gradients on the float32 masters
-            master.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
         self.scaler.unscale_(self.optimizer)
         stepped = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.max_grad_norm > 0:
@@ -259,9 +283,9 @@ class TorchEngine:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, master in self.masters:
-                p.copy_(master)
+        if self.masters:
+            with torch.no_grad():  # one multi-tensor copy (and rounding) for all weights
+                torch._foreach_copy_([p for p, _ in self.masters], [m for _, m in self.masters])
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

@@ -23,7 +23,7 @@ import torch
 
 from trainers import storage
 from trainers.data import collate, micro_batches, shard_order, shard_rows, steps_per_epoch
-from trainers.engine import DeepSpeedEngine, TorchEngine, deepspeed_config
+from trainers.engine import DeepSpeedEngine, TorchEngine, deepspeed_config, uses_deepspeed
 from trainers.errors import FulcrumError
 from trainers.evaluate import (
     PROBE_FILE,
@@ -134,11 +134,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     plan = plan_memory(spec, model_config, n_params, largest, world, device, device_bytes)
     dtype = resolve_dtype(spec.model.dtype, device)
-    ds_config = (
-        deepspeed_config(spec, plan.zero_stage, dtype, plan.offload_ratio)
-        if spec.method.kind == "full"
-        else None
-    )
+    deepspeed = uses_deepspeed(spec, plan.zero_stage)
+    ds_config = deepspeed_config(spec, plan.zero_stage, dtype, plan.offload_ratio) if deepspeed else None
 
     # ---- model and method
     tokenizer_source = local_source(config["tokenizer_source"], packed)
@@ -162,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpointed = enable_checkpointing(model, spec, plan.checkpointed_layers)
 
     engine: DeepSpeedEngine | TorchEngine
-    if spec.method.kind == "full":
+    if deepspeed:
         engine = DeepSpeedEngine(
             model, spec, plan.zero_stage, dtype, total_steps, plan.offload_ratio, device=device
         )
@@ -183,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         frozen.requires_grad_(False)
         return frozen.eval()
 
-    objective = build_objective(spec, engine.module, load_frozen, config["frozen_sources"])
+    objective = build_objective(spec, engine.module, load_frozen, config["frozen_sources"], plan.compiled)
 
     # ---- data: this rank's disjoint shard
     train_table = ray.get(config["train_ref"])
@@ -219,9 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "host": socket.gethostname(),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "engine": f"deepspeed-zero{plan.zero_stage}"
-        if spec.method.kind == "full"
-        else ("ddp" if world > 1 else "torch"),
+        "engine": f"deepspeed-zero{plan.zero_stage}" if deepspeed else ("ddp" if world > 1 else "torch"),
         "zero_stage": plan.zero_stage if spec.method.kind == "full" else None,
         "memory_plan": plan.reason,
         "gradient_checkpointing": checkpointed > 0,

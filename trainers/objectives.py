@@ -44,6 +44,7 @@ def token_cross_entropy(
     labels: torch.Tensor,
     chunk: int | None = None,
     head: torch.nn.Module | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Sum of cross-entropy over (tokens, vocab) logits, computed in float32.
 
@@ -51,10 +52,13 @@ def token_cross_entropy(
     largest tensors of a step (4096 tokens x 128k vocab: 1 GiB in bf16, 2 GiB in float32, each). The sum
     is taken chunk by chunk, each chunk recomputed in backward, so only one chunk ever exists. With
     `head`, `logits` are the final hidden states and the output layer itself runs per chunk: the full
-    logits never exist at all.
+    logits never exist at all; a plain output layer in training runs fused with its loss and gradients
+    (`LinearCrossEntropy`, its softmax compiled where `compiled`) rather than recomputed.
     """
     vocab = _vocab_size(head) if head is not None else logits.size(-1)
     rows = max(1, (chunk or CE_CHUNK_ELEMENTS) // vocab)
+    if head is not None and _fusable(head, logits):
+        return LinearCrossEntropy.apply(logits, head.weight, labels, rows, compiled)
     piece = _ce_sum if head is None else _head_ce_sum
     extra = () if head is None else (head,)
     if logits.size(0) <= rows:
@@ -67,6 +71,85 @@ def token_cross_entropy(
         else:
             total = total + piece(*part)
     return total
+
+
+def _fusable(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """A plain bias-free output layer, in training, with its whole weight here (not ZeRO-3 partitioned;
+    peft-wrapped heads take the checkpointed path)."""
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and torch.is_grad_enabled()
+        and (hidden.requires_grad or bool(weight is not None and weight.requires_grad))
+        and not hasattr(weight, "ds_id")
+    )
+
+
+def _ce_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of cross-entropy over rows of 16-bit logits (in float32), and its gradient by the logits:
+    softmax - one-hot, zero on IGNORE rows, rounded to the logits' dtype as autograd would."""
+    z = logits.float()
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    valid = (labels != IGNORE).unsqueeze(1)
+    target = labels.clamp(min=0).unsqueeze(1)
+    loss = ((lse - z.gather(1, target)) * valid).sum()
+    grad = (z - lse).exp_().scatter_add_(1, target, torch.full_like(lse, -1.0)).mul_(valid)
+    return loss, grad.to(logits.dtype)
+
+
+# One fused kernel instead of six passes over each float32 chunk; compiled on first use in runs that compile.
+_ce_and_grad_fused = torch.compile(_ce_and_grad, dynamic=False)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy of `hidden @ weight.T`, chunk by chunk, with both gradients computed during the
+    forward pass (the loss is the last op: its gradient is the forward's times one scalar). Compared with
+    recomputing each chunk in backward, this saves one head matmul per token; the full logits never exist.
+    The numerics are the checkpointed path's: 16-bit logits, float32 softmax, 16-bit logit gradients; the
+    head's gradient sums over chunks in float32."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int, compiled: bool
+    ) -> torch.Tensor:
+        ce = _ce_and_grad_fused if compiled and hidden.is_cuda else _ce_and_grad
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.size(0), rows):
+            h = hidden[start : start + rows]
+            loss, grad = ce(h @ weight.t(), labels[start : start + rows])
+            total += loss
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[start : start + rows])
+            if grad_weight is not None:
+                _add_product(grad_weight, grad.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.float()
+        return (
+            None if grad_hidden is None else (grad_hidden * scale).to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, with float32 `out` and 16-bit a, b: accumulated in place on GPUs."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif out.is_cuda:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out += (a @ b).float()
 
 
 def _vocab_size(head: torch.nn.Module) -> int:
@@ -117,7 +200,9 @@ def hidden_states_as_logits(model: Any) -> Iterator[torch.nn.Module | None]:
         base.set_output_embeddings(head)
 
 
-def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(
+    model: Any, batch: dict[str, torch.Tensor], compiled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over tokens whose label is not IGNORE, and their count.
 
     sft masks prompt tokens in `labels` (data.py), so the same loss trains on answers only. The output
@@ -126,7 +211,9 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     with hidden_states_as_logits(model) as head:
         states = token_logits(model, batch)[:, :-1]
     labels = batch["labels"][:, 1:]
-    loss_sum = token_cross_entropy(states.reshape(-1, states.size(-1)), labels.reshape(-1), head=head)
+    loss_sum = token_cross_entropy(
+        states.reshape(-1, states.size(-1)), labels.reshape(-1), head=head, compiled=compiled
+    )
     return loss_sum, (labels != IGNORE).sum()
 
 
@@ -144,13 +231,16 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 class CausalLM:
-    """cpt and sft: next-token loss on the labelled tokens."""
+    """cpt and sft: next-token loss on the labelled tokens (`compiled`: with its softmax compiled)."""
+
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = compiled
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return label_tokens(batch)
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
-        loss_sum, _ = causal_lm_loss(model, batch)
+        loss_sum, _ = causal_lm_loss(model, batch, self.compiled)
         return loss_sum, {}
 
 
@@ -233,13 +323,17 @@ class Distill:
 
 
 def build_objective(
-    spec: Any, policy: Any, load_frozen: Callable[[str], Any], sources: dict[str, str]
+    spec: Any,
+    policy: Any,
+    load_frozen: Callable[[str], Any],
+    sources: dict[str, str],
+    compiled: bool = False,
 ) -> CausalLM | Dpo | Distill:
     """The objective of a spec. `policy` is the trained model (its peft wrapper for PEFT methods);
-    `load_frozen(source)` loads a frozen model on this worker's device."""
+    `load_frozen(source)` loads a frozen model on this worker's device; `compiled`: the run compiles."""
     kind = spec.objective.kind
     if kind in ("cpt", "sft"):
-        return CausalLM()
+        return CausalLM(compiled)
     if kind == "dpo":
         if spec.is_peft:
             # The base *is* the reference: the same weights with the adapter switched off.

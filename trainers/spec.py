@@ -76,7 +76,7 @@ class ModelSpec(_Section):
 
 # --------------------------------------------------------------------------- methods
 class FullMethod(_Section):
-    """Every weight trains, through DeepSpeed ZeRO."""
+    """Every weight trains: plain PyTorch at ZeRO stage 0, DeepSpeed ZeRO when sharded or offloaded."""
 
     kind: Literal["full"]
 
@@ -293,7 +293,7 @@ class TrainSpec(_Section):
     )
     compile: bool | Literal["auto"] = Field(
         "auto",
-        description="torch.compile (PEFT: each decoder layer; full: the model, through DeepSpeed); "
+        description="torch.compile (each decoder layer; under DeepSpeed the model, through it); "
         "fuses norms, rotary embeddings and activations. "
         "`auto`: on GPUs for lora, qlora and full at ZeRO stage 0 (the measured ones).",
     )
@@ -315,6 +315,11 @@ class ScalingSpec(_Section):
     zero_stage: Annotated[Literal["auto", 0, 1, 2, 3], BeforeValidator(_no_bool)] = Field(
         "auto",
         description="DeepSpeed ZeRO stage for `full`; `auto` picks the lowest that fits (0 on one worker).",
+    )
+    engine: Literal["auto", "deepspeed"] = Field(
+        "auto",
+        description="How `full` steps. `auto`: plain PyTorch (DDP, float32 master weights, fused AdamW) at "
+        "ZeRO stage 0 without offload, DeepSpeed otherwise; `deepspeed`: DeepSpeed at every stage.",
     )
     offload: Literal["none", "optimizer", "parameters", "all"] = Field(
         "none", description="DeepSpeed CPU offload for `full` (parameters needs stage 3)."
@@ -446,6 +451,8 @@ def _check_consistency(spec: JobSpec) -> None:
             f"DeepSpeed ZeRO applies to method `full` only; method `{spec.method.kind}` trains with "
             "plain data parallelism (remove zero_stage)",
         )
+    if spec.method.kind != "full" and s.engine != "auto":
+        raise _FieldProblem(("scaling", "engine"), "DeepSpeed applies to method `full` only; remove engine")
     if spec.method.kind != "full" and s.offload != "none":
         raise _FieldProblem(("scaling", "offload"), "CPU offload applies to method `full` only")
     if s.offload in ("parameters", "all") and s.zero_stage not in ("auto", 3):

@@ -141,6 +141,51 @@ def test_loss_with_the_head_run_in_chunks_equals_the_full_logits_loss() -> None:
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_and_loss_equal_the_full_logits_loss(dtype: torch.dtype) -> None:
+    """A plain output layer in training runs fused with its loss (gradients computed in the forward pass,
+    chunk by chunk): loss and every gradient must be the full-logits ones, scaled like any loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import trainers.objectives as objectives
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    ids = torch.randint(0, 300, (3, 20))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    params = list(model.parameters())
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    reference = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 300), labels[:, 1:].reshape(-1), reduction="sum"
+    )
+    expected = torch.autograd.grad(reference * 0.25, params)
+    small = objectives.CE_CHUNK_ELEMENTS
+    objectives.CE_CHUNK_ELEMENTS = 300 * 16  # several chunks of 16 tokens
+    try:
+        with objectives.hidden_states_as_logits(model) as head:
+            assert objectives._fusable(head, torch.ones(1, requires_grad=True))
+        loss_sum, _ = objectives.causal_lm_loss(model, {"input_ids": ids, "labels": labels})
+    finally:
+        objectives.CE_CHUNK_ELEMENTS = small
+    got = torch.autograd.grad(loss_sum * 0.25, params)
+    assert loss_sum.dtype == torch.float32
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(loss_sum, reference, rtol=rtol)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        else:  # bf16 rounding of the logits' gradients, summed in another order
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 0.02
+    with torch.no_grad():  # evaluation: the plain chunked path, same value
+        assert torch.allclose(objectives.causal_lm_loss(model, {"input_ids": ids, "labels": labels})[0],
+                              loss_sum.detach(), rtol=rtol)  # fmt: skip
+
+
 def test_fewest_checkpointed_layers_fits_the_budget() -> None:
     from trainers.memory import fewest_checkpointed_layers
 

@@ -1,5 +1,5 @@
-"""Mixed precision in TorchEngine (PEFT and `freeze`), without Ray: float32 master weights for 16-bit
-trainable weights, and loss scaling for float16."""
+"""Mixed precision in TorchEngine (PEFT, `freeze`, `full` at stage 0), without Ray: float32 master weights
+for 16-bit trainable weights, and loss scaling for float16."""
 
 from __future__ import annotations
 
@@ -100,6 +100,45 @@ def test_bf16_freeze_keeps_float32_masters_so_small_updates_land(tmp_path: Path)
     resumed.load(tmp_path)
     assert torch.equal(resumed.trainable_state()[WATCHED], master)
     assert torch.equal(dict(resumed_model.named_parameters())[WATCHED].detach(), weight.detach())
+
+
+def test_bf16_full_runs_without_autocast_and_sums_micro_batch_gradients_in_float32(tmp_path: Path) -> None:
+    """`full` at stage 0 steps through TorchEngine: the bf16 model runs as is (as under DeepSpeed), every
+    weight has a float32 master, and with accumulation each micro-batch's bf16 gradient is added to a
+    float32 sum rather than to a bf16 one."""
+    spec = JobSpec.model_validate(
+        tiny_spec(
+            tmp_path,
+            model={"dtype": "bfloat16"},
+            train={"lr": 1e-3, "scheduler": "constant", "batch_size": 4, "micro_batch_size": 2},
+        )
+    )
+    assert spec.grad_accum == 2
+    model = load_model(materialize_base(spec.model), dtype=torch.bfloat16)
+    engine = TorchEngine(model, spec, total_steps=4, world=1, dtype=torch.bfloat16)
+    assert engine.forward_model() is model  # no autocast wrapper
+    assert len(engine.masters) == sum(1 for _ in model.parameters())
+    batch = fixed_batch()
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    weight = dict(model.named_parameters())[WATCHED]
+    grads = []
+    for half in halves:
+        model(**half).loss.backward()
+        grads.append(weight.grad.float())
+        model.zero_grad(set_to_none=True)
+    for half in halves:
+        engine.backward(model(**half).loss)
+        assert weight.grad is None  # moved onto the master
+        if half is halves[0]:
+            engine.step()  # not a boundary yet: nothing changes
+            assert engine.lr() == 1e-3 and engine.grad_norm() is None
+    master = dict(zip((n for n, _ in engine.trainable), (m for _, m in engine.masters), strict=True))[WATCHED]
+    assert torch.equal(master.grad, grads[0] + grads[1])
+    start = weight.detach().clone()
+    engine.step()
+    assert master.grad is None and engine.grad_norm() is not None
+    assert torch.equal(weight.detach(), master.detach().to(torch.bfloat16))
+    assert not torch.equal(weight.detach(), start)
 
 
 def test_float16_lora_scales_the_loss_and_the_scaler_state_round_trips(tmp_path: Path) -> None:
