@@ -226,7 +226,9 @@ async def http_run(args: argparse.Namespace, texts: list[str], ids: list[str]) -
     return summarize(wall, [r[1] for r in results], [r[0] for r in results], sum(r[2] for r in results))
 
 
-def bench_http(args: argparse.Namespace, adapters: list[Path], counts: list[int]) -> list[dict]:
+def bench_http(
+    args: argparse.Namespace, adapters: list[Path], counts: list[int], label: str = "fulcrum http"
+) -> list[dict]:
     import json
     import urllib.request
 
@@ -247,12 +249,12 @@ def bench_http(args: argparse.Namespace, adapters: list[Path], counts: list[int]
     for n in counts:
         ids = [f"bench-{i % n}" for i in range(args.prompts)]
         result = best(args, lambda ids=ids: asyncio.run(http_run(args, texts, ids)))
-        rows.append({"system": "fulcrum http", "adapters": n, **result, "cold load ms": f"{cold:.1f} (POST)"})
+        rows.append({"system": label, "adapters": n, **result, "cold load ms": f"{cold:.1f} (POST)"})
     return rows
 
 
 @contextlib.contextmanager
-def fulcrum_serve(args: argparse.Namespace, spec: ModelSpec) -> Iterator[str]:
+def fulcrum_serve(args: argparse.Namespace, spec: ModelSpec, ingress: int) -> Iterator[str]:
     """`fulcrum serve` on this base in a child process, for as long as the block runs -> its URL."""
     import json
     import socket
@@ -268,6 +270,7 @@ def fulcrum_serve(args: argparse.Namespace, spec: ModelSpec) -> Iterator[str]:
         "max_adapters_per_replica": max(int(c) for c in args.adapters.split(",")),
         "max_batch_rows": args.prompts,
         "context_length": args.prompt_tokens + args.new_tokens + 8,
+        "ingress_replicas": ingress,
         "port": port,
     }
     path = args.out / "serve.yaml"
@@ -384,6 +387,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/fulcrum-serve-bench"))
     parser.add_argument("--url", help="also measure a running `fulcrum serve` over HTTP (openai client)")
     parser.add_argument("--serve", action="store_true", help="also start `fulcrum serve` and measure it")
+    parser.add_argument(
+        "--ingress", default="1", help="with --serve: ingress replicas, comma-separated (one server each)"
+    )
     parser.add_argument("--api-key", help="an admin key of that server")
     parser.add_argument("--peft-mixed-max", type=int, default=8, help="skip peft's mixed batch above this")
     parser.add_argument("--skip-peft", action="store_true")
@@ -418,8 +424,9 @@ def main() -> None:
     if args.url:
         rows += bench_http(args, adapters, counts)
     elif args.serve:
-        with fulcrum_serve(args, spec) as args.url:
-            rows += bench_http(args, adapters, counts)
+        for ingress in [int(n) for n in args.ingress.split(",")]:
+            with fulcrum_serve(args, spec, ingress) as args.url:
+                rows += bench_http(args, adapters, counts, f"fulcrum http ({ingress} ingress)")
     if not args.skip_peft:
         rows += bench_peft(args, spec, adapters, counts)
     print(
@@ -432,7 +439,10 @@ def main() -> None:
     agreement(rows, modes, counts)
     rate = {(r["system"], r["adapters"]): r.get("_rate") for r in rows}
     peft_one = rate.get(("peft: one adapter", 1))
-    for system in (DECODE_MODES[modes[0]][1], "fulcrum http"):
+    for system in [
+        DECODE_MODES[modes[0]][1],
+        *dict.fromkeys(r["system"] for r in rows if "http" in r["system"]),
+    ]:
         single = rate.get((system, 1))
         if not single:
             continue

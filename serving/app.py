@@ -185,7 +185,11 @@ def bind_app(config: ServeConfig) -> Application:
         health_check_period_s=5,
     )
     ingress = serve.deployment(
-        OpenAIIngress, name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
+        OpenAIIngress,
+        name="ingress",
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1024,
     )
     settings = {
         "app_name": config.app_name,

@@ -57,6 +57,13 @@ class ServeConfig(_Section):
         default_factory=list, description="More folders that POST /v1/adapters may register from."
     )
     replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(
+        1,
+        ge=1,
+        description="Replicas of the HTTP ingress (keys, validation, routing, streaming back). Each request "
+        "and every streamed chunk passes one; with many concurrent streams more spread that work over more "
+        "processes (they take no CPU reservation).",
+    )
     resources: Resources = Field(default_factory=Resources)
     max_adapters_per_replica: int = Field(8, ge=1, description="LRU bound of adapters per replica.")
     max_batch_rows: int = Field(16, ge=1, description="Requests decoded together in one step.")
