@@ -187,7 +187,7 @@ def bind_app(config: ServeConfig) -> Application:
     ingress = serve.deployment(
         OpenAIIngress,
         name="ingress",
-        num_replicas=config.ingress_replicas,
+        num_replicas=config.ingress_count(),
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1024,
     )

