@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: synthetic data, steady-state throughput, model FLOPs, tables."""
+"""Shared pieces of the benchmarks: synthetic data, steady-state throughput, model FLOPs, tables, and the
+hand-written peer loops (eager, torch.compile, Liger) that fulcrum is compared with in the same run."""
 
 from __future__ import annotations
 
@@ -127,3 +128,106 @@ def print_failure(run_dir: Path, error: Exception, lines: int = 40) -> None:
     log = run_dir / "error.log"
     tail = log.read_text().splitlines()[-lines:] if log.exists() else [repr(error)]
     print(f"--- {run_dir.name} failed:", *tail, sep="\n", flush=True)
+
+
+# ---- the hand-written peer loops
+
+
+def plain_batches(spec: Any) -> list[torch.Tensor]:
+    """The input ids of rank 0's micro-batches, in the order the fulcrum run of `spec` trains on them."""
+    from trainers.data import micro_batches, prepare, shard_order, shard_rows
+    from trainers.models import load_tokenizer, materialize_base
+
+    tokenizer = load_tokenizer(materialize_base(spec.model))
+    table = prepare(spec, tokenizer).train.table
+    order = shard_order(shard_rows(table.num_rows, 0, 1, spec.train.seed), spec.train.seed, spec.data.shuffle)
+    batches = micro_batches(table, order, spec.train.micro_batch_size, tokenizer.pad_token_id)
+    return [next(batches)["input_ids"] for _ in range(spec.train.max_steps)]
+
+
+# Builds a peer's model from the materialized base: (model, whether to run it under bf16 autocast).
+Build = Callable[[str, Any], tuple[torch.nn.Module, bool]]
+
+
+def plain_loop(
+    build: Build, source: str, batches: list[torch.Tensor], kind: str, spec: Any
+) -> dict[str, Any]:
+    """What a skilled user writes around `build`'s model: fused AdamW on what trains, clipping, the spec's
+    schedule; `kind` eager, compile (torch.compile of the whole model, one line) or liger (Liger's RoPE,
+    SwiGLU, RMSNorm and fused linear cross-entropy, eager). One process, no Ray Train."""
+    from transformers import get_scheduler
+
+    if kind == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()  # patches the Llama classes: before the model is built
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model, autocast = build(source, spec)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = spec.train
+    opt = torch.optim.AdamW(
+        params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay, fused=cuda or None
+    )
+    warmup = int(t.warmup_ratio * t.max_steps)
+    scheduler = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=t.max_steps)
+    forward = torch.compile(model) if kind == "compile" else model
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(i: int) -> torch.Tensor:
+        ids = batches[i].to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda and autocast):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step_s, losses = timed_steps(step, len(batches))
+    return {
+        "tokens/s": batches[0].numel() / step_s,
+        "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "losses": losses,
+    }
+
+
+def run_peer(build: Build, kind: str, spec: Any, batches: list[torch.Tensor], gpus: float) -> dict[str, Any]:
+    """One peer loop in a fresh process (max_calls=1: compiled state, patched classes and cached GPU memory
+    go with it); a failure becomes a row that says why."""
+    import ray
+
+    from trainers.models import materialize_base
+
+    task = ray.remote(num_gpus=gpus, max_calls=1)(plain_loop)
+    try:
+        row = ray.get(task.remote(build, materialize_base(spec.model), batches, kind, spec))
+    except Exception as e:  # Liger and compile together failed before; one loop must not lose the rest
+        return {"variant": f"plain {kind}", "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
+    tps = row["tokens/s"]
+    return {"variant": f"plain {kind}", "workers": 1, "engine": "torch, no Ray", "tokens/s/GPU": tps, **row}
+
+
+def curve_check(rows: list[dict[str, Any]], reference: dict[str, Any], tolerance: float) -> None:
+    """Each row's largest relative loss difference from `reference`, per step; flagged past `tolerance`."""
+    for r in rows:
+        if r is reference or "losses" not in r:
+            continue
+        worst = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], reference["losses"], strict=False))
+        r["curve"] = f"{worst:.2%} " + ("ok" if worst <= tolerance else "MISMATCH")
+
+
+def compare_with_best(fulcrum: list[dict[str, Any]], peers: list[dict[str, Any]]) -> None:
+    """Adds `vs best plain` (tokens/s ratio to the fastest peer that ran) to each fulcrum row."""
+    ran = [r for r in peers if "tokens/s" in r]
+    if not ran:
+        return
+    best = max(ran, key=lambda r: r["tokens/s"])
+    for r in fulcrum:
+        if "tokens/s" in r:  # per GPU where a run had several
+            ratio = r.get("tokens/s/GPU", r["tokens/s"]) / best["tokens/s"]
+            r["vs best plain"] = f"{ratio:.2f}x ({best['variant']})"

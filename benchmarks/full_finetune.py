@@ -15,23 +15,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from rich.console import Console
 
 from benchmarks.common import (
     SHAPES,
     TINY_LLAMA,
+    compare_with_best,
+    curve_check,
     flops_per_token,
     matmul_tflops,
+    plain_batches,
     print_failure,
     print_table,
     random_text,
+    run_peer,
     steady_tokens_per_s,
-    timed_steps,
 )
 from cluster.local import ensure_ray
-from trainers.models import materialize_base
 from trainers.report import read_metrics
 from trainers.run import run_job
 from trainers.spec import parse_spec
@@ -119,79 +120,12 @@ def run_variant(spec: Any, name: str, workers: int) -> dict[str, Any]:
     }
 
 
-def plain_batches(spec: Any) -> list[torch.Tensor]:
-    """The input ids of rank 0's micro-batches, in the order the fulcrum run of `spec` trains on them."""
-    from trainers.data import micro_batches, prepare, shard_order, shard_rows
-    from trainers.models import load_tokenizer
+def build_full(source: str, spec: Any) -> tuple[torch.nn.Module, bool]:
+    """The plain full fine-tuning model: float32 weights (the master copy), run under bf16 autocast."""
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(materialize_base(spec.model))
-    table = prepare(spec, tokenizer).train.table
-    order = shard_order(shard_rows(table.num_rows, 0, 1, spec.train.seed), spec.train.seed, spec.data.shuffle)
-    batches = micro_batches(table, order, spec.train.micro_batch_size, tokenizer.pad_token_id)
-    return [next(batches)["input_ids"] for _ in range(spec.train.max_steps)]
-
-
-def plain_loop(source: str, batches: list[torch.Tensor], kind: str, spec: Any) -> dict[str, Any]:
-    """What a skilled user writes: float32 weights (the master copy) under bf16 autocast, fused AdamW,
-    clipping, the spec's schedule; `kind` eager, compile (torch.compile of the model) or liger (Liger's
-    RoPE, SwiGLU, RMSNorm and fused linear cross-entropy, eager). One process, no Ray Train."""
-    from transformers import AutoModelForCausalLM, get_scheduler
-
-    if kind == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama()  # patches the Llama classes: before the model is built
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
-    model.train()
-    t = spec.train
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay, fused=cuda or None
-    )
-    warmup = int(t.warmup_ratio * t.max_steps)
-    scheduler = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=t.max_steps)
-    forward = torch.compile(model) if kind == "compile" else model
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-
-    def step(i: int) -> torch.Tensor:
-        ids = batches[i].to(device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = forward(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        opt.step()
-        scheduler.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    step_s, losses = timed_steps(step, len(batches))
-    return {
-        "tokens/s": batches[0].numel() / step_s,
-        "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        "losses": losses,
-    }
-
-
-def run_peer(kind: str, spec: Any, batches: list[torch.Tensor], gpus: float) -> dict[str, Any]:
-    # A fresh process per loop (max_calls=1): compiled state, patched classes, cached GPU memory go with it.
-    task = ray.remote(num_gpus=gpus, max_calls=1)(plain_loop)
-    try:
-        row = ray.get(task.remote(materialize_base(spec.model), batches, kind, spec))
-    except Exception as e:  # Liger and compile together failed before; one loop must not lose the rest
-        return {"variant": f"plain {kind}", "engine": f"failed: {str(e).splitlines()[-1][:80]}"}
-    tps = row["tokens/s"]
-    return {"variant": f"plain {kind}", "workers": 1, "engine": "torch, no Ray", "tokens/s/GPU": tps, **row}
-
-
-def curve_check(rows: list[dict[str, Any]], reference: dict[str, Any]) -> None:
-    """Each row's largest relative loss difference from `reference`, per step; flagged past TOLERANCE."""
-    for r in rows:
-        if r is reference or "losses" not in r:
-            continue
-        worst = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], reference["losses"], strict=False))
-        r["curve"] = f"{worst:.2%} " + ("ok" if worst <= TOLERANCE else "MISMATCH")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device), True
 
 
 def main() -> None:
@@ -237,19 +171,15 @@ def main() -> None:
         first = specs[runs[0]]
         batches = plain_batches(first)
         for kind in args.peers.split(","):
-            rows.append(run_peer(kind, first, batches, 0 if args.dry_run else 1))
+            rows.append(run_peer(build_full, kind, first, batches, 0 if args.dry_run else 1))
             (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     for r in rows:
         if "tokens/s/GPU" in r:
             r["MFU %"] = 100 * r["tokens/s/GPU"] * per_token / (peak * 1e12)
             r["MFU % (no emb.)"] = 100 * r["tokens/s/GPU"] * no_embedding / (peak * 1e12)
-    peers = [r for r in rows if r["variant"].startswith("plain") and "tokens/s" in r]
     if fulcrum:
-        curve_check(rows, fulcrum[0])
-    if peers:
-        best = max(peers, key=lambda r: r["tokens/s"])
-        for r in fulcrum:
-            r["vs best plain"] = f"{r['tokens/s/GPU'] / best['tokens/s']:.2f}x ({best['variant']})"
+        curve_check(rows, fulcrum[0], TOLERANCE)
+    compare_with_best(fulcrum, [r for r in rows if r["variant"].startswith("plain")])
     (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     for r in rows:
         if "losses" in r:

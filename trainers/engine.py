@@ -6,6 +6,7 @@ Both expose the same small surface so that loop.py reads as one plain loop.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,32 @@ def uses_deepspeed(spec: Any, stage: int) -> bool:
     does, behind a bf16 optimizer wrapper that cost a fifth of the step (docs/benchmarks.md)."""
     s = spec.scaling
     return spec.method.kind == "full" and (stage > 0 or s.offload != "none" or s.engine == "deepspeed")
+
+
+DEEPSPEED_TAG = "state"  # DeepSpeed's checkpoint folder inside ours
+TORCH_WEIGHTS = "trainable.safetensors"  # TorchEngine's
+
+
+def check_checkpoint_engine(directory: Path, engine: str) -> None:
+    """Refuse, with the fix, a checkpoint the other engine wrote: each reads only its own layout. A `full`
+    run at ZeRO stage 0 stepped through DeepSpeed until issue 15 and steps with plain PyTorch since, so a
+    `--resume` of such a run lands here."""
+    from trainers.errors import FulcrumError
+
+    by_deepspeed = (directory / DEEPSPEED_TAG).is_dir()
+    by_torch = (directory / TORCH_WEIGHTS).is_file()
+    if engine == "torch" and by_deepspeed and not by_torch:
+        raise FulcrumError(
+            "resume: this run's checkpoint was written by DeepSpeed's engine (a `full` run at ZeRO stage 0 "
+            "stepped through DeepSpeed before it moved to plain PyTorch); set `scaling.engine: deepspeed` in "
+            "the run directory's spec.yaml and resume again"
+        )
+    if engine == "deepspeed" and by_torch and not by_deepspeed:
+        raise FulcrumError(
+            "resume: this run's checkpoint was written by the plain PyTorch engine (ZeRO stage 0, no "
+            "offload) but this run steps through DeepSpeed; in the run directory's spec.yaml set "
+            "`scaling.engine: auto`, `scaling.zero_stage: 0` and `scaling.offload: none`, and resume again"
+        )
 
 
 def deepspeed_config(spec: Any, stage: int, dtype: torch.dtype, offload_ratio: float = 1.0) -> dict[str, Any]:
@@ -99,6 +126,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: Any, total_steps: int
     )
 
 
+def after_zero_step(optimizer: torch.optim.Optimizer, spec: Any, total_steps: int) -> Any:
+    """The schedule of a stage-0 DeepSpeed engine, made once DeepSpeed has stepped `optimizer` on zero
+    gradients at lr 0: the lr back, Adam's step counts and moments dropped (it makes them again lazily)."""
+    for group in optimizer.param_groups:
+        group["lr"] = spec.train.lr
+    optimizer.state.clear()
+    return make_scheduler(optimizer, spec, total_steps)
+
+
 class DeepSpeedEngine:
     """Full fine-tuning through DeepSpeed ZeRO stage 0-3 with optional CPU offload."""
 
@@ -126,7 +162,18 @@ class DeepSpeedEngine:
         # A model loaded partitioned (ZeRO-3) has empty local tensors: the caller knows the device.
         device = device or next(model.parameters()).device
         optimizer = make_optimizer(model, spec, device)
-        scheduler = make_scheduler(optimizer, spec, total_steps)
+        scheduler: Any
+        if stage == 0:
+            # DeepSpeed's 16-bit stage-0 wrappers (FP16_Optimizer, FP16_UnfusedOptimizer) "initialize" the
+            # optimizer by stepping it once on zero gradients. That step counts: Adam's bias correction then
+            # runs one step ahead (the first update is 0.73 of plain Adam's with betas 0.9/0.95) and weight
+            # decay applies once more. So the optimizer holds lr 0 while DeepSpeed wraps it, and the schedule
+            # (which DeepSpeed makes after the wrapping) restores the lr and drops the zero step's state.
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+            scheduler = partial(after_zero_step, spec=spec, total_steps=total_steps)
+        else:  # ZeRO 1-3 make their optimizer state lazily, as torch does
+            scheduler = make_scheduler(optimizer, spec, total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -159,10 +206,11 @@ class DeepSpeedEngine:
         return None if norm is None else float(norm)
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag="state")
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="state")
+        check_checkpoint_engine(directory, "deepspeed")
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
 
@@ -303,7 +351,7 @@ class TorchEngine:
 
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
-        save_file(self.trainable_state(), str(directory / "trainable.safetensors"))
+        save_file(self.trainable_state(), str(directory / TORCH_WEIGHTS))
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
@@ -317,7 +365,8 @@ class TorchEngine:
     def load(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        weights = load_file(str(directory / "trainable.safetensors"))
+        check_checkpoint_engine(directory, "torch")
+        weights = load_file(str(directory / TORCH_WEIGHTS))
         params = dict(self.module.named_parameters())
         master_of = {id(p): m for p, m in self.masters}
         with torch.no_grad():

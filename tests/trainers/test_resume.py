@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from rich.console import Console
 
 from tests.helpers import tiny_spec, write_spec
+from trainers.errors import FulcrumError
 from trainers.run import resume_job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -126,3 +128,36 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path: Path, ray
     assert starts[1]["start_step"] > 0 and starts[1]["start_step"] % 10 == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 150
+
+
+def test_resume_of_a_stage0_deepspeed_checkpoint_names_the_engine_to_set(
+    tmp_path: Path, ray_cluster: Any
+) -> None:
+    """A `full` run at ZeRO stage 0 checkpointed by DeepSpeed's engine (every such run before stage 0 moved to
+    plain PyTorch; `scaling.engine: deepspeed` since) cannot be read by the plain engine: `--resume` says what
+    to set, and with it set the run continues."""
+    run = tmp_path / "run"
+    log = tmp_path / "first.log"
+    train = {"max_steps": 30, "checkpoint_every": 5, "lr": 1.0e-3, "scheduler": "constant"}
+    spec = write_spec(
+        tmp_path,
+        tiny_spec(
+            tmp_path, method={"kind": "full"}, train=train, scaling={"zero_stage": 0, "engine": "deepspeed"}
+        ),
+    )
+    proc = start_cli(["train", str(spec), "--no-eval"], ray_cluster, log)
+    wait_for(lambda: any(run.glob("checkpoint_*/trainer_state.json")), proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # let Ray reap the dead driver's workers
+    # The run as the engine default now reads it: stage 0 steps with plain PyTorch.
+    written = yaml.safe_load((run / "spec.yaml").read_text())
+    (run / "spec.yaml").write_text(
+        yaml.safe_dump(written | {"scaling": written["scaling"] | {"engine": "auto"}})
+    )
+    with pytest.raises(FulcrumError, match=r"written by DeepSpeed's engine.*`scaling\.engine: deepspeed`"):
+        resume_job(run, console=Console(file=io.StringIO()), evaluate=False)
+    (run / "spec.yaml").write_text(yaml.safe_dump(written))  # the fix the message names
+    summary = resume_job(run, console=Console(file=io.StringIO()), evaluate=False)
+    assert summary["engine"] == "deepspeed-zero0" and summary["steps"] == 30
+    assert records(run, "start")[-1]["start_step"] > 0
