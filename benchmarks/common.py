@@ -231,3 +231,11 @@ def compare_with_best(fulcrum: list[dict[str, Any]], peers: list[dict[str, Any]]
         if "tokens/s" in r:  # per GPU where a run had several
             ratio = r.get("tokens/s/GPU", r["tokens/s"]) / best["tokens/s"]
             r["vs best plain"] = f"{ratio:.2f}x ({best['variant']})"
+
+
+def save_rows(rows: list[dict[str, Any]], out: Path) -> None:
+    """results.json under `out`, and each run's loss curve printed (for the curve check's reader)."""
+    (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    for r in rows:
+        if "losses" in r:
+            print(r["variant"], [round(x, 3) for x in r["losses"]])

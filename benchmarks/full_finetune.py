@@ -30,6 +30,7 @@ from benchmarks.common import (
     print_table,
     random_text,
     run_peer,
+    save_rows,
     steady_tokens_per_s,
 )
 from cluster.local import ensure_ray
@@ -180,10 +181,7 @@ def main() -> None:
     if fulcrum:
         curve_check(rows, fulcrum[0], TOLERANCE)
     compare_with_best(fulcrum, [r for r in rows if r["variant"].startswith("plain")])
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-    for r in rows:
-        if "losses" in r:
-            print(r["variant"], [round(x, 3) for x in r["losses"]])
+    save_rows(rows, args.out)
     print(
         f"matmul bf16 8192^3: {peak:.0f} TFLOP/s; model FLOPs/token: {per_token / 1e9:.2f} G "
         f"({no_embedding / 1e9:.2f} G without the embedding); curve tolerance {TOLERANCE:.0%} a step"

@@ -35,6 +35,7 @@ from benchmarks.common import (
     print_table,
     random_text,
     run_peer,
+    save_rows,
     steady_tokens_per_s,
 )
 from cluster.local import ensure_ray
@@ -243,10 +244,7 @@ def main() -> None:
             args.late_peers, spec_for(method, config, data, args.out, args.steps, 0), group, args, config
         )
     rows = [r for group in groups.values() for r in compare(group)]
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-    for r in rows:
-        if "losses" in r:
-            print(r["variant"], [round(x, 3) for x in r["losses"]])
+    save_rows(rows, args.out)
     print(
         f"curve tolerance {TOLERANCE:.0%} a step (relative to fulcrum's every-layer run of the same method)"
     )

@@ -105,8 +105,10 @@ class DynamicDecoder:
             for k, v in self.kv
         ]
 
-    def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        assert self.mask is not None
+    def step(
+        self, tokens: list[int], positions: list[int], lengths: list[int], slots: list[int]
+    ) -> torch.Tensor:
+        assert self.mask is not None  # the mask already knows each row's length
         device = self.mask.device
         ones = torch.ones(len(tokens), 1, dtype=self.mask.dtype, device=device)
         self.mask = torch.cat([self.mask, ones], dim=1)
@@ -171,7 +173,6 @@ class StaticDecoder:
         self.v: list[torch.Tensor] = []
         self.rows_cap = self.len_cap = 0
         self.row_of: list[int] = []  # cache row of each running row, in the engine's order
-        self.length: list[int] = []  # tokens in each running row's cache
         self._free: list[int] = []  # free cache rows below rows_cap (a heap: lowest first)
         self._captured: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
@@ -218,7 +219,6 @@ class StaticDecoder:
             cache_k[dest, :, :width] = k.gather(2, index).to(self.dtype)
             cache_v[dest, :, :width] = v.gather(2, index).to(self.dtype)
         self.row_of.extend(rows)
-        self.length.extend(lengths.tolist())
 
     def keep(self, rows: list[int]) -> None:
         kept = set(rows)
@@ -226,25 +226,26 @@ class StaticDecoder:
             if i not in kept:
                 heapq.heappush(self._free, row)
         self.row_of = [self.row_of[i] for i in rows]
-        self.length = [self.length[i] for i in rows]
 
     # ------------------------------------------------------------------ one step
-    def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """Feed each running row its next token -> logits [rows, vocab] (rows in the engine's order)."""
+    def step(
+        self, tokens: list[int], positions: list[int], lengths: list[int], slots: list[int]
+    ) -> torch.Tensor:
+        """Feed each running row its next token -> logits [rows, vocab] (rows in the engine's order; each
+        row's `lengths` entry is the tokens already in its cache, where the new one is written)."""
         if not self.row_of:
             raise RuntimeError("no running rows")
-        self._grow(0, max(self.length) + 1)
+        self._grow(0, max(lengths) + 1)
         width = _bucket(max(self.row_of) + 1, self.rows_cap, 8)
-        span = _bucket(max(self.length) + 1, self.len_cap, 64)
+        span = _bucket(max(lengths) + 1, self.len_cap, 64)
         host = torch.zeros(4, width, dtype=torch.long)
-        host[:, self.row_of] = torch.tensor([tokens, positions, self.length, slots], dtype=torch.long)
+        host[:, self.row_of] = torch.tensor([tokens, positions, lengths, slots], dtype=torch.long)
         self.inputs[:, :width].copy_(host)
         base_only = not any(slots)
         # A captured graph must not depend on which adapters the rows use: every mixed batch gathers.
         single = slots[0] if not self.graphs and len(set(slots)) == 1 else None
         self.slot_state.use_buffer(self.inputs[3, :width], uniform=0 if base_only else single)
         logits = self._replay(width, span, base_only) if self.graphs else self._forward(width, span)
-        self.length = [n + 1 for n in self.length]
         return logits.index_select(0, torch.tensor(self.row_of, device=self.device))
 
     def _replay(self, width: int, span: int, base_only: bool) -> torch.Tensor:

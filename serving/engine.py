@@ -600,6 +600,7 @@ class BatchEngine:
         logits = self._decoder.step(
             [r.generated[-1] for r in rows],
             [r.position for r in rows],
+            [r.length for r in rows],
             [r.entry.slot if r.entry else 0 for r in rows],
         )
         for r in rows:
@@ -715,7 +716,7 @@ def _check_static_wrap(name: str) -> None:
     """The static decode step calls attention, MLP, norm and linear modules (and `self_attn` blocks) as
     modules, but not a whole decoder layer or the model: an adapter there would silently do nothing."""
     parts = name.split(".")
-    if parts[-1].isdigit() or parts[-1] in ("model", "layers") or name == "model":
+    if parts[-1].isdigit() or parts[-1] in ("model", "layers"):
         raise AdapterError(
             f"the adapter wraps `{name}` as a whole; this server applies bottleneck adapters to attention "
             "and MLP blocks (`self_attn`, `mlp`, the defaults), not to whole decoder layers",
