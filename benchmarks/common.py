@@ -39,7 +39,7 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
 }
 SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
-# A 2-layer Llama for dry runs on a CPU (the tests keep their own copy: benchmarks/ does not import tests/).
+# A 2-layer Llama for the tests and the benchmarks' dry runs on a CPU.
 TINY_LLAMA = {
     "model_type": "llama",
     "hidden_size": 64,

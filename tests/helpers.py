@@ -9,15 +9,8 @@ from typing import Any
 
 import yaml
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+from benchmarks.common import TINY_LLAMA  # one tiny Llama for the tests and the benchmarks' dry runs
+
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
 
 
