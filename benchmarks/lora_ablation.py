@@ -3,7 +3,12 @@ switched on one at a time, in one process, with torch + transformers + peft only
 a bare GPU host). Random bf16 weights, r16 all-linear, seq 2048, AdamW; the LoRA weights are reset before each
 variant, so the loss columns must agree to bf16 noise.
 
-    python benchmarks/lora_ablation.py [eager] [compile]        # SMOKE=1 LAYERS=2: a tiny CPU dry run
+    python benchmarks/lora_ablation.py [eager] [compile] [recompute]   # SMOKE=1 LAYERS=2: a tiny CPU dry run
+
+`recompute` compares where the recomputation happens, every layer compiled: transformers' checkpoint around
+the compiled layer (the whole forward runs again), the checkpoint inside the compiled graph (the partitioner
+recomputes only what backward reads), and no checkpoint with torch's activation memory budget (the partitioner
+saves the tensors that are dearest to recompute, up to that share of the layer's activations).
 """
 
 import itertools
@@ -12,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import peft
 import torch
@@ -55,7 +61,7 @@ head = model.base_model.model.lm_head
 layers = inner.layers
 ids = torch.randint(0, cfg.vocab_size, (64, SEQ), device=DEV, generator=torch.Generator(DEV).manual_seed(0))
 
-STATE = {"ckpt": set(), "compiled": False}
+STATE: dict = {"ckpt": set(), "compiled": False}
 originals = [layer.forward for layer in layers]
 compiled = [None] * len(layers)
 
@@ -170,6 +176,17 @@ def run_selective(label: str, full: dict, none: dict, fewer: list[int]) -> None:
         run(f"{label} sel k={k - d} mb2", chunked_loss, 2, 1, range(L - k + d), False, True)
 
 
+def compile_layers(inside: bool = False, budget: float = 1.0, keep_top: int = 0) -> None:
+    torch._dynamo.reset()
+    torch._functorch.config.activation_memory_budget = budget
+    for i in range(L):
+        if inside and i < L - keep_top:
+            compiled[i] = torch.compile(partial(checkpoint, originals[i], use_reentrant=False))
+        else:
+            compiled[i] = torch.compile(originals[i])
+    STATE["compiled"] = True
+
+
 only = sys.argv[1:] or ["eager", "compile"]
 if "eager" in only:
     run("plain hf-loss ckpt mb2", hf_loss, 2, 1, ALL, True, False, profile=True)
@@ -188,6 +205,16 @@ if "compile" in only:
     if full and none:
         run_selective("compile", full, none, [0, 2])
     run("compile NOckpt mb1x2", chunked_loss, 1, 2, [], False, True)
+if "recompute" in only:
+    compile_layers()
+    outside = run("compile ckpt-outside mb2", chunked_loss, 2, 1, ALL, False, True, steps=9)
+    compile_layers(inside=True)
+    run("compile ckpt-inside mb2", chunked_loss, 2, 1, [], False, True, steps=9)
+    compile_layers(inside=True, keep_top=3)
+    run("compile ckpt-inside top3-kept mb2", chunked_loss, 2, 1, [], False, True, steps=9)
+    for budget in (0.05, 0.1, 0.15, 0.2):
+        compile_layers(budget=budget)
+        run(f"compile budget={budget} mb2", chunked_loss, 2, 1, [], False, True, steps=9)
 print("SUMMARY")
 for r in RESULTS:
     print(r["name"].ljust(28), r["tok/s"], r["peak GiB"], r["first"], r["losses"][:4], r["losses"][-1])

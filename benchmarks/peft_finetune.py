@@ -9,7 +9,8 @@ curve against fulcrum's.
 
 A variant is a method (`lora`, `qlora`: every layer checkpointed, as the peers) with an optional lever:
 `-eager` (compile off), `-auto` (`gradient_checkpointing: auto` on the whole GPU) or `-fit` (`auto` within a
-GPU share sized so that fulcrum's peak stays at the best peer's). Variants run in the order given; the
+GPU share sized so that fulcrum's peak stays at the best peer's; `--fit-peaks` gives those peaks from an
+earlier run). Variants run in the order given; the
 `--peers` of a method right after its bare variant, the `--late-peers` after every variant (a run cut short by
 a time limit loses those first); `-fit` needs its method and a peer to have run before it.
 """
@@ -144,6 +145,7 @@ def run_fulcrum(spec: Any) -> dict[str, Any]:
         "peak GiB": (summary["peak_memory_bytes"] or 0) / 2**30,
         "compiled": summary["compiled"],
         "ckpt layers": summary["checkpointed_layers"],
+        "kept": summary["kept_activation_share"],
         "losses": [r["loss"] for r in read_metrics(run_dir) if r["event"] == "step"],
     }
 
@@ -162,21 +164,34 @@ def bench_variant(
     spec = spec_for(variant, config, data, args.out, args.steps, gpus)
     share = None
     if lever == "fit":
-        bare = [r for r in group["fulcrum"] if r["variant"] == f"fulcrum {method}" and "peak GiB" in r]
-        ran = [r for r in group["peers"] if "peak GiB" in r]
-        if not bare or not ran:
+        peaks = fit_peaks(method, group, args.fit_peaks)
+        if peaks is None:
             print(f"{variant}: skipped, it needs `{method}` and a peer to have run before it", flush=True)
             return
-        best = max(ran, key=lambda r: r["tokens/s"])
         device = torch.cuda.get_device_properties(0).total_memory if gpus else 80 * 2**30
-        share = fit_share(spec, config, bare[0]["peak GiB"] * 2**30, best["peak GiB"] * 2**30, device)
+        share = fit_share(spec, config, peaks[0] * 2**30, peaks[1] * 2**30, device)
         if gpus:
             scaling = spec.scaling.model_copy(update={"gpus_per_worker": share})
             spec = spec.model_copy(update={"scaling": scaling})
-    group["fulcrum"].append(run_fulcrum(spec) | ({"share": f"{share:.3f}"} if share is not None else {}))
+    group["fulcrum"].append(run_fulcrum(spec) | ({"gpu share": f"{share:.3f}"} if share is not None else {}))
     report(group["fulcrum"][-1], args.out)
     if not lever:
         bench_peers(args.peers, spec, group, args, config)
+
+
+def fit_peaks(
+    method: str, group: dict[str, list[dict[str, Any]]], given: str | None
+) -> tuple[float, float] | None:
+    """(peak GiB of fulcrum's every-layer run, peak GiB of the fastest peer): from this run, or `--fit-peaks`
+    (measured in an earlier one) when this run has not measured them."""
+    bare = [r for r in group["fulcrum"] if r["variant"] == f"fulcrum {method}" and "peak GiB" in r]
+    ran = [r for r in group["peers"] if "peak GiB" in r]
+    if bare and ran:
+        return bare[0]["peak GiB"], max(ran, key=lambda r: r["tokens/s"])["peak GiB"]
+    if given:
+        own, peer = (float(x) for x in given.split(","))
+        return own, peer
+    return None
 
 
 def bench_peers(
@@ -226,6 +241,11 @@ def main() -> None:
         help="plain loops run after every variant (the ones expected to be slowest: a run cut short by a "
         "time limit loses these first)",
     )
+    parser.add_argument(
+        "--fit-peaks",
+        help="OWN,PEER: for `-fit` without its method and peers in this run, the peak GiB of fulcrum's "
+        "every-layer run and of the fastest peer, measured in an earlier run",
+    )
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU (lora only)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +275,8 @@ def main() -> None:
             "engine",
             "compiled",
             "ckpt layers",
-            "share",
+            "kept",
+            "gpu share",
             "tokens/s",
             "peak GiB",
             "vs best plain",

@@ -288,11 +288,18 @@ class TorchEngine:
     def forward_model(self) -> Any:
         return self.wrapped
 
-    def compile(self) -> None:
-        # Layer by layer: every decoder layer runs the same code, so one compiled graph serves them all
-        # (short warm-up), and the layers' activation checkpointing stays where transformers put it.
+    def compile(self, kept_activation_share: float = 1.0) -> None:
+        """Compile layer by layer: every decoder layer runs the same code, so one compiled graph serves them
+        all (short warm-up). The compiler also does the recomputing: its partitioner keeps this share of each
+        layer's activations for backward and rebuilds the rest from the layer's input, only what backward
+        reads (see memory.activation_plan); transformers' checkpointing stays off for these layers."""
+        import torch._functorch.config as functorch_config
+
         from trainers.methods import decoder_layers
 
+        # Read when the first forward compiles the graph. Process-wide, which is right for a training
+        # worker: one model, one plan.
+        functorch_config.activation_memory_budget = kept_activation_share
         for layer in decoder_layers(self.module):
             layer.compile()
 

@@ -156,17 +156,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_checksum = frozen_checksum(model)  # compared at the end: the frozen base must not change
     model.train()  # from_pretrained returns eval mode: no dropout, and no activation checkpointing
     trainable, total = count_parameters(model)
-    checkpointed = enable_checkpointing(model, spec, plan.checkpointed_layers)
+    # Compiled on the plain engine, the compiler recomputes (a share of each layer's activations kept);
+    # otherwise the bottom layers are checkpointed whole.
+    kept_share: float | None = None
+    if plan.compiled and not deepspeed:
+        kept_share = plan.kept_activation_share
+        checkpointed = len(decoder_layers(model)) if kept_share < 1 else 0
+    else:
+        checkpointed = enable_checkpointing(model, spec, plan.checkpointed_layers)
 
     engine: DeepSpeedEngine | TorchEngine
     if deepspeed:
         engine = DeepSpeedEngine(
             model, spec, plan.zero_stage, dtype, total_steps, plan.offload_ratio, device=device
         )
+        if plan.compiled:
+            engine.compile()
     else:
         engine = TorchEngine(model, spec, total_steps, world, dtype)
-    if plan.compiled:
-        engine.compile()
+        if plan.compiled:
+            engine.compile(plan.kept_activation_share)
     forward = engine.forward_model()
 
     def load_frozen(source: str) -> Any:
@@ -221,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "memory_plan": plan.reason,
         "gradient_checkpointing": checkpointed > 0,
         "checkpointed_layers": checkpointed,
+        "kept_activation_share": kept_share,  # compiled layers: what the compiler keeps (the rest recomputed)
         "compiled": plan.compiled,
         "offload_ratio": plan.offload_ratio if spec.scaling.offload in ("optimizer", "all") else None,
         "loaded_parameter_bytes": loaded_bytes,  # right after loading: a ZeRO-3 rank holds ~1/world

@@ -439,6 +439,7 @@ def finish_run(
         "zero_stage": rank0.get("zero_stage"),
         "gradient_checkpointing": rank0.get("gradient_checkpointing"),
         "checkpointed_layers": rank0.get("checkpointed_layers"),
+        "kept_activation_share": rank0.get("kept_activation_share"),
         "compiled": rank0.get("compiled"),
         "offload_ratio": rank0.get("offload_ratio"),
         "device": rank0.get("device"),

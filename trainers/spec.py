@@ -288,8 +288,10 @@ class TrainSpec(_Section):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="lr decay after warmup.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
-        description="Recompute activations in backward. `auto`: on GPUs, only in as many layers as needed "
-        "for the activations to fit (the others keep theirs); never on CPUs.",
+        description="Recompute activations in backward. `auto`: on GPUs, only as much as needed for the "
+        "activations to fit; never on CPUs. Compiled layers on the plain engine recompute inside the "
+        "compiled graph, keeping the share of each layer's activations that fits (the rest, and nothing "
+        "backward does not read, is recomputed); otherwise whole layers are checkpointed, the bottom ones.",
     )
     compile: bool | Literal["auto"] = Field(
         "auto",

@@ -15,6 +15,7 @@ from trainers.memory import (
     GIB,
     count_from_config,
     fewest_checkpointed_layers,
+    kept_activation_share,
     layer_input_elements,
     plan_memory,
     zero_state_bytes,
@@ -154,18 +155,35 @@ def test_fewest_checkpointed_layers_arithmetic() -> None:
         assert (32 - k) * 0.5 + k * 0.03 <= budget < (32 - k + 1) * 0.5 + (k - 1) * 0.03
 
 
+def test_kept_activation_share_arithmetic() -> None:
+    """The compiled layers' share: every layer keeps its input plus this share of the rest."""
+    gib = float(GIB)
+    assert kept_activation_share(32, 100 * gib, 0.5 * gib, 0.03 * gib) == 1.0  # all fit
+    assert kept_activation_share(32, 0.5 * gib, 0.5 * gib, 0.03 * gib) == 0.0  # not even the inputs
+    assert kept_activation_share(32, -1.0, 0.5 * gib, 0.03 * gib) == 0.0
+    # 2.46 GiB: 0.96 for the inputs, 1.5 for 32 x 0.47 x s: s = 0.0997.
+    share = kept_activation_share(32, 2.46 * gib, 0.5 * gib, 0.03 * gib)
+    assert share == pytest.approx(0.0997, abs=1e-3)
+    for budget in (1.5, 4.0, 9.0):
+        share = kept_activation_share(32, budget * gib, 0.5 * gib, 0.03 * gib)
+        assert 32 * (0.03 + share * 0.47) <= budget < 32 * (0.03 + (share + 0.001) * 0.47)
+
+
 def test_checkpointing_and_compile_on_a_gpu(tmp_path: Path) -> None:
     """LoRA on the 8B shape, one H100: the bf16 base takes 16 GB, leaving 0.85 x 80 GiB - 16 GB = 57 GB."""
     budget = 0.85 * H100 - 2 * N_8B
     one = spec_for(tmp_path, 1, micro=1, method={"kind": "lora"})
     plan = plan_memory(one, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
     # 4096 tokens a micro-batch: 32 layers x 4096 x 4096 x 34 bytes = 18 GB of activations fit, compiled.
-    assert plan.compiled and plan.checkpointed_layers == 0
+    assert plan.compiled and plan.checkpointed_layers == 0 and plan.kept_activation_share == 1.0
     four = spec_for(tmp_path, 1, micro=4, method={"kind": "lora"})
     plan = plan_memory(four, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
     whole, kept = 4 * 4096 * 4096 * 34, 4 * 4096 * 4096 * 2
     keep = int((budget - 32 * kept) // (whole - kept))  # 24 layers keep their activations
     assert keep == 24 and plan.checkpointed_layers == 32 - keep == 8
+    # Compiled, the same room as a share of every layer's activations: (budget - inputs) / (32 x the rest).
+    share = (budget - 32 * kept) / (32 * (whole - kept))
+    assert plan.kept_activation_share == pytest.approx(share, abs=1e-3) and 0.75 < share < 0.8
     assert layer_input_elements(four, LLAMA3_8B) == 4 * 4096 * 4096
     # Half a GPU each (gpus_per_worker 0.5): half the room, more layers recompute.
     shared = spec_for(tmp_path, 1, micro=4, method={"kind": "lora"}, scaling={"gpus_per_worker": 0.5})
@@ -173,7 +191,10 @@ def test_checkpointing_and_compile_on_a_gpu(tmp_path: Path) -> None:
     # The spec's true/false win; full fine-tuning compiles only at stage 0.
     forced = spec_for(tmp_path, 1, train={"gradient_checkpointing": True, "compile": False})
     plan = plan_memory(forced, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
-    assert (plan.checkpointed_layers, plan.compiled) == (32, False)
+    assert (plan.checkpointed_layers, plan.kept_activation_share, plan.compiled) == (32, 0.0, False)
+    never = spec_for(tmp_path, 1, method={"kind": "lora"}, train={"gradient_checkpointing": False})
+    plan = plan_memory(never, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
+    assert (plan.checkpointed_layers, plan.kept_activation_share) == (0, 1.0)
     sharded = spec_for(tmp_path, 8)
     assert not plan_memory(sharded, LLAMA3_8B, N_8B, LARGEST_8B, 8, GPU, H100).compiled  # stage 1
 
@@ -183,6 +204,7 @@ def test_cpu_workers_neither_checkpoint_nor_compile(tmp_path: Path) -> None:
         spec = spec_for(tmp_path, 2, micro=8, method=method)
         plan = plan_memory(spec, LLAMA3_8B, N_8B, LARGEST_8B, 2, CPU, None)
         assert (plan.zero_stage, plan.checkpointed_layers, plan.compiled) == (0, 0, False)
+        assert plan.kept_activation_share == 1.0
         assert plan.offload_ratio == 1.0
 
 

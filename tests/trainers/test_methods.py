@@ -184,14 +184,3 @@ def test_fused_head_and_loss_equal_the_full_logits_loss(dtype: torch.dtype) -> N
     with torch.no_grad():  # evaluation: the plain chunked path, same value
         assert torch.allclose(objectives.causal_lm_loss(model, {"input_ids": ids, "labels": labels})[0],
                               loss_sum.detach(), rtol=rtol)  # fmt: skip
-
-
-def test_fewest_checkpointed_layers_fits_the_budget() -> None:
-    from trainers.memory import fewest_checkpointed_layers
-
-    gib = 2**30
-    assert fewest_checkpointed_layers(32, 100 * gib, 0.5 * gib, 0.03 * gib) == 0  # all fit
-    assert fewest_checkpointed_layers(32, 0.5 * gib, 0.5 * gib, 0.03 * gib) == 32  # none fit
-    assert fewest_checkpointed_layers(32, -1.0, 0.5 * gib, 0.03 * gib) == 32
-    k = fewest_checkpointed_layers(32, 5 * gib, 0.5 * gib, 0.03 * gib)
-    assert (32 - k) * 0.5 + k * 0.03 <= 5 < (32 - k + 1) * 0.5 + (k - 1) * 0.03
