@@ -8,11 +8,12 @@ curve against fulcrum's.
     python -m benchmarks.peft_finetune --out /tmp/dry --dry-run   # a tiny model on the CPU
 
 A variant is a method (`lora`, `qlora`: every layer checkpointed, as the peers) with an optional lever:
-`-eager` (compile off), `-auto` (`gradient_checkpointing: auto` on the whole GPU) or `-fit` (`auto` within a
+`-eager` (compile off), `-auto` (`gradient_checkpointing: auto` on the whole GPU), `-fit` (`auto` within a
 GPU share sized so that fulcrum's peak stays at the best peer's; `--fit-peaks` gives those peaks from an
-earlier run). Variants run in the order given; the
-`--peers` of a method right after its bare variant, the `--late-peers` after every variant (a run cut short by
-a time limit loses those first); `-fit` needs its method and a peer to have run before it.
+earlier run) or `-dropout` (LoRA's default dropout 0.05 instead of 0: the peers have none). Variants run in
+the order given; the `--peers` of a method right after its bare variant, the `--late-peers` after every
+variant (a run cut short by a time limit loses those first); `-fit` needs its method and a peer to have run
+before it, or `--fit-peaks`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ LEVERS = {  # variant suffix -> train settings (and `fit`: a GPU share sized fro
     "eager": {"gradient_checkpointing": True, "compile": False},
     "auto": {"gradient_checkpointing": "auto"},
     "fit": {"gradient_checkpointing": "auto"},
+    "dropout": {"gradient_checkpointing": True},
 }
+DROPOUT = {"dropout": 0.05}  # LoRA's default: the layers then recompute through checkpoint regions
 
 
 def spec_for(variant: str, config: dict[str, Any], data: Path, out: Path, steps: int, gpus: float) -> Any:
@@ -63,7 +66,8 @@ def spec_for(variant: str, config: dict[str, Any], data: Path, out: Path, steps:
         {
             "name": variant,
             "model": {"config": config, "tokenizer": "bytes", "dtype": "bfloat16"},
-            "method": {"kind": method, "rank": RANK, "alpha": 2 * RANK, "dropout": 0.0},
+            "method": {"kind": method, "rank": RANK, "alpha": 2 * RANK, "dropout": 0.0}
+            | (DROPOUT if lever == "dropout" else {}),
             "objective": {"kind": "cpt"},
             "data": {"train": str(data), "max_length": SEQ, "eval_fraction": 0},
             "train": {

@@ -233,6 +233,19 @@ class DeepSpeedEngine:
         return self.module.state_dict() if torch.distributed.get_rank() == 0 else None
 
 
+def draws_random_numbers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> bool:
+    """Whether a training forward of the decoder layers draws random numbers: a dropout module with p > 0
+    in them (LoRA's, say), or a nonzero dropout in the model's config (attention dropout is a plain float)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in layers.modules()):
+        return True
+    config = getattr(model, "config", None)
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    return any(
+        ("dropout" in key or "pdrop" in key) and isinstance(value, int | float) and value > 0
+        for key, value in settings.items()
+    )
+
+
 class TorchEngine:
     """Plain PyTorch steps with DDP across workers: for PEFT methods, `freeze`, and `full` at ZeRO stage 0.
 
@@ -288,20 +301,35 @@ class TorchEngine:
     def forward_model(self) -> Any:
         return self.wrapped
 
-    def compile(self, kept_activation_share: float = 1.0) -> None:
+    def compile(self, kept_share: float = 1.0, checkpointed_layers: int = 0) -> tuple[int, float | None]:
         """Compile layer by layer: every decoder layer runs the same code, so one compiled graph serves them
-        all (short warm-up). The compiler also does the recomputing: its partitioner keeps this share of each
-        layer's activations for backward and rebuilds the rest from the layer's input, only what backward
-        reads (see memory.activation_plan); transformers' checkpointing stays off for these layers."""
+        all (short warm-up). The recomputing happens inside the compiled graph, where the partitioner
+        rebuilds only what backward reads (see memory.activation_plan); transformers' checkpointing stays off
+        for these layers. Returns (layers that recompute, share of activations kept or None).
+
+        Without random ops in the layers the partitioner's memory budget keeps `kept_share` of each layer's
+        activations. With dropout it would draw a new mask when it recomputes (wrong gradients), so then
+        the bottom `checkpointed_layers` layers get a checkpoint region inside the graph instead, which
+        replays the random state, and the others keep everything."""
         import torch._functorch.config as functorch_config
+        from torch.utils.checkpoint import checkpoint
 
         from trainers.methods import decoder_layers
 
-        # Read when the first forward compiles the graph. Process-wide, which is right for a training
-        # worker: one model, one plan.
-        functorch_config.activation_memory_budget = kept_activation_share
-        for layer in decoder_layers(self.module):
+        layers = decoder_layers(self.module)
+        recomputing = len(layers) if kept_share < 1 else 0
+        if kept_share < 1 and draws_random_numbers(self.module, layers):
+            for layer in layers[:checkpointed_layers]:
+                layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+            recomputing, kept = checkpointed_layers, None
+        else:
+            # Read when the first forward compiles the graph. Process-wide, which is right for a training
+            # worker: one model, one plan.
+            functorch_config.activation_memory_budget = kept_share
+            kept = kept_share
+        for layer in layers:
             layer.compile()
+        return recomputing, kept
 
     def backward(self, loss: torch.Tensor) -> None:
         self.micro += 1

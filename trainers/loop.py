@@ -156,14 +156,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_checksum = frozen_checksum(model)  # compared at the end: the frozen base must not change
     model.train()  # from_pretrained returns eval mode: no dropout, and no activation checkpointing
     trainable, total = count_parameters(model)
-    # Compiled on the plain engine, the compiler recomputes (a share of each layer's activations kept);
-    # otherwise the bottom layers are checkpointed whole.
+    # Compiled on the plain engine, the recomputing happens inside the compiled layers (TorchEngine.compile);
+    # otherwise transformers checkpoints the bottom layers whole.
+    compiles_layers = plan.compiled and not deepspeed
     kept_share: float | None = None
-    if plan.compiled and not deepspeed:
-        kept_share = plan.kept_activation_share
-        checkpointed = len(decoder_layers(model)) if kept_share < 1 else 0
-    else:
-        checkpointed = enable_checkpointing(model, spec, plan.checkpointed_layers)
+    checkpointed = 0 if compiles_layers else enable_checkpointing(model, spec, plan.checkpointed_layers)
 
     engine: DeepSpeedEngine | TorchEngine
     if deepspeed:
@@ -174,8 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.compile()
     else:
         engine = TorchEngine(model, spec, total_steps, world, dtype)
-        if plan.compiled:
-            engine.compile(plan.kept_activation_share)
+        if compiles_layers:
+            checkpointed, kept_share = engine.compile(plan.kept_activation_share, plan.checkpointed_layers)
     forward = engine.forward_model()
 
     def load_frozen(source: str) -> Any:

@@ -259,7 +259,8 @@ def activation_plan(
     to recompute, and at share 0 still skips what backward never reads (the output projections' matmuls, whose
     results only feed the residual stream): 11% faster than checkpointing around the compiled layer at the
     same memory on the 8B shape (docs/benchmarks.md). The engine uses the share when it compiles the layers
-    itself, the layer count otherwise.
+    itself and they draw no random numbers; the layer count otherwise (with dropout, as checkpoint regions
+    inside the compiled layers: see TorchEngine.compile).
 
     `true`: everything recomputed; `false`: nothing. `auto` on a GPU: as little as lets the activations fit
     within 85% of this worker's share of the GPU beside the model state. On CPUs memory is not the limit:

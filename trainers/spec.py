@@ -290,8 +290,8 @@ class TrainSpec(_Section):
         "auto",
         description="Recompute activations in backward. `auto`: on GPUs, only as much as needed for the "
         "activations to fit; never on CPUs. Compiled layers on the plain engine recompute inside the "
-        "compiled graph, keeping the share of each layer's activations that fits (the rest, and nothing "
-        "backward does not read, is recomputed); otherwise whole layers are checkpointed, the bottom ones.",
+        "compiled graph, only what backward reads: without dropout they keep the share of each layer's "
+        "activations that fits; with dropout, and otherwise, the bottom layers are checkpointed whole.",
     )
     compile: bool | Literal["auto"] = Field(
         "auto",

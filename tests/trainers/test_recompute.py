@@ -4,10 +4,12 @@ the planned share of its activations for backward (memory.activation_plan), with
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 
 from tests.helpers import tiny_spec
 from trainers.engine import TorchEngine
@@ -15,7 +17,15 @@ from trainers.methods import apply_method
 from trainers.models import load_model, materialize_base
 from trainers.spec import JobSpec
 
-pytestmark = pytest.mark.slow  # three compilations of the layer on the CPU
+pytestmark = pytest.mark.slow  # compiles the layers on the CPU, three times
+
+
+@pytest.fixture(autouse=True)
+def restore_compiler_settings() -> Any:
+    """The partitioner's budget and inductor's random numbers are process-wide: put them back afterwards."""
+    saved = functorch_config.activation_memory_budget, inductor_config.fallback_random
+    yield
+    functorch_config.activation_memory_budget, inductor_config.fallback_random = saved
 
 
 def saved_bytes_and_grads(engine: TorchEngine, ids: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
@@ -29,6 +39,7 @@ def saved_bytes_and_grads(engine: TorchEngine, ids: torch.Tensor) -> tuple[int, 
             saved += t.numel() * t.element_size()
         return t
 
+    torch.manual_seed(123)  # the same dropout masks in every engine
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = engine.forward_model()(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -39,34 +50,57 @@ def saved_bytes_and_grads(engine: TorchEngine, ids: torch.Tensor) -> tuple[int, 
     return saved, grads
 
 
-def test_compiled_layers_recompute_within_the_kept_share(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The budget is process-wide; put it back for the tests that follow.
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+def build(tmp_path: Path, dropout: float) -> tuple[Any, torch.Tensor]:
+    """An engine factory for a tiny float32 LoRA Llama (same LoRA initialisation each time), and a batch."""
     spec = JobSpec.model_validate(
-        tiny_spec(tmp_path, method={"kind": "lora", "rank": 8, "alpha": 16, "dropout": 0.0})
+        tiny_spec(tmp_path, method={"kind": "lora", "rank": 8, "alpha": 16, "dropout": dropout})
     )
     source = materialize_base(spec.model)
-    ids = torch.randint(3, 200, (4, 48), generator=torch.Generator().manual_seed(0))
 
-    def engine(share: float | None) -> TorchEngine:
-        torch.manual_seed(0)  # the same LoRA initialisation each time
+    def engine(share: float | None) -> tuple[TorchEngine, tuple[int, float | None]]:
+        torch.manual_seed(0)
         model = apply_method(load_model(source, dtype=torch.float32), spec.method)
         model.train()
         built = TorchEngine(model, spec, total_steps=1, world=1, dtype=torch.float32)
+        compiled = (0, None)
         if share is not None:
             torch._dynamo.reset()  # the partitioner's budget is read when a graph compiles
-            built.compile(share)
-        return built
+            compiled = built.compile(share, checkpointed_layers=2 if share < 1 else 0)
+        return built, compiled
 
-    eager_saved, eager_grads = saved_bytes_and_grads(engine(None), ids)
-    kept_saved, kept_grads = saved_bytes_and_grads(engine(1.0), ids)
-    least_saved, least_grads = saved_bytes_and_grads(engine(0.0), ids)
+    return engine, torch.randint(3, 200, (4, 48), generator=torch.Generator().manual_seed(0))
+
+
+def assert_same_grads(got: list[torch.Tensor], exact: list[torch.Tensor]) -> None:
+    for a, b in zip(exact, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().sum()) > 0 for g in got)
+
+
+def test_compiled_layers_recompute_within_the_kept_share(tmp_path: Path) -> None:
+    engine, ids = build(tmp_path, dropout=0.0)
+    eager_saved, eager_grads = saved_bytes_and_grads(engine(None)[0], ids)
+    kept, how = engine(1.0)
+    assert how == (0, 1.0)
+    kept_saved, kept_grads = saved_bytes_and_grads(kept, ids)
+    least, how = engine(0.0)
+    assert how == (2, 0.0)  # both layers recompute, through the budget
+    least_saved, least_grads = saved_bytes_and_grads(least, ids)
     # Keeping everything, the compiled layers save about what eager layers do; at share 0 they keep their
     # inputs and rebuild the rest in backward: a fraction of the bytes, the same gradients.
     assert least_saved < 0.5 * kept_saved, (least_saved, kept_saved, eager_saved)
-    for exact, grads in ((eager_grads, kept_grads), (eager_grads, least_grads)):
-        for a, b in zip(exact, grads, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    assert any(float(g.abs().sum()) > 0 for g in least_grads)
+    assert_same_grads(kept_grads, eager_grads)
+    assert_same_grads(least_grads, eager_grads)
+
+
+def test_with_dropout_the_recompute_replays_the_same_masks(tmp_path: Path) -> None:
+    """Under the memory budget the partitioner would recompute dropout with fresh masks (gradients 90% off,
+    measured); a checkpoint region inside the compiled graph replays the random state instead."""
+    inductor_config.fallback_random = True  # eager's random numbers, to compare with
+    engine, ids = build(tmp_path, dropout=0.3)
+    eager_saved, eager_grads = saved_bytes_and_grads(engine(None)[0], ids)
+    least, how = engine(0.0)
+    assert how == (2, None)  # both layers checkpointed inside the graph; no budget
+    least_saved, least_grads = saved_bytes_and_grads(least, ids)
+    assert least_saved < 0.5 * eager_saved, (least_saved, eager_saved)
+    assert_same_grads(least_grads, eager_grads)
