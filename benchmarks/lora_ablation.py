@@ -3,7 +3,7 @@ switched on one at a time, in one process, with torch + transformers + peft only
 a bare GPU host). Random bf16 weights, r16 all-linear, seq 2048, AdamW; the LoRA weights are reset before each
 variant, so the loss columns must agree to bf16 noise.
 
-    python benchmarks/lora_ablation.py [eager] [compile] [recompute]   # SMOKE=1 LAYERS=2: a tiny CPU dry run
+    python benchmarks/lora_ablation.py [eager] [compile] [recompute] [dropout]  # SMOKE=1 LAYERS=2: on a CPU
 
 `recompute` compares where the recomputation happens, every layer compiled: transformers' checkpoint around
 the compiled layer (the whole forward runs again), the checkpoint inside the compiled graph (the partitioner
@@ -215,6 +215,16 @@ if "recompute" in only:
     for budget in (0.05, 0.1, 0.15, 0.2):
         compile_layers(budget=budget)
         run(f"compile budget={budget} mb2", chunked_loss, 2, 1, [], False, True, steps=9)
+if "dropout" in only:  # LoRA's default dropout 0.05: the recompute must replay the masks
+    for m in model.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = torch.nn.Dropout(0.05)
+    compile_layers()
+    run("dropout compile ckpt-outside mb2", chunked_loss, 2, 1, ALL, False, True, steps=9)
+    compile_layers(inside=True)
+    run("dropout compile ckpt-inside mb2", chunked_loss, 2, 1, [], False, True, steps=9)
+    compile_layers()
+    run("dropout compile NOckpt mb2", chunked_loss, 2, 1, [], False, True, steps=9)
 print("SUMMARY")
 for r in RESULTS:
     print(r["name"].ljust(28), r["tok/s"], r["peak GiB"], r["first"], r["losses"][:4], r["losses"][-1])

@@ -318,16 +318,21 @@ class TorchEngine:
 
         layers = decoder_layers(self.module)
         recomputing = len(layers) if kept_share < 1 else 0
+        checkpointed: torch.nn.ModuleList | list = []
         if kept_share < 1 and draws_random_numbers(self.module, layers):
-            for layer in layers[:checkpointed_layers]:
-                layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+            checkpointed = layers[:checkpointed_layers]
             recomputing, kept = checkpointed_layers, None
         else:
             # Read when the first forward compiles the graph. Process-wide, which is right for a training
             # worker: one model, one plan.
             functorch_config.activation_memory_budget = kept_share
             kept = kept_share
-        for layer in layers:
+        for layer in checkpointed:
+            # The checkpoint call itself is compiled, the layer's forward an argument: every layer shares one
+            # graph. (A per-layer `forward` attribute under `layer.compile()` is guarded on by identity in
+            # torch 2.11: a recompile per layer, then eager once over the recompile limit.)
+            layer.forward = torch.compile(partial(checkpoint, layer.forward, use_reentrant=False))
+        for layer in layers[len(checkpointed) :]:
             layer.compile()
         return recomputing, kept
 
