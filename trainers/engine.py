@@ -234,16 +234,43 @@ class DeepSpeedEngine:
 
 
 def draws_random_numbers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> bool:
-    """Whether a training forward of the decoder layers draws random numbers: a dropout module with p > 0
-    in them (LoRA's, say), or a nonzero dropout in the model's config (attention dropout is a plain float)."""
+    """Whether a training forward of the decoder layers may draw random numbers: a dropout module with
+    p > 0 in them (LoRA's, say), or a nonzero dropout or noise setting anywhere in the model's config
+    (attention dropout is a plain float; nested configs too). Errs towards yes: the cost of a wrong yes is
+    speed, of a wrong no wrong gradients."""
     if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in layers.modules()):
         return True
     config = getattr(model, "config", None)
-    settings = config.to_dict() if hasattr(config, "to_dict") else {}
-    return any(
-        ("dropout" in key or "pdrop" in key) and isinstance(value, int | float) and value > 0
-        for key, value in settings.items()
-    )
+    return _random_setting(config.to_dict() if hasattr(config, "to_dict") else {})
+
+
+def _random_setting(settings: dict[str, Any]) -> bool:
+    for key, value in settings.items():
+        if isinstance(value, dict) and _random_setting(value):
+            return True
+        random_key = any(word in str(key) for word in ("dropout", "pdrop", "noise", "jitter"))
+        if random_key and isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return True
+    return False
+
+
+def checkpointed_call(forward: Any) -> Any:
+    """A layer's forward that trains through a compiled checkpoint region (the random state replayed in
+    backward). The checkpoint call itself is compiled, the layer's forward its argument, so every layer shares
+    one graph: a per-layer `forward` attribute under `layer.compile()` is guarded on by identity in torch 2.11
+    (a recompile per layer, then eager past the recompile limit). Without gradients (evaluation, generation
+    with its KV cache, which graph-breaks there and would make dynamo skip the shared frame for good) there is
+    nothing to recompute: the plain forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    compiled = torch.compile(partial(checkpoint, forward, use_reentrant=False))
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    return call
 
 
 class TorchEngine:
@@ -312,26 +339,21 @@ class TorchEngine:
         the bottom `checkpointed_layers` layers get a checkpoint region inside the graph instead, which
         replays the random state, and the others keep everything."""
         import torch._functorch.config as functorch_config
-        from torch.utils.checkpoint import checkpoint
 
         from trainers.methods import decoder_layers
 
         layers = decoder_layers(self.module)
-        recomputing = len(layers) if kept_share < 1 else 0
-        checkpointed: torch.nn.ModuleList | list = []
+        recomputing: int = len(layers) if kept_share < 1 else 0
+        kept: float | None = kept_share
+        checkpointed: list[torch.nn.Module] = []
         if kept_share < 1 and draws_random_numbers(self.module, layers):
-            checkpointed = layers[:checkpointed_layers]
+            checkpointed = list(layers[:checkpointed_layers])
             recomputing, kept = checkpointed_layers, None
-        else:
-            # Read when the first forward compiles the graph. Process-wide, which is right for a training
-            # worker: one model, one plan.
-            functorch_config.activation_memory_budget = kept_share
-            kept = kept_share
+        # Read when the first forward compiles the graph. Process-wide, which is right for a training worker:
+        # one model, one plan. (1 with dropout: the layers that keep everything must not recompute it.)
+        functorch_config.activation_memory_budget = 1.0 if kept is None else kept
         for layer in checkpointed:
-            # The checkpoint call itself is compiled, the layer's forward an argument: every layer shares one
-            # graph. (A per-layer `forward` attribute under `layer.compile()` is guarded on by identity in
-            # torch 2.11: a recompile per layer, then eager once over the recompile limit.)
-            layer.forward = torch.compile(partial(checkpoint, layer.forward, use_reentrant=False))
+            layer.forward = checkpointed_call(layer.forward)
         for layer in layers[len(checkpointed) :]:
             layer.compile()
         return recomputing, kept

@@ -37,6 +37,9 @@ LLAMA3_8B = LlamaConfig(
 N_8B, LARGEST_8B = 8_030_261_248, 128256 * 4096
 
 
+LORA_NO_DROPOUT = {"kind": "lora", "dropout": 0.0}  # the measured case of activation_bytes_per_layer
+
+
 def spec_for(tmp_path: Path, workers: int = 1, micro: int = 1, **sections: Any) -> JobSpec:
     sections.setdefault("method", {"kind": "full"})
     train = {"batch_size": micro * workers, "micro_batch_size": micro, **sections.pop("train", {})}
@@ -172,11 +175,11 @@ def test_kept_activation_share_arithmetic() -> None:
 def test_checkpointing_and_compile_on_a_gpu(tmp_path: Path) -> None:
     """LoRA on the 8B shape, one H100: the bf16 base takes 16 GB, leaving 0.85 x 80 GiB - 16 GB = 57 GB."""
     budget = 0.85 * H100 - 2 * N_8B
-    one = spec_for(tmp_path, 1, micro=1, method={"kind": "lora"})
+    one = spec_for(tmp_path, 1, micro=1, method=LORA_NO_DROPOUT)
     plan = plan_memory(one, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
     # 4096 tokens a micro-batch: 32 layers x 4096 x 4096 x 34 bytes = 18 GB of activations fit, compiled.
     assert plan.compiled and plan.checkpointed_layers == 0 and plan.kept_activation_share == 1.0
-    four = spec_for(tmp_path, 1, micro=4, method={"kind": "lora"})
+    four = spec_for(tmp_path, 1, micro=4, method=LORA_NO_DROPOUT)
     plan = plan_memory(four, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
     whole, kept = 4 * 4096 * 4096 * 34, 4 * 4096 * 4096 * 2
     keep = int((budget - 32 * kept) // (whole - kept))  # 24 layers keep their activations
@@ -184,15 +187,19 @@ def test_checkpointing_and_compile_on_a_gpu(tmp_path: Path) -> None:
     # Compiled, the same room as a share of every layer's activations: (budget - inputs) / (32 x the rest).
     share = (budget - 32 * kept) / (32 * (whole - kept))
     assert plan.kept_activation_share == pytest.approx(share, abs=1e-3) and 0.75 < share < 0.8
+    # LoRA's default dropout keeps its outputs too (18 bytes an element more): less room, more recomputed.
+    dropping = spec_for(tmp_path, 1, micro=4, method={"kind": "lora", "dropout": 0.05})
+    plan = plan_memory(dropping, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
+    assert plan.checkpointed_layers > 8 and plan.kept_activation_share < share
     assert layer_input_elements(four, LLAMA3_8B) == 4 * 4096 * 4096
     # Half a GPU each (gpus_per_worker 0.5): half the room, more layers recompute.
-    shared = spec_for(tmp_path, 1, micro=4, method={"kind": "lora"}, scaling={"gpus_per_worker": 0.5})
+    shared = spec_for(tmp_path, 1, micro=4, method=LORA_NO_DROPOUT, scaling={"gpus_per_worker": 0.5})
     assert plan_memory(shared, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100).checkpointed_layers > 8
     # The spec's true/false win; full fine-tuning compiles only at stage 0.
     forced = spec_for(tmp_path, 1, train={"gradient_checkpointing": True, "compile": False})
     plan = plan_memory(forced, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
     assert (plan.checkpointed_layers, plan.kept_activation_share, plan.compiled) == (32, 0.0, False)
-    never = spec_for(tmp_path, 1, method={"kind": "lora"}, train={"gradient_checkpointing": False})
+    never = spec_for(tmp_path, 1, method=LORA_NO_DROPOUT, train={"gradient_checkpointing": False})
     plan = plan_memory(never, LLAMA3_8B, N_8B, LARGEST_8B, 1, GPU, H100)
     assert (plan.checkpointed_layers, plan.kept_activation_share) == (0, 1.0)
     sharded = spec_for(tmp_path, 8)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
+from torch._dynamo.utils import counters
 
 from tests.helpers import tiny_spec
 from trainers.engine import TorchEngine
@@ -95,12 +96,25 @@ def test_compiled_layers_recompute_within_the_kept_share(tmp_path: Path) -> None
 
 def test_with_dropout_the_recompute_replays_the_same_masks(tmp_path: Path) -> None:
     """Under the memory budget the partitioner would recompute dropout with fresh masks (gradients 90% off,
-    measured); a checkpoint region inside the compiled graph replays the random state instead."""
-    inductor_config.fallback_random = True  # eager's random numbers, to compare with
+    measured); a compiled checkpoint region replays the random state instead."""
     engine, ids = build(tmp_path, dropout=0.3)
+    # Eager's random numbers in the compiled code, to compare with eager.
+    inductor_config.fallback_random = True
     eager_saved, eager_grads = saved_bytes_and_grads(engine(None)[0], ids)
     least, how = engine(0.0)
     assert how == (2, None)  # both layers checkpointed inside the graph; no budget
     least_saved, least_grads = saved_bytes_and_grads(least, ids)
     assert least_saved < 0.5 * eager_saved, (least_saved, eager_saved)
     assert_same_grads(least_grads, eager_grads)
+
+    # Inductor's own random numbers, as on a GPU: the same masks as the compiled layers that keep everything.
+    # Generating first (no gradients, a KV cache) must not cost the training step its compiled graph.
+    inductor_config.fallback_random = False
+    kept_grads = saved_bytes_and_grads(engine(1.0)[0], ids)[1]
+    least = engine(0.0)[0]
+    with torch.no_grad():
+        least.module.generate(input_ids=ids[:1, :8], max_new_tokens=3, do_sample=False)
+    counters.clear()
+    least_grads = saved_bytes_and_grads(least, ids)[1]
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])  # compiled, not eager
+    assert_same_grads(least_grads, kept_grads)

@@ -97,8 +97,9 @@ def test_zero_stage_auto_on_one_worker_is_plain_torch(tmp_path: Path) -> None:
 
 def test_bf16_lora_compiled_with_checkpointing_learns_and_reloads(tmp_path: Path) -> None:
     """The GPU fast path on CPUs: bf16 weights, LoRA under autocast (no float32 copies of its inputs),
-    every decoder layer torch.compiled with the compiler recomputing all it can (kept share 0), the head run
-    in chunks inside the loss."""
+    every decoder layer torch.compiled and recomputed in a compiled checkpoint region (LoRA's default dropout
+    draws random numbers, so not through the memory budget: tests/trainers/test_recompute.py), the head run
+    in chunks inside the loss; the before/after answers generate through the same layers."""
     summary, _ = train(
         tmp_path,
         evaluate=True,
@@ -114,7 +115,7 @@ def test_bf16_lora_compiled_with_checkpointing_learns_and_reloads(tmp_path: Path
     )
     assert summary["compiled"] is True and summary["dtype"] == "bfloat16"
     assert summary["checkpointed_layers"] == TINY_LLAMA["num_hidden_layers"]
-    assert summary["kept_activation_share"] == 0.0
+    assert summary["kept_activation_share"] is None  # checkpoint regions, not the budget
     assert summary["last_loss"] < summary["first_loss"] - 0.2
     assert summary["reload_check"]["ok"], summary["reload_check"]
     assert summary["base_unchanged"] is True
