@@ -197,9 +197,7 @@ if "eager" in only:
         run_selective("eager", full, none, [0])
     run("eager nocast NOckpt mb1x2", chunked_loss, 1, 2, [], False, True)
 if "compile" in only:
-    for i in range(L):
-        compiled[i] = torch.compile(originals[i])
-    STATE["compiled"] = True
+    compile_layers()
     full = run("compile ckpt mb2", chunked_loss, 2, 1, ALL, False, True, steps=9)
     none = run("compile NOckpt mb2", chunked_loss, 2, 1, [], False, True)
     if full and none:
@@ -207,7 +205,7 @@ if "compile" in only:
     run("compile NOckpt mb1x2", chunked_loss, 1, 2, [], False, True)
 if "recompute" in only:
     compile_layers()
-    outside = run("compile ckpt-outside mb2", chunked_loss, 2, 1, ALL, False, True, steps=9)
+    run("compile ckpt-outside mb2", chunked_loss, 2, 1, ALL, False, True, steps=9)
     compile_layers(inside=True)
     run("compile ckpt-inside mb2", chunked_loss, 2, 1, [], False, True, steps=9)
     compile_layers(inside=True, keep_top=3)

@@ -55,9 +55,8 @@ LEVERS = {  # variant suffix -> train settings (and `fit`: a GPU share sized fro
     "eager": {"gradient_checkpointing": True, "compile": False},
     "auto": {"gradient_checkpointing": "auto"},
     "fit": {"gradient_checkpointing": "auto"},
-    "dropout": {"gradient_checkpointing": True},
+    "dropout": {"gradient_checkpointing": True},  # with LoRA's default dropout: checkpoint regions
 }
-DROPOUT = {"dropout": 0.05}  # LoRA's default: the layers then recompute through checkpoint regions
 
 
 def spec_for(variant: str, config: dict[str, Any], data: Path, out: Path, steps: int, gpus: float) -> Any:
@@ -66,8 +65,12 @@ def spec_for(variant: str, config: dict[str, Any], data: Path, out: Path, steps:
         {
             "name": variant,
             "model": {"config": config, "tokenizer": "bytes", "dtype": "bfloat16"},
-            "method": {"kind": method, "rank": RANK, "alpha": 2 * RANK, "dropout": 0.0}
-            | (DROPOUT if lever == "dropout" else {}),
+            "method": {
+                "kind": method,
+                "rank": RANK,
+                "alpha": 2 * RANK,
+                "dropout": 0.05 if lever == "dropout" else 0.0,
+            },
             "objective": {"kind": "cpt"},
             "data": {"train": str(data), "max_length": SEQ, "eval_fraction": 0},
             "train": {
