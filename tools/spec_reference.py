@@ -26,6 +26,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("train", s.TrainSpec),
     ("scaling", s.ScalingSpec),
     ("eval", s.EvalSpec),
+    ("storage", s.StorageSpec),
 ]
 
 

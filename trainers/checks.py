@@ -30,11 +30,13 @@ def _fail(spec: Any, loc: tuple[str, ...], msg: str) -> SpecError:
 
 # --------------------------------------------------------------------------- what a source string is
 def source_kind(value: str) -> str:
-    """`bytes`, `pkg`, `gguf`, `dir`, `file`, `missing` (a path that does not exist) or `hub`."""
+    """`bytes`, `pkg`, `gguf`, `dir`, `file`, `missing` (a path that does not exist), `uri` or `hub`."""
     if value == "bytes":
         return "bytes"
     if value.startswith("pkg:"):
         return "pkg"
+    if "://" in value:
+        return "uri"
     p = Path(value).expanduser()
     if p.is_dir():
         return "dir"
@@ -165,6 +167,8 @@ def _check_base(spec: Any, loc: tuple[str, ...], value: str) -> str:
             )
         if kind == "missing":
             raise ValueError(f"not found: {value} (looked in {Path.cwd()})")
+        if kind == "uri":
+            return _check_uri(value, want_dir=not value.endswith(".gguf"))
     except FulcrumError as e:  # an unknown pkg: name, a package that is not installed
         raise _fail(spec, loc, str(e).removeprefix("model.base: ")) from None
     except (ValueError, OSError) as e:
@@ -172,10 +176,29 @@ def _check_base(spec: Any, loc: tuple[str, ...], value: str) -> str:
     return "not checked (hub id; no network check)"
 
 
+def _check_uri(value: str, want_dir: bool) -> str:
+    """A model or data location on an object store: it must be there, and be what the field needs. Nothing
+    is downloaded here (it is, once per node, when used)."""
+    from trainers import storage
+
+    if not storage.exists(value):
+        raise ValueError(f"not found: {value} (check the URI and the credentials for its store)")
+    if want_dir and not storage.is_dir(value):
+        raise ValueError(f"{value} is a file; give the folder holding the model (config.json, weights)")
+    if not want_dir and not storage.is_file(value):
+        raise ValueError(f"{value} is a folder; give the file itself")
+    return f"ok: found ({storage.size(value) / 2**20:.1f} MiB; fetched once per node when used)"
+
+
 def _check_tokenizer(spec: Any, loc: tuple[str, ...], value: str) -> str:
     kind = source_kind(value)
     if kind == "bytes":
         return "ok: built-in byte tokenizer"
+    if kind == "uri":
+        try:
+            return _check_uri(value, want_dir=True)
+        except (ValueError, FulcrumError) as e:
+            raise _fail(spec, loc, str(e)) from None
     if kind == "dir":
         if not any((Path(value).expanduser() / name).is_file() for name in _TOKENIZER_FILES):
             raise _fail(spec, loc, f"{value} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
@@ -296,9 +319,6 @@ def check_data(spec: Any, rows: int = 20) -> list[str]:
     for field in ("train", "eval"):
         path = getattr(spec.data, field)
         if path is None:
-            continue
-        if "://" in path:
-            lines.append(f"data.{field}: not checked (a URI; read when training)")
             continue
         raw = read_rows(path, spec.data.skip_bad_rows)
         fmt = detect_format(raw, fmt, spec.objective.kind)

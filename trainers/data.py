@@ -21,6 +21,7 @@ import datasets
 import pyarrow as pa
 import torch
 
+from trainers import storage
 from trainers.errors import DataError
 
 IGNORE = -100  # label value that the loss skips
@@ -164,7 +165,21 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def read_rows(path: str, skip_bad: bool) -> RawRows:
-    """Read one data file or saved dataset directory into a `datasets.Dataset`."""
+    """Read one data file or saved dataset directory into a `datasets.Dataset`. A URI (s3://, gs://,
+    file://) is read from this machine's cache (downloaded once); messages still name the URI."""
+    if storage.is_uri(path):
+        local = str(storage.cached_local(path))
+        try:
+            raw = _read_local_rows(local, skip_bad)
+        except DataError as e:
+            raise DataError(str(e).replace(local, path)) from None
+        raw.path = path
+        raw.skipped = [m.replace(local, path) for m in raw.skipped]
+        return raw
+    return _read_local_rows(path, skip_bad)
+
+
+def _read_local_rows(path: str, skip_bad: bool) -> RawRows:
     p = Path(path)
     suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
     try:

