@@ -104,7 +104,11 @@ def make_adapter(spec: ModelSpec, kind: str, out: Path, seed: int, manifest_base
 def peft_generate(
     spec: ModelSpec, adapter: Path | None, prompt: list[int], eos: int, max_new_tokens: int = NEW_TOKENS
 ) -> list[int]:
-    """What plain transformers + peft `generate` gives for one adapter alone (greedy)."""
+    """Greedy tokens of plain transformers + peft for one adapter alone: the argmax of peft's own forward
+    (the one training uses) over the whole sequence at each step, with no KV cache. Not peft's `generate`:
+    its cache plumbing breaks with some transformers releases (5.24 re-injects prompt tuning's virtual
+    tokens at every step and drops prefix tuning's prefix; docs/dependencies.md), and this reference
+    must not move with it."""
     from peft import PeftModel
 
     import trainers.tuners  # noqa: F401
@@ -112,18 +116,16 @@ def peft_generate(
     model = fresh_base(spec)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
-    ids = torch.tensor([prompt])
+    model.eval()
+    ids = list(prompt)
     with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    return out[0, len(prompt) :].tolist()
+        for _ in range(max_new_tokens):
+            x = torch.tensor([ids])
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+            ids.append(int(logits[0, -1].argmax()))
+            if ids[-1] == eos:
+                break
+    return ids[len(prompt) :]
 
 
 async def collect(
