@@ -4,9 +4,11 @@
     fulcrum serve --base MODEL --adapter ID=PATH [--adapter ID=PATH ...] [--adapter-root DIR] \
         [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     fulcrum serve --adapter capitals=runs/capitals-lora --ask "What is the capital of Syria?"
+    fulcrum serve --base s3://bucket/bases/smollm2 --adapter capitals=s3://bucket/runs/capitals-lora
 
 Without --base, the base is the one the first adapter was trained on (its run's spec.yaml or its manifest).
 `--ask` starts the server, asks once through the `openai` client, prints the answer and shuts down.
+Bases and adapters may be local paths or URIs (s3://, gs://, file://): the replicas read them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +27,11 @@ from typing import Any
 
 import yaml
 
+from trainers import storage
 from trainers.errors import FulcrumError, SpecError
+
+# app name -> the temporary folder of the registry file `fulcrum serve` made for this run (removed at stop)
+_OWN_REGISTRY: dict[str, str] = {}
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,20 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "serve", help="serve a base and its adapters over an OpenAI-compatible HTTP API (Ray Serve)"
     )
     serve.add_argument("config", nargs="?", help="the serve YAML (see docs/serving.md)")
-    serve.add_argument("--base", help="the base model: hub id, directory, .gguf, or a run directory")
+    serve.add_argument(
+        "--base", help="the base model: hub id, directory, .gguf, a run directory, or a URI (s3://...)"
+    )
     serve.add_argument(
         "--adapter",
         action="append",
         default=[],
         metavar="ID=PATH",
-        help="an adapter (run or adapter directory)",
+        help="an adapter (run or adapter directory; a local path or a URI such as s3://...)",
     )
     serve.add_argument(
         "--adapter-root",
         action="append",
         default=[],
         metavar="DIR",
-        help="POST /v1/adapters may register from here",
+        help="POST /v1/adapters may register from here (a folder or a URI prefix)",
     )
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
@@ -58,20 +68,33 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 # --------------------------------------------------------------------------- the config from the flags
-def _model_of(path: Path) -> dict[str, Any] | None:
-    """The model section a run or adapter directory was trained on (None if it does not say)."""
+def _model_of(location: str) -> dict[str, Any] | None:
+    """The model section a run or adapter directory (a path or a URI) was trained on (None if it does not
+    say, or cannot be read from here)."""
     from trainers.manifest import MANIFEST_FILE
 
-    if (path / "spec.yaml").is_file():
-        spec = yaml.safe_load((path / "spec.yaml").read_text()) or {}
-        if isinstance(spec.get("method"), dict) and spec["method"].get("kind") in ("full", "freeze"):
-            return {"base": str((path / "model").resolve())}  # a full run is served as the base itself
-        return spec.get("model")
-    for folder in (path, path.parent):
-        if (folder / MANIFEST_FILE).is_file():
-            base = json.loads((folder / MANIFEST_FILE).read_text()).get("base") or {}
-            return {k: v for k, v in base.items() if v is not None} or None
+    location = storage.normalize(location)
+    try:
+        if storage.is_file(storage.join(location, "spec.yaml")):
+            spec = yaml.safe_load(storage.read_text(storage.join(location, "spec.yaml"))) or {}
+            if isinstance(spec.get("method"), dict) and spec["method"].get("kind") in ("full", "freeze"):
+                return {"base": storage.join(location, "model")}  # a full run is served as the base itself
+            return spec.get("model")
+        parent = location.rsplit("/", 1)[0] if storage.is_uri(location) else str(Path(location).parent)
+        for folder in (location, parent):
+            if storage.is_file(storage.join(folder, MANIFEST_FILE)):
+                base = json.loads(storage.read_text(storage.join(folder, MANIFEST_FILE))).get("base") or {}
+                return {k: v for k, v in base.items() if v is not None} or None
+    except (FulcrumError, OSError):  # a URI this machine cannot read: the caller asks for --base
+        return None
     return None
+
+
+def _is_run(location: str) -> bool:
+    try:
+        return storage.is_file(storage.join(storage.normalize(location), "spec.yaml"))
+    except (FulcrumError, OSError):
+        return False
 
 
 def _adapters_from_flags(flags: list[str]) -> dict[str, str]:
@@ -98,13 +121,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         data["adapters"] = {**data.get("adapters", {}), **adapters}
     else:
         if args.base:
-            base = Path(args.base)
-            model = (_model_of(base) if base.is_dir() and (base / "spec.yaml").is_file() else None) or {
-                "base": args.base
-            }
+            model = (_model_of(args.base) if _is_run(args.base) else None) or {"base": args.base}
         elif adapters:
             first_id, first = next(iter(adapters.items()))
-            model = _model_of(Path(first)) if Path(first).is_dir() else None
+            model = _model_of(first)
             if model is None:
                 raise SpecError(
                     f"--adapter {first_id}={first}: cannot tell which base it was trained on "
@@ -117,7 +137,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     for flag, field in (("host", "host"), ("port", "port"), ("replicas", "replicas")):
         if getattr(args, flag) is not None:
             data[field] = getattr(args, flag)
-    if args.api_key:
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise SpecError(
+                "--api-key: the key is empty (an unset variable?); give a key, or leave --api-key out"
+            )
         data["api_keys"] = [*data.get("api_keys", []), {"key": args.api_key, "admin": True}]
     if args.ask and args.port is None and not args.config:
         data["port"] = free_port(data.get("host", "127.0.0.1"))
@@ -138,10 +162,15 @@ def start(config: Any, address: str | None = None, console: Any = None) -> str:
 
     from cluster.local import ensure_ray
     from serving.app import bind_app
-    from serving.registry import drop_registry, get_registry
 
     ensure_ray(address, min_cpus=config.replicas * config.resources.cpus + 1)
-    drop_registry(config.app_name)  # a fresh start serves what the config says, not a previous run's set
+    if config.registry is None and len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+        # One node: a file of this run's own keeps runtime registrations across replica restarts. (On
+        # several nodes the replicas need a shared one: `registry:` in the YAML, else registration is off.)
+        # A fresh start serves what the config says, not a previous run's set.
+        folder = tempfile.mkdtemp(prefix=f"fulcrum-serve-{config.app_name}-")
+        _OWN_REGISTRY[config.app_name] = folder
+        config.registry = str(Path(folder) / "registry.json")
     serve.start(http_options={"host": config.host, "port": config.port})
     try:
         serve.run(bind_app(config), name=config.app_name, route_prefix="/", blocking=False)
@@ -150,18 +179,14 @@ def start(config: Any, address: str | None = None, console: Any = None) -> str:
         stop(config)
         raise FulcrumError(f"the serving application did not start: {why}") from None
     model = serve.get_deployment_handle("model", app_name=config.app_name)
-    registry = get_registry(config.app_name, dict(config.adapters))
-    described = []
     for adapter_id, path in config.adapters.items():
         try:  # refuse a wrong-base or broken adapter now, not at its first request
-            info = model.check_adapter.remote(path).result()
+            model.check_adapter.remote(path).result()
         except Exception as e:
             from serving.api import as_api_error
 
             stop(config)
             raise FulcrumError(f"adapter `{adapter_id}` ({path}): {as_api_error(e).message}") from None
-        described.append(registry.put.remote(adapter_id, path, info["method"]))
-    ray.get(described)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     return f"http://{host}:{config.port}"
 
@@ -183,16 +208,16 @@ def _why_not_started(app_name: str, e: BaseException) -> str:
 
 
 def stop(config: Any) -> None:
-    """Delete this application and its registry; stop Serve too unless other applications still run on it
-    (a shared cluster joined with --address)."""
+    """Delete this application (and the registry file `fulcrum serve` made for it, not one the YAML
+    names); stop Serve too unless other applications still run on it (a shared cluster, --address)."""
     from ray import serve
-
-    from serving.registry import drop_registry
 
     serve.delete(config.app_name)
     if not serve.status().applications:
         serve.shutdown()
-    drop_registry(config.app_name)
+    folder = _OWN_REGISTRY.pop(config.app_name, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def ask(url: str, config: Any, prompt: str, max_tokens: int) -> tuple[str, str]:
@@ -222,6 +247,14 @@ def _serve(args: argparse.Namespace) -> int:
         console.print(f"  adapter:  {adapter_id}  <- {path}")
     if config.api_keys:
         console.print(f"  API keys: {len(config.api_keys)} (every route needs one)")
+    else:
+        console.print("  API keys: none (POST/DELETE /v1/adapters only from this machine)")
+    if config.app_name in _OWN_REGISTRY:
+        console.print("  registry: kept while this server runs (POST /v1/adapters)")
+    elif config.registry:
+        console.print(f"  registry: {config.registry}")
+    else:
+        console.print("  registry: none; POST /v1/adapters is off (set `registry:` in the serve YAML)")
     if args.ask:
         try:
             model, answer = ask(url, config, args.ask, args.max_tokens)

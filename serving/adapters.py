@@ -117,8 +117,13 @@ def _run_base(run_dir: Path | None) -> dict[str, Any] | None:
 def _kind(config: Any) -> str:
     """The method family by the peft type (the manifest may say more: qlora, ptuning_v2)."""
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    return kind_of(peft_type, bool(getattr(config, "use_dora", False)))
+
+
+def kind_of(peft_type: str, use_dora: bool = False) -> str:
+    """The served method family for a peft type (as adapter_config.json names it)."""
     if peft_type == "LORA":
-        return "dora" if getattr(config, "use_dora", False) else "lora"
+        return "dora" if use_dora else "lora"
     by_type = {
         "IA3": "ia3",
         "BOTTLENECK": "adapter",

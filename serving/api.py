@@ -1,14 +1,20 @@
 """The HTTP side: OpenAI routes, API keys, body limit, validation, OpenAI error objects, SSE streaming.
 
-The ingress deployment holds no model. It checks the request, looks the adapter up in the registry
-(serving/registry.py), and sends the request to a model replica with `multiplexed_model_id="id@version"`,
-so that Serve routes it to a replica that already holds that adapter version (app.py).
+The ingress deployment holds no model. It checks the request, looks the adapter up in the served set
+(serving/registry.py: its Serve `user_config`, applied in `reconfigure`, overlaid with the runtime
+registrations of the `registry` file), and sends the request to a model replica with
+`multiplexed_model_id="id@version"` and the adapter's location, so that Serve routes it to a replica that
+already holds that adapter version (app.py).
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds the route functions of a class-based ingress,
 # and FastAPI must see `Request` as a class, not as a string it can no longer resolve.
+import asyncio
+import contextlib
 import hmac
+import ipaddress
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,8 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.config import ADAPTER_ID
-from serving.registry import get_registry
+from serving import registry
+from serving.config import ADAPTER_ID, adapter_roots, is_uri
+
+log = logging.getLogger(__name__)
+# How often an ingress re-reads the registry file for registrations made through another ingress replica
+# (an unknown id re-reads it at once, at most every MISS_REFRESH_S).
+POLL_S = 2.0
+MISS_REFRESH_S = 0.5
 
 
 class ApiError(Exception):
@@ -213,6 +225,15 @@ async def _stream(
     yield _sse("[DONE]")
 
 
+def _from_loopback(request: Request) -> bool:
+    """Whether the client is on this machine (Serve's proxy passes the client's address through)."""
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @serve.ingress(app)
 class OpenAIIngress:
     """OpenAI-compatible routes in front of the model deployment."""
@@ -222,13 +243,75 @@ class OpenAIIngress:
         self.base_name: str = settings["base_name"]
         self.keys: list[dict[str, Any]] = settings["keys"]
         self.max_body: int = settings["max_body_bytes"]
-        self.roots = [Path(r) for r in settings["adapter_roots"]]
-        self.registry = get_registry(settings["app_name"], settings["adapters"])
+        self.extra_roots: list[str] = list(settings["adapter_roots"])
+        self.registry_file: str | None = settings.get("registry")
+        self.roots = adapter_roots({}, self.extra_roots)
+        self._config: dict[str, dict[str, Any]] = {}  # from the user_config
+        self._runtime: dict[str, Any] = registry.empty()  # from the registry file
+        self._served: dict[str, dict[str, Any]] = {}  # what requests see: the two overlaid
+        self._last_read = 0.0
+        self._write_lock = asyncio.Lock()  # one read-modify-write of the registry at a time (per replica)
+        self._read_lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    # ---- the served set
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this after __init__ and whenever the deployment's user_config changes (a RayService
+        update, a redeploy): no restart, requests keep flowing. `{"adapters": {id: location}}`."""
+        adapters = dict((user_config or {}).get("adapters") or {})
+        for aid, location in adapters.items():
+            if not isinstance(location, str) or not ADAPTER_ID.fullmatch(str(aid)) or aid in (".", ".."):
+                raise ValueError(f"user_config.adapters.{aid}: give an adapter id (a name) -> a location")
+            if not is_uri(location) and not Path(location).is_absolute():
+                raise ValueError(
+                    f"user_config.adapters.{aid}: {location} is a relative path; give an absolute path on "
+                    "the replicas' volume or a URI (s3://...)"
+                )
+            if aid == self.base_name:
+                raise ValueError(f"user_config.adapters.{aid}: this id is the base model's name; rename it")
+        self._config = await asyncio.to_thread(registry.configured, adapters)
+        self.roots = adapter_roots(adapters, self.extra_roots)
+        await self._refresh()
+        log.info("serving %d configured adapter(s): %s", len(adapters), ", ".join(sorted(adapters)) or "-")
+        if self.registry_file and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _refresh(self) -> None:
+        """Re-read the registry file (a failure keeps the last known registrations) and recompute."""
+        if self.registry_file:
+            try:
+                self._runtime = await asyncio.to_thread(registry.read, self.registry_file)
+            except Exception as e:
+                log.warning("adapter registry %s: cannot read it: %s", self.registry_file, e)
+        self._served = registry.served(self._config, self._runtime)
+        self._last_read = time.monotonic()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(Exception):
+                await self._refresh()
+
+    async def _lookup(self, model_id: str) -> dict[str, Any] | None:
+        entry = self._served.get(model_id)
+        if entry is None and self.registry_file:  # maybe registered through another ingress replica
+            async with self._read_lock:
+                if time.monotonic() - self._last_read > MISS_REFRESH_S:
+                    await self._refresh()
+            entry = self._served.get(model_id)
+        return entry
 
     # ---- access
     def _key(self, request: Request, admin: bool = False) -> dict[str, Any] | None:
         """The caller's key entry (None when the server has no keys). 401 without a valid key."""
         if not self.keys:
+            if admin and not _from_loopback(request):
+                raise ApiError(
+                    "this server has no API keys, so adapters may be registered and deleted only from the "
+                    "machine it runs on; configure an admin key (`api_keys` in the serve YAML)",
+                    403,
+                    code="admin_required",
+                )
             return None
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
@@ -265,15 +348,15 @@ class OpenAIIngress:
             raise ApiError(f"malformed JSON body: {e}", 400, code="invalid_json") from None
         return _parse(model, data)
 
-    async def _known(self, key: dict[str, Any] | None) -> list[str]:
-        ids = [self.base_name, *sorted((await self.registry.all.remote()).keys())]
+    def _known(self, key: dict[str, Any] | None) -> list[str]:
+        ids = [self.base_name, *sorted(self._served)]
         return [i for i in ids if self._allowed(key, i)]
 
     async def _entry(self, model_id: str, key: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The registry entry of `model_id` (None: the base). 404 listing known ids, 403 if not allowed."""
-        entry = None if model_id == self.base_name else await self.registry.get.remote(model_id)
+        """The served entry of `model_id` (None: the base). 404 listing known ids, 403 if not allowed."""
+        entry = None if model_id == self.base_name else await self._lookup(model_id)
         if model_id != self.base_name and entry is None:
-            known = await self._known(key)
+            known = self._known(key)
             raise ApiError(
                 f"model `{model_id}` does not exist; known: {', '.join(known)}",
                 404,
@@ -294,7 +377,7 @@ class OpenAIIngress:
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         key = self._key(request)
-        entries = await self.registry.all.remote()
+        entries = self._served
         cards = [self._model_card(self.base_name, None)]
         cards += [self._model_card(i, entries[i]) for i in sorted(entries)]
         return {"object": "list", "data": [c for c in cards if self._allowed(key, c["id"])]}
@@ -305,14 +388,33 @@ class OpenAIIngress:
         return self._model_card(model_id, await self._entry(model_id, key))
 
     # ---- adapters (admin)
-    def _under_roots(self, raw: str) -> Path:
-        if "\x00" in raw or "://" in raw:
-            raise ApiError("`path` must be a directory path on the server", 400, "path")
-        candidates = [Path(raw)] if Path(raw).is_absolute() else [root / raw for root in self.roots]
-        for candidate in candidates:
+    def _under_roots(self, raw: str) -> str:
+        """The location `raw` names (absolute, a URI, or relative to a root) if it lies under a root."""
+        if "\x00" in raw or not raw.strip():
+            raise ApiError("`path` must be a directory path or a URI", 400, "path")
+        local_roots = [Path(r) for r in self.roots if not is_uri(r)]
+        uri_roots = [r for r in self.roots if is_uri(r)]
+        if is_uri(raw):
+            local, uris = [], [raw.rstrip("/")]
+        elif Path(raw).is_absolute():
+            local, uris = [Path(raw)], []
+        else:
+            local = [root / raw for root in local_roots]
+            uris = [f"{root}/{raw.rstrip('/')}" for root in uri_roots]
+        for candidate in local:
             resolved = candidate.resolve()  # symlinks resolved: a link cannot lead out of a root
-            if any(resolved.is_relative_to(root) for root in self.roots) and resolved.is_dir():
-                return resolved
+            if any(resolved.is_relative_to(root) for root in local_roots) and resolved.is_dir():
+                return str(resolved)
+        for uri in uris:
+            if uri.startswith("file://"):  # a local folder after all: resolve links as above
+                resolved = Path(uri[len("file://") :]).resolve()
+                roots = [Path(r[len("file://") :]).resolve() for r in uri_roots if r.startswith("file://")]
+                if any(resolved.is_relative_to(r) for r in roots):
+                    return f"file://{resolved}"
+                continue
+            dots = {".", ".."} & set(uri.split("://", 1)[1].split("/"))
+            if not dots and any(uri.startswith(r + "/") for r in uri_roots):
+                return uri
         roots = ", ".join(str(r) for r in self.roots) or "(none configured)"
         raise ApiError(
             f"`path` {raw} is not a directory under an adapter root ({roots}); add a root with "
@@ -325,31 +427,68 @@ class OpenAIIngress:
     async def register_adapter(self, request: Request) -> dict[str, Any]:
         self._key(request, admin=True)
         body: RegisterRequest = await self._body(request, RegisterRequest)
-        if not ADAPTER_ID.fullmatch(body.id):
+        if not ADAPTER_ID.fullmatch(body.id) or body.id in (".", ".."):
             raise ApiError("`id` must be a name of letters, digits, `.`, `_`, `-` (not a path)", 400, "id")
         if body.id == self.base_name:
             raise ApiError(f"`id` {body.id} is the base model's name; choose another", 409, "id")
-        path = self._under_roots(body.path)
+        registry_file = self._registry_file()
+        location = self._under_roots(body.path)
         try:  # a trial load on a replica: a wrong base or a broken adapter is refused now, not per request
-            info = await self.model.check_adapter.remote(str(path))
+            info = await self.model.check_adapter.remote(location)
         except Exception as e:
             raise as_api_error(e) from None
-        replaced = await self.registry.get.remote(body.id) is not None
-        entry = await self.registry.put.remote(body.id, str(path), info["method"])
+        async with self._write_lock:
+            runtime = await self._read_fresh(registry_file)
+            replaced = body.id in registry.served(self._config, runtime)
+            entry = await asyncio.to_thread(
+                registry.register, runtime, self._config, body.id, location, info["method"]
+            )
+            await self._save(registry_file, runtime)
         return {**self._model_card(body.id, entry), "version": entry["version"], "replaced": replaced}
 
     @app.delete("/v1/adapters/{adapter_id}")
     async def delete_adapter(self, adapter_id: str, request: Request) -> dict[str, Any]:
         key = self._key(request, admin=True)
-        if not await self.registry.remove.remote(adapter_id):
-            known = [i for i in await self._known(key) if i != self.base_name]
-            raise ApiError(
-                f"adapter `{adapter_id}` does not exist; known: {', '.join(known) or 'none'}",
-                404,
-                "id",
-                "model_not_found",
-            )
+        registry_file = self._registry_file()
+        async with self._write_lock:
+            runtime = await self._read_fresh(registry_file)
+            if adapter_id not in registry.served(self._config, runtime):
+                known = [i for i in self._known(key) if i != self.base_name]
+                raise ApiError(
+                    f"adapter `{adapter_id}` does not exist; known: {', '.join(known) or 'none'}",
+                    404,
+                    "id",
+                    "model_not_found",
+                )
+            registry.unregister(runtime, self._config, adapter_id)
+            await self._save(registry_file, runtime)
         return {"id": adapter_id, "object": "model", "deleted": True}
+
+    def _registry_file(self) -> str:
+        if not self.registry_file:
+            raise ApiError(
+                "runtime registration is off: it needs `registry:` in the serve YAML (a file on a volume "
+                "every replica sees, or a URI such as s3://bucket/serve/registry.json) so that it outlives "
+                "replicas. Or add the adapter to `adapters:` and update the deployment",
+                409,
+                code="registry_not_configured",
+            )
+        return self.registry_file
+
+    async def _read_fresh(self, registry_file: str) -> dict[str, Any]:
+        try:  # fresh, so that registrations made through another ingress replica are kept
+            return await asyncio.to_thread(registry.read, registry_file)
+        except Exception as e:
+            raise ApiError(f"adapter registry {registry_file}: cannot read it: {e}", 500) from None
+
+    async def _save(self, registry_file: str, runtime: dict[str, Any]) -> None:
+        try:
+            await asyncio.to_thread(registry.write, registry_file, runtime)
+        except Exception as e:
+            raise ApiError(f"adapter registry {registry_file}: cannot write it: {e}", 500) from None
+        self._runtime = runtime
+        self._served = registry.served(self._config, runtime)
+        self._last_read = time.monotonic()
 
     # ---- generation
     @app.post("/v1/completions")

@@ -2,7 +2,14 @@
 and a BatchEngine (engine.py) with adapters in slots.
 
 `build_app(args)` is a Serve application builder: `fulcrum serve` calls it with the serve YAML as a dict,
-and a KubeRay RayService names it as `import_path: serving.app:build_app` with the same YAML as `args`.
+and a KubeRay RayService names it as `import_path: serving.app:build_app` with the same YAML as `args`
+(`service_application` writes that entry, with the adapters in the ingress's `user_config`).
+
+The served adapter set is the ingress deployment's Serve `user_config` (`{"adapters": {id: location}}`),
+applied in `OpenAIIngress.reconfigure`: Serve hands it to every ingress replica it starts or restarts, and
+a new user_config reaches running replicas without restarting them. Runtime registrations are kept in the
+`registry` file (serving/registry.py). The model replicas need no set: each request carries its adapter's
+location, which a replica reads through the node's cache (`trainers.storage.cached_local`).
 
 Adapters reach a replica through Serve's model multiplexing. The ingress sends each request with
 `multiplexed_model_id="id@version"`; Serve prefers replicas that already hold that id, and on a replica
@@ -12,6 +19,7 @@ removes it from the engine; requests running on it finish first, the engine pins
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +29,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving.api import ApiError, OpenAIIngress
-from serving.config import ServeConfig, parse_serve_config
+from serving.config import ServeConfig, is_uri, parse_serve_config
 from serving.types import AdapterError, AdapterInfo, SamplingParams
 
 
@@ -57,7 +65,8 @@ class ModelReplica:
         )
         self.context_length = self.engine.context_length
         self.stream_interval = config.stream_interval_ms / 1e3
-        self._paths: dict[str, str] = {}  # id@version -> path, as the ingress sent it
+        self._paths: dict[str, str] = {}  # id@version -> location, as the ingress sent it
+        self._local: dict[str, str] = {}  # id@version -> its local copy (the location itself when local)
         # Wired here (not as a class decorator) because the LRU bound comes from the config. A plain
         # function, not the bound method: Serve keeps its LRU state as an attribute of what it wraps.
 
@@ -69,19 +78,22 @@ class ModelReplica:
         )
 
     async def _load(self, engine_id: str) -> _Held:
-        path = self._paths.get(engine_id)
-        if path is None:
+        location = self._paths.get(engine_id)
+        if location is None:
             raise ApiError(f"adapter {engine_id}: no path was sent with the request", 500)
-        return _Held(self, engine_id, self.engine.add_adapter(engine_id, path))
+        local = await _local_copy(location)
+        self._local[engine_id] = local
+        return _Held(self, engine_id, self.engine.add_adapter(engine_id, local))
 
     def unload(self, engine_id: str) -> None:
+        self._local.pop(engine_id, None)
         with contextlib.suppress(AdapterError):  # already gone from the engine
             self.engine.remove_adapter(engine_id)
 
-    def check_adapter(self, path: str) -> dict[str, Any]:
-        """Read and check `path` against this base without taking a slot: AdapterError (400 naming both
-        bases, ...) if it cannot be served."""
-        info = self.engine.inspect_adapter("check", path)
+    async def check_adapter(self, location: str) -> dict[str, Any]:
+        """Read and check the adapter at `location` (a path or a URI) against this base without taking a
+        slot: AdapterError (400 naming both bases, ...) if it cannot be served."""
+        info = self.engine.inspect_adapter("check", await _local_copy(location))
         return {"method": info.method, "chat_template": info.chat_template}
 
     def loaded(self) -> list[str]:
@@ -145,11 +157,25 @@ class ModelReplica:
             if e.status != 404 or engine_id is None:
                 raise
             # The engine dropped it on its own (its LRU): attach it again and go on.
-            self.engine.add_adapter(engine_id, job["adapter_path"])
+            local = self._local.get(engine_id) or await _local_copy(job["adapter_path"])
+            self.engine.add_adapter(engine_id, local)
             events = self.engine.generate_batches(prompt_ids, engine_id, params)
         yield {"prompt_tokens": len(prompt_ids)}
         async for batch in _coalesce(events, self.stream_interval):
             yield [{"text": e.text, "finish_reason": e.finish_reason} for e in batch]
+
+
+async def _local_copy(location: str) -> str:
+    """A local directory holding the adapter at `location`: the path itself, or the node's cached copy of a
+    URI (downloaded once per node and content version). Off the event loop: a download takes a while."""
+    if not is_uri(location):
+        return location
+    from trainers.storage import cached_local
+
+    try:
+        return str(await asyncio.to_thread(cached_local, location))
+    except Exception as e:  # missing, unreachable, no credentials: a clear 400 rather than a replica error
+        raise AdapterError(f"adapter {location}: cannot read it ({str(e).splitlines()[0]})", 400) from None
 
 
 async def _coalesce(batches: AsyncIterator[list[Any]], interval: float) -> AsyncIterator[list[Any]]:
@@ -174,6 +200,27 @@ def build_app(args: dict[str, Any]) -> Application:
     return bind_app(config)
 
 
+def user_config(adapters: dict[str, str]) -> dict[str, Any]:
+    """The ingress deployment's user_config: the configured adapter set."""
+    return {"adapters": dict(adapters)}
+
+
+def service_application(args: dict[str, Any], name: str = "fulcrum") -> dict[str, Any]:
+    """The serveConfigV2 `applications` entry for a serve config (the YAML as a dict): `adapters` travel in
+    the ingress deployment's `user_config`, not in `args`. Serve rebuilds and restarts every replica when
+    an application's `args` change (they are part of its code version), but applies a changed
+    `deployments[].user_config` to the running replicas through `reconfigure`: so editing `adapters:` and
+    applying the RayService again changes the served set without reloading any model."""
+    rest = {k: v for k, v in args.items() if k not in ("adapters", "k8s")}
+    return {
+        "name": name,
+        "import_path": "serving.app:build_app",
+        "route_prefix": "/",
+        "args": rest,
+        "deployments": [{"name": "ingress", "user_config": user_config(args.get("adapters") or {})}],
+    }
+
+
 def bind_app(config: ServeConfig) -> Application:
     replica = serve.deployment(
         ModelReplica,
@@ -190,14 +237,17 @@ def bind_app(config: ServeConfig) -> Application:
         num_replicas=config.ingress_count(),
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1024,
+        user_config=user_config(config.adapters),
     )
     settings = {
-        "app_name": config.app_name,
         "base_name": config.served_name(),
         "keys": config.resolved_keys(),
         "max_body_bytes": config.max_body_bytes,
-        "adapter_roots": config.roots(),
-        "adapters": dict(config.adapters),
+        "adapter_roots": config.adapter_roots,  # the configured adapters' folders join in reconfigure
+        "registry": config.registry,
     }
-    replica_args = {k: v for k, v in config.to_args().items() if k != "api_keys"}  # keys stay in the ingress
+    # The replicas get the model's settings only: keys and the adapter set stay with the ingress (requests
+    # carry their adapter's location), and the bind address is the proxy's business.
+    ingress_only = ("api_keys", "adapters", "adapter_roots", "registry", "host")
+    replica_args = {k: v for k, v in config.to_args().items() if k not in ingress_only}
     return ingress.bind(replica.bind(replica_args), settings)

@@ -2,11 +2,15 @@
 
 Parsed with pydantic like the job spec; every problem is one line naming the file, line and field. The
 same structure, as a dict, is what `serving.app:build_app` receives (a Serve application builder's args).
+Locations (`model.base`, `adapters`, `adapter_roots`, `registry`) are local paths or URIs (s3://, gs://,
+file://); URIs are never looked at here (this machine may lack the credentials), the replicas read them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +30,18 @@ class _Section(BaseModel):
 
 class Resources(_Section):
     cpus: float = Field(1.0, ge=0, description="CPUs per model replica.")
-    gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share a GPU).")
+    gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share a GPU; at most 1).")
+
+    @field_validator("gpus")
+    @classmethod
+    def _one_gpu(cls, value: float) -> float:
+        # A replica holds one unsharded copy of the base on one device: more GPUs would sit idle.
+        if value > 1:
+            raise ValueError(
+                "a model replica uses one GPU (the base is not sharded across GPUs yet); give at most 1 "
+                "and raise `replicas` to use more GPUs"
+            )
+        return value
 
 
 class ApiKey(_Section):
@@ -41,6 +56,9 @@ class ApiKey(_Section):
     def _one_source(self) -> ApiKey:
         if (self.key is None) == (self.key_env is None):
             raise ValueError("give exactly one of `key` or `key_env`")
+        if self.key is not None and not self.key.strip():
+            # An empty key (an unset variable pasted in) must not quietly become an open server.
+            raise ValueError("`key` is empty; give a key, or use `key_env`")
         return self
 
 
@@ -51,10 +69,19 @@ class ServeConfig(_Section):
     )
     name: str | None = Field(None, description="The base's served model name (default: from model.base).")
     adapters: dict[str, str] = Field(
-        default_factory=dict, description="Adapter id -> run directory or adapter directory."
+        default_factory=dict,
+        description="Adapter id -> run directory or adapter directory: a local path or a URI (s3://, gs://, "
+        "file://). The served set: Serve hands it to the ingress as its user_config.",
     )
     adapter_roots: list[str] = Field(
-        default_factory=list, description="More folders that POST /v1/adapters may register from."
+        default_factory=list,
+        description="More folders (local paths or URI prefixes) that POST /v1/adapters may register from.",
+    )
+    registry: str | None = Field(
+        None,
+        description="A JSON file (local path on a shared volume, or a URI) that keeps adapters registered "
+        "with POST /v1/adapters, so that they survive replica restarts and redeploys. Without it, runtime "
+        "registration is refused (`fulcrum serve` on one node uses a file of its own).",
     )
     replicas: int = Field(1, ge=1)
     ingress_replicas: int | Literal["auto"] = Field(
@@ -84,9 +111,12 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: list[ApiKey] = Field(default_factory=list)
-    app_name: str = Field(
-        "fulcrum", description="The Serve application's name; also names the adapter registry."
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve without API keys on a non-loopback host (or, on Kubernetes, at all). Even then "
+        "POST/DELETE /v1/adapters answer only clients on this machine (loopback).",
     )
+    app_name: str = Field("fulcrum", description="The Serve application's name.")
 
     @field_validator("ingress_replicas", mode="before")
     @classmethod
@@ -104,11 +134,8 @@ class ServeConfig(_Section):
         return self.name or derive_name(self.model)
 
     def roots(self) -> list[str]:
-        """Where registered adapters may come from: the folders holding the adapters named at start, and
-        `adapter_roots`; symlinks resolved so that a link cannot lead outside."""
-        roots = [str(Path(p).resolve().parent) for p in self.adapters.values() if "://" not in p]
-        roots += [str(Path(p).resolve()) for p in self.adapter_roots]
-        return sorted(set(roots))
+        """Where registered adapters may come from (see `adapter_roots`)."""
+        return adapter_roots(self.adapters, self.adapter_roots)
 
     def resolved_keys(self) -> list[dict[str, Any]]:
         """The keys with `key_env` read now (in the process that builds the app)."""
@@ -123,6 +150,36 @@ class ServeConfig(_Section):
     def to_args(self) -> dict[str, Any]:
         """The application builder's args: this config with paths made absolute."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may be reachable from anywhere
+        return False
+
+
+def adapter_roots(adapters: dict[str, str], extra: list[str]) -> list[str]:
+    """Where registered adapters may come from: the folders holding the configured adapters, and `extra`.
+    Local folders have symlinks resolved (a link cannot lead outside); URIs stay URIs (their parent
+    prefix, for a configured adapter), never looked at as local folders."""
+    roots = []
+    for location in [*(uri_parent(p) if is_uri(p) else str(Path(p).resolve().parent) for p in
+                       adapters.values()), *extra]:  # fmt: skip
+        roots.append(location.rstrip("/") if is_uri(location) else str(Path(location).resolve()))
+    return sorted(set(roots))
+
+
+def uri_parent(uri: str) -> str:
+    scheme, _, rest = uri.rstrip("/").partition("://")
+    parent = posixpath.dirname(rest)
+    return f"{scheme}://{parent}" if parent else f"{scheme}://{rest}"
 
 
 def derive_name(model: ModelSpec) -> str:
@@ -141,7 +198,7 @@ def derive_name(model: ModelSpec) -> str:
 def _resolve(value: str, config_dir: Path) -> str:
     """A relative path is looked up in the current directory first, then beside the YAML (as the job spec)."""
     if "://" in value:
-        return value
+        return value.rstrip("/") if not value.endswith(":///") else value
     p = Path(value).expanduser()
     if p.is_absolute():
         return str(p)
@@ -176,19 +233,23 @@ def parse_serve_config(
 
     config_dir = config_dir or Path.cwd()
     for adapter_id, path in list(config.adapters.items()):
-        if not ADAPTER_ID.fullmatch(adapter_id):
+        if not ADAPTER_ID.fullmatch(adapter_id) or adapter_id in (".", ".."):
             raise fail(("adapters", adapter_id), "an adapter id is a name of letters, digits, `.`, `_`, `-`")
         resolved = _resolve(path, config_dir)
-        if "://" not in resolved and not Path(resolved).is_dir():
+        if not is_uri(resolved) and not Path(resolved).is_dir():
             raise fail(("adapters", adapter_id), f"not a directory: {path}")
         config.adapters[adapter_id] = resolved
     for i, root in enumerate(config.adapter_roots):
         resolved = _resolve(root, config_dir)
-        if not Path(resolved).is_dir():
+        if not is_uri(resolved) and not Path(resolved).is_dir():
             raise fail(("adapter_roots", i), f"not a directory: {root}")
         config.adapter_roots[i] = resolved
+    if config.registry is not None:
+        if not config.registry.strip() or config.registry.endswith("/"):
+            raise fail(("registry",), "give a file: a path or URI ending in a file name (registry.json)")
+        config.registry = _resolve(config.registry, config_dir)
     base = config.model.base
-    if base and (base.endswith(".gguf") or base.startswith(("./", "../", "/", "~"))):
+    if base and not is_uri(base) and (base.endswith(".gguf") or base.startswith(("./", "../", "/", "~"))):
         resolved = _resolve(base, config_dir)
         if not Path(resolved).exists():
             raise fail(("model", "base"), f"not found: {base}")
@@ -203,6 +264,13 @@ def parse_serve_config(
         for model_id in key.adapters or []:
             if not ADAPTER_ID.fullmatch(model_id):
                 raise fail(("api_keys", i, "adapters"), f"`{model_id}` is not an adapter id")
+    if not config.api_keys and not config.allow_unauthenticated and not is_loopback(config.host):
+        raise fail(
+            ("host",),
+            f"{config.host} is reachable from other machines and no `api_keys` are set, so anyone could use "
+            "every model; add an admin key (`api_keys`, or --api-key), bind 127.0.0.1, or set "
+            "`allow_unauthenticated: true`",
+        )
     return config
 
 

@@ -25,6 +25,7 @@ ADMIN, TEAM = "sk-admin-test", "sk-team-test"
 BASE_NAME = "tiny"
 SERVED = {"lora-a": "lora4", "lora-b": "lora8", "dora": "dora", "ia3": "ia3", "prompt": "prompt"}
 KIND_METHOD = {"lora4": "lora", "lora8": "lora"}
+FILE_URI_IDS = {"ia3": "file://"}  # adapters the served fixture names by a file:// URI
 
 
 # --------------------------------------------------------------------------- adapters made with peft
@@ -115,7 +116,9 @@ def served(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         {
             "model": {"config": TINY_LLAMA, "tokenizer": "bytes"},
             "name": BASE_NAME,
-            "adapters": {aid: str(paths[aid]) for aid in SERVED},
+            # One adapter by a file:// URI: read through trainers.storage like s3:// ones (its folder, as a
+            # file:// root, lets POST /v1/adapters register URIs beside it).
+            "adapters": {aid: FILE_URI_IDS.get(aid, "") + str(paths[aid]) for aid in SERVED},
             "max_adapters_per_replica": 3,  # fewer than the 5 adapters: the LRU evicts and reloads
             "max_batch_rows": 8,
             "context_length": 96,
@@ -359,20 +362,45 @@ def test_hot_swap_under_concurrent_load(served: Any) -> None:
     assert status == 404 and "swap" not in body["error"]["message"].split("known:")[1]
 
 
-def test_registry_survives_replica_restart(served: Any) -> None:
+def test_adapter_served_from_a_file_uri(served: Any) -> None:
+    """Configured and registered by file:// URIs: read through trainers.storage.cached_local on the replica.
+    (The s3:// twin of this test runs against the cluster-in-a-box S3 server: `assert_serves_uri` below.)"""
+    url, paths, refs = served["url"], served["paths"], served["refs"]
+    card = call(url, "GET", "/v1/models/ia3")[1]
+    assert card["root"] == f"file://{paths['ia3']}" and card["method"] == "ia3", card
+    assert complete(url, "ia3")[1]["choices"][0]["text"] == refs["ia3"][0]
+    # Registered by URI: allowed because it lies under the configured file:// adapter's folder.
+    assert_serves_uri(url, "late-uri", f"file://{paths['late']}", refs["late"][0])
+    status, body = call(url, "POST", "/v1/adapters", {"id": "x", "path": f"file://{served['outside']}"})
+    assert (status, body["error"]["param"]) == (400, "path")  # a URI outside every root
+
+
+def assert_serves_uri(url: str, adapter_id: str, location: str, want: str) -> None:
+    """Register `location` (a URI under an adapter root) as `adapter_id`, check its greedy answer, drop it."""
+    status, body = call(url, "POST", "/v1/adapters", {"id": adapter_id, "path": location})
+    assert status == 200 and body["root"] == location, body
+    status, body = complete(url, adapter_id)
+    assert status == 200 and body["choices"][0]["text"] == want, body
+    assert call(url, "DELETE", f"/v1/adapters/{adapter_id}")[0] == 200
+
+
+def test_registrations_survive_replica_restarts(served: Any) -> None:
+    """Runtime registrations live in the registry file, the configured set in the ingress's user_config:
+    killing every replica of the application (Serve starts new ones) loses neither."""
     import ray
 
     url, refs = served["url"], served["refs"]
     late = str(served["paths"]["late"])
     assert call(url, "POST", "/v1/adapters", {"id": "late", "path": late})[0] == 200
+    assert call(url, "DELETE", "/v1/adapters/lora-b")[0] == 200  # a configured one, hidden at runtime
     replicas = [
         a for a in ray.util.list_named_actors(all_namespaces=True)
         if a["name"].startswith("SERVE_REPLICA::fulcrum-test#")
     ]  # fmt: skip
-    assert len(replicas) == 2  # the ingress and the model replica: neither holds the registry
+    assert len(replicas) == 2  # the ingress and the model replica
     for actor in replicas:
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-    deadline = time.monotonic() + 90
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    deadline = time.monotonic() + 120
     while True:
         try:
             status, body = complete(url, "late")
@@ -383,3 +411,67 @@ def test_registry_survives_replica_restart(served: Any) -> None:
         time.sleep(1)
     assert status == 200, body
     assert body["choices"][0]["text"] == refs["late"][0]
+    now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+           if a["name"].startswith("SERVE_REPLICA::fulcrum-test#")]  # fmt: skip
+    assert not {a["name"] for a in replicas} & set(now)  # new replicas answered
+    assert complete(url, "lora-a")[1]["choices"][0]["text"] == refs["lora-a"][0]
+    assert complete(url, "lora-b")[0] == 404  # the runtime delete survived too
+
+
+def test_user_config_update_changes_the_served_set_without_restarts(served: Any) -> None:
+    """What a RayService update does: the same application applied again through Serve's REST API with a
+    new `adapters` in the ingress's user_config. Serve calls reconfigure on the running replicas."""
+    import ray
+    from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from serving.app import service_application
+
+    paths, refs, app = served["paths"], served["refs"], "fulcrum-update"
+    url = served["url"] + "/updated"
+    args = {"model": {"config": TINY_LLAMA, "tokenizer": "bytes"}, "name": BASE_NAME, "max_batch_rows": 4,
+            "context_length": 96, "resources": {"cpus": 1}}  # fmt: skip
+    rest = ServeSubmissionClient("http://" + ray._private.worker.get_dashboard_url())
+
+    def deploy(adapters: dict[str, str]) -> None:
+        entry = service_application({**args, "adapters": adapters}, name=app)
+        assert "adapters" not in entry["args"]  # args changes would rebuild and restart every replica
+        entry["route_prefix"] = "/updated"
+        http = {"host": "127.0.0.1", "port": served["config"].port}
+        rest.deploy_applications({"http_options": http, "applications": [entry]})
+
+    def answer(model: str, wanted: int) -> Any:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status, body = complete(url, model)
+            except OSError:
+                status, body = 0, {}
+            if status == wanted or time.monotonic() > deadline:
+                return status, body
+            time.sleep(0.5)
+
+    def replicas() -> set[str]:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        return {n for n in names if n.startswith(f"SERVE_REPLICA::{app}#")}
+
+    try:
+        deploy({"one": str(paths["lora-a"])})
+        status, body = answer("one", 200)
+        assert status == 200 and body["choices"][0]["text"] == refs["lora-a"][0], body
+        assert complete(url, "two")[0] == 404
+        before = replicas()
+        assert len(before) == 2
+        deploy({"two": f"file://{paths['dora']}"})
+        status, body = answer("two", 200)
+        assert status == 200 and body["choices"][0]["text"] == refs["dora"][0], body
+        status, body = complete(url, "one")
+        assert status == 404 and body["error"]["param"] == "model"
+        assert [m["id"] for m in call(url, "GET", "/v1/models")[1]["data"]] == [BASE_NAME, "two"]
+        assert replicas() == before  # reconfigured in place, not restarted
+        # No `registry` in the args: runtime registration is off, and says how to turn it on. (A 409 and
+        # not a 403: the request came from this machine, so a keyless server lets it try.)
+        status, body = call(url, "POST", "/v1/adapters", {"id": "x", "path": str(paths["late"])}, key=None)
+        assert (status, body["error"]["code"]) == (409, "registry_not_configured"), body
+    finally:
+        serve.delete(app)

