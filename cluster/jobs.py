@@ -3,23 +3,28 @@
 The job's runtime_env carries a small working_dir built here (the spec, with its local data files copied
 beside it and the paths rewritten to be relative) and, unless the cluster's image has fulcrum installed,
 fulcrum's own packages as py_modules. Ray caps a local working_dir at about 100 MiB; anything bigger must
-be on a URI or shared storage, and is refused here before any upload.
+be on a URI or shared storage, and is refused here before any upload. What travels and what must be shared
+is decided by cluster/placement.py. API calls retry transient failures with backoff (`retrying`), one
+stderr line per retry; the Kubernetes commands use the same helper.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import yaml
 
-from cluster.workload import Workload, is_uri
+from cluster import placement
+from cluster.workload import Workload
 from trainers.errors import FulcrumError
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
@@ -27,6 +32,7 @@ FULCRUM_PACKAGES = ("trainers", "tuning", "serving", "cluster")
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,7 +53,7 @@ def job_client(address: str | None, hint: str | None = None) -> Any:
     token = auth_token(address)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return retrying(f"connecting to {address}", lambda: JobSubmissionClient(address, headers=headers))
     except Exception as e:  # ConnectionError, requests' errors, RuntimeError for a non-Ray server
         reason = str(e).splitlines()[0][:200]
         if type(e).__name__ == "AuthenticationError" or "Unauthorized" in str(e):
@@ -108,23 +114,40 @@ def stage(
     ship_code: bool | None = None,
     pip: list[str] | None = None,
     env: dict[str, str] | None = None,
+    nodes: int | None = None,
 ) -> Submission:
-    """Fill `staging` with what the job needs and describe the submission."""
+    """Fill `staging` with what the job needs and describe the submission. `nodes`: the cluster's node
+    count when known; on several nodes every path the workers open must be a URI or shared
+    (cluster/placement.py decides)."""
     staging.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    remote = not is_local_address(address)
     if workload.kind == "serve":
-        args = {k: v for k, v in workload.raw.items() if k != "k8s"}  # cluster settings are not serve args
+        args = placement.place_serve(
+            workload, "ray-jobs", mounts=placement.mounts_for(workload.raw, "ray-jobs")
+        )
         target = "serve.yaml"
         _write(staging / target, yaml.safe_dump(args, sort_keys=False))
-        for adapter_id, location in (args.get("adapters") or {}).items():
-            if not is_uri(str(location)) and not str(location).startswith("/"):
-                raise FulcrumError(
-                    f"{workload.path}: adapters.{adapter_id}: {location} is relative to this machine; "
-                    "use an absolute path on storage the cluster shares, or a URI"
-                )
     else:
         target = "spec.yaml"
-        _write(staging / target, _stage_spec(workload, staging, address, notes))
+        assert workload.spec is not None
+        placed = placement.place_spec(
+            workload,
+            "ray-jobs",
+            mounts=placement.mounts_for(workload.raw, "ray-jobs"),
+            ship_prefix="data/",  # relative to the job's working_dir
+            remote=remote,
+            nodes=nodes,
+        )
+        for name, src in placed.ship.items():
+            dest = staging / "data" / name
+            dest.parent.mkdir(exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dest, ignore=shutil.ignore_patterns(*EXCLUDES))
+            else:
+                shutil.copy2(src, dest)
+        notes += placed.notes
+        _write(staging / target, yaml.safe_dump(placed.data, sort_keys=False))
     _check_size(staging, workload)
 
     runtime_env: dict[str, Any] = {"working_dir": str(staging), "excludes": list(EXCLUDES)}
@@ -151,42 +174,18 @@ def stage(
     )
 
 
-def _stage_spec(workload: Workload, staging: Path, address: str, notes: list[str]) -> str:
-    spec = workload.spec
-    assert spec is not None
-    data = spec.model_dump(mode="json")
-    data_dir = staging / "data"
-    for key in ("train", "eval"):
-        value = data["data"][key]
-        if value is None or is_uri(value):
-            continue
-        src = Path(value)
-        data_dir.mkdir(exist_ok=True)
-        dest = data_dir / f"{key}-{src.name}"
-        if src.is_dir():
-            shutil.copytree(src, dest, ignore=shutil.ignore_patterns(*EXCLUDES))
-        else:
-            shutil.copy2(src, dest)
-        data["data"][key] = f"data/{dest.name}"  # relative to the job's working_dir
-    raw_output = workload.raw.get("output")
-    output = str(data["output"])
-    if not is_uri(output):
-        if raw_output is None or not str(raw_output).startswith(("/", "~")):
-            raise spec.section_error(
-                ("output",),
-                f"{raw_output or 'runs/' + spec.name!r} is a relative path: on the cluster it would land in "
-                "the job's temporary working_dir and vanish with it; set `output` to an absolute path on "
-                "storage the cluster shares (NFS, a mounted volume) or a URI (s3://bucket/runs/x), or pass "
-                "--output",
-            )
-        if not is_local_address(address):
-            notes.append(f"the run goes to {output}: that path must be on storage the cluster's nodes share")
-    for loc in (("model",), ("objective", "teacher")):
-        section = data.get(loc[0]) if len(loc) == 1 else (data.get("objective") or {}).get("teacher")
-        base = (section or {}).get("base")
-        if base and Path(base).is_absolute() and not is_local_address(address):
-            notes.append(f"{'.'.join(loc)}.base {base} is a path: it must exist on the cluster's nodes too")
-    return yaml.safe_dump(data, sort_keys=False)
+def count_nodes(client: Any) -> int | None:
+    """Alive nodes of the cluster behind `client` (Ray's state API on the dashboard), None if unknown."""
+    try:
+        r = retrying(
+            "count the cluster's nodes", lambda: client._do_request("GET", "/api/v0/nodes?limit=10000")
+        )
+        if r.status_code != 200:
+            return None
+        nodes = r.json()["data"]["result"]["result"]
+        return sum(1 for n in nodes if n.get("state") == "ALIVE")
+    except Exception:  # an older or proxied dashboard: the run's own check on the cluster still applies
+        return None
 
 
 def _check_size(staging: Path, workload: Workload) -> None:
@@ -207,22 +206,99 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+# --------------------------------------------------------------------------- retries
+RETRY_ATTEMPTS = 4
+RETRY_DELAY_S = 0.5  # doubled after each attempt: 0.5, 1, 2 s
+# The Jobs API answers 500 with a traceback for real failures; only these are worth another try.
+TRANSIENT_TEXT = (
+    "No available agent",  # the head's job agent is (re)starting: Ray says "please try again later"
+    "please try again later",
+    "status code 429",
+    "status code 502",
+    "status code 503",
+    "status code 504",
+)
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a Ray Jobs API failure may pass by itself: the connection was refused, reset or timed
+    out, or the server said so (429, 502-504, no agent yet). Anything else fails at once."""
+    import requests
+
+    if isinstance(e, (ConnectionError, TimeoutError)):  # refused, reset, aborted; Ray's own ConnectionError
+        return True
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e) for t in TRANSIENT_TEXT)
+
+
+def retrying(
+    what: str,
+    fn: Callable[[], T],
+    *,
+    is_transient: Callable[[BaseException], bool] = transient,
+    attempts: int | None = None,
+    delay_s: float | None = None,
+    err: Any = None,
+) -> T:
+    """Call `fn`; on a transient error wait (exponential backoff) and try again, one stderr line per
+    retry. The last error, or any non-transient one, is raised as it is."""
+    attempts = attempts or RETRY_ATTEMPTS
+    delay = RETRY_DELAY_S if delay_s is None else delay_s
+    err = err or sys.stderr
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == attempts or not is_transient(e):
+                raise
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            err.write(
+                f"retrying: {what} failed ({reason}); attempt {attempt + 1}/{attempts} in {delay:g} s\n"
+            )
+            err.flush()
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
 def submit(client: Any, submission: Submission, job_id: str | None = None) -> str:
+    # Our own id, so that a retry after a reset connection cannot submit the job twice.
+    job_id = job_id or f"raysubmit_{secrets.token_hex(8)}"
+    tried = False
+
+    def once() -> str:
+        nonlocal tried
+        try:
+            return client.submit_job(
+                entrypoint=submission.entrypoint,
+                runtime_env=submission.runtime_env,
+                submission_id=job_id,
+                metadata=submission.metadata,
+            )
+        except RuntimeError as e:
+            if tried and "already exists" in str(e):  # our earlier attempt got through after all
+                return job_id
+            raise
+        finally:
+            tried = True
+
     try:
-        return client.submit_job(
-            entrypoint=submission.entrypoint,
-            runtime_env=submission.runtime_env,
-            submission_id=job_id,
-            metadata=submission.metadata,
-        )
+        return retrying(f"submitting job {job_id}", once)
     except (RuntimeError, ValueError) as e:
         raise FulcrumError(f"the Ray cluster refused the job: {str(e).splitlines()[0][:300]}") from None
+    except (ConnectionError, OSError) as e:
+        raise FulcrumError(f"the Ray cluster did not take the job: {str(e).splitlines()[0][:300]}") from None
 
 
 # --------------------------------------------------------------------------- following jobs
 def job_info(client: Any, job_id: str) -> Any:
     try:
-        return client.get_job_info(job_id)
+        return retrying(f"reading job {job_id}", lambda: client.get_job_info(job_id))
+    except (ConnectionError, OSError) as e:
+        raise FulcrumError(f"job {job_id}: lost the Ray dashboard ({str(e).splitlines()[0][:200]})") from None
     except RuntimeError as e:
         if "does not exist" in str(e) or "404" in str(e):
             raise FulcrumError(
@@ -236,7 +312,7 @@ def print_logs(client: Any, job_id: str, follow: bool = False, out: Any = None) 
     out = out or sys.stdout
     info = job_info(client, job_id)
     if not follow:
-        out.write(client.get_job_logs(job_id))
+        out.write(retrying(f"reading the logs of {job_id}", lambda: client.get_job_logs(job_id)))
         out.flush()
         return 0
 

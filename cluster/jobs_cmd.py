@@ -37,6 +37,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             ship_code=False if args.image_has_fulcrum else None,
             pip=args.pip,
             env=env,
+            nodes=jobs.count_nodes(client),
         )
         for note in submission.notes:
             err_console.print(f"note: {note}", highlight=False)
@@ -67,7 +68,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     client = jobs.job_client(args.address)
     table = Table("job id", "status", "kind", "name", "started", "entrypoint")
-    for info in sorted(client.list_jobs(), key=lambda i: i.start_time or 0):
+    listed = jobs.retrying("listing jobs", client.list_jobs)
+    for info in sorted(listed, key=lambda i: i.start_time or 0):
         meta = info.metadata or {}
         started = (
             datetime.fromtimestamp(info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -114,7 +116,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     if jobs.status_of(info) in jobs.EXIT_CODES:
         console.print(f"{args.job_id} already ended: {jobs.status_of(info)}")
         return 0
-    client.stop_job(args.job_id)
+    jobs.retrying(f"stopping {args.job_id}", lambda: client.stop_job(args.job_id))
     info = jobs.wait(client, args.job_id, timeout_s=args.wait)
     console.print(f"{args.job_id}: {jobs.status_of(info)}")
     return 0 if jobs.status_of(info) in jobs.EXIT_CODES else 1

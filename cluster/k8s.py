@@ -128,9 +128,33 @@ def _body(e: ApiException) -> dict[str, Any]:
         return {}
 
 
-def _call(cluster: Cluster, action: str, kind: str, namespace: str, name: str, fn: Callable[[], Any]) -> Any:
+def transient(e: BaseException, conflict: bool = False) -> bool:
+    """Whether an API failure may pass by itself: no connection (refused, reset, timed out), 429, 5xx;
+    and, with `conflict`, 409 Conflict on an update (someone else changed the object: read it again)."""
+    if isinstance(e, ApiException):
+        if e.status == 409:
+            return conflict and _body(e).get("reason") == "Conflict"
+        return e.status == 429 or 500 <= (e.status or 0) < 600
+    return isinstance(e, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+def _retry(what: str, fn: Callable[[], Any], conflict: bool = False) -> Any:
+    from cluster.jobs import retrying
+
+    return retrying(what, fn, is_transient=lambda e: transient(e, conflict))
+
+
+def _call(
+    cluster: Cluster,
+    action: str,
+    kind: str,
+    namespace: str,
+    name: str,
+    fn: Callable[[], Any],
+    conflict: bool = False,
+) -> Any:
     try:
-        return fn()
+        return _retry(f"{action} {kind} {namespace}/{name}".rstrip("/"), fn, conflict)
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
         raise explain(e, cluster, action, kind, namespace, name) from None
 
@@ -139,7 +163,7 @@ def require_crd(cluster: Cluster, kind: str) -> None:
     """KubeRay's CRDs must be installed (discovery lists the resource) before anything is created."""
     plural = PLURALS[kind]
     try:
-        resources = cluster.custom.get_api_resources(GROUP, VERSION)
+        resources = _retry("discover ray.io/v1", lambda: cluster.custom.get_api_resources(GROUP, VERSION))
     except ApiException as e:
         if e.status == 404:
             raise K8sError(
@@ -154,23 +178,33 @@ def require_crd(cluster: Cluster, kind: str) -> None:
 
 # --------------------------------------------------------------------------- apply / delete
 def apply(cluster: Cluster, manifests: list[dict[str, Any]], dry_run: bool = False) -> list[str]:
-    """Create the ConfigMap and the RayJob (or create/update the RayService); returns what was done."""
+    """Create the ConfigMap and the RayJob (or create/update the RayService); returns what was done.
+    A RayJob whose name is taken is refused before anything is written, so a running job's objects are
+    never touched (its spec ConfigMap is named after its content, too)."""
     done: list[str] = []
     ray_objects = [m for m in manifests if m["apiVersion"].startswith(GROUP)]
     for obj in ray_objects:
         require_crd(cluster, obj["kind"])
+        if obj["kind"] == "RayJob":
+            _refuse_taken(cluster, obj)
     extra = {"dry_run": "All"} if dry_run else {}
     created_maps: list[dict[str, Any]] = []
     for obj in manifests:
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         if kind == "ConfigMap":
-            _apply_configmap(cluster, obj, extra)
+            state = _apply_configmap(cluster, obj, extra)
             created_maps.append(obj)
-            done.append(f"configmap/{name}")
+            done.append(f"configmap/{name}{'' if state == 'created' else ' unchanged'}")
             continue
         plural = PLURALS[kind]
+        custom = cluster.custom
         try:
-            created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, plural, obj, **extra)
+            created = _retry(
+                f"create {kind} {ns}/{name}",
+                lambda c=custom, ns=ns, p=plural, o=obj: c.create_namespaced_custom_object(
+                    GROUP, VERSION, ns, p, o, **extra
+                ),
+            )
             done.append(f"{plural}.{GROUP}/{name} created")
         except ApiException as e:
             if e.status == 409 and kind == "RayService":  # serving: an apply updates the running service
@@ -185,33 +219,54 @@ def apply(cluster: Cluster, manifests: list[dict[str, Any]], dry_run: bool = Fal
     return done
 
 
+def _refuse_taken(cluster: Cluster, obj: dict[str, Any]) -> None:
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    custom = cluster.custom
+    try:
+        _retry(
+            f"get {kind} {ns}/{name}",
+            lambda: custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind], name),
+        )
+    except ApiException as e:
+        if e.status == 404 and _body(e).get("details", {}).get("name") == name:
+            return  # free
+        raise explain(e, cluster, "get", kind, ns, name) from None
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise explain(e, cluster, "get", kind, ns, name) from None
+    raise K8sError(
+        f"{kind} {name!r} already exists in namespace {ns!r}; nothing was changed. Delete it first "
+        f"(fulcrum k8s delete {name} -n {ns}) or set another k8s.name"
+    )
+
+
 def _replace(cluster: Cluster, obj: dict[str, Any], extra: dict[str, str]) -> dict[str, Any]:
+    """Update to `obj`, on the current resourceVersion; a 409 Conflict (changed meanwhile) reads again."""
     kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     plural = PLURALS[kind]
-    current = _call(
-        cluster, "get", kind, ns, name,
-        lambda: cluster.custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name),
-    )  # fmt: skip
-    version = current["metadata"]["resourceVersion"]
-    body = {**obj, "metadata": {**obj["metadata"], "resourceVersion": version}}
     custom = cluster.custom
-    return _call(
-        cluster, "update", kind, ns, name,
-        lambda: custom.replace_namespaced_custom_object(GROUP, VERSION, ns, plural, name, body, **extra),
-    )  # fmt: skip
+
+    def once() -> dict[str, Any]:
+        current = custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
+        body = {
+            **obj,
+            "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]},
+        }
+        return custom.replace_namespaced_custom_object(GROUP, VERSION, ns, plural, name, body, **extra)
+
+    return _call(cluster, "update", kind, ns, name, once, conflict=True)
 
 
-def _apply_configmap(cluster: Cluster, obj: dict[str, Any], extra: dict[str, str]) -> None:
+def _apply_configmap(cluster: Cluster, obj: dict[str, Any], extra: dict[str, str]) -> str:
+    """Create it; one that exists has the same name, hence the same content: leave it as it is."""
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    core = cluster.core
     try:
-        cluster.core.create_namespaced_config_map(ns, obj, **extra)
+        _retry(f"create ConfigMap {ns}/{name}", lambda: core.create_namespaced_config_map(ns, obj, **extra))
+        return "created"
     except ApiException as e:
-        if e.status != 409:
-            raise explain(e, cluster, "create", "ConfigMap", ns, name) from None
-        _call(
-            cluster, "update", "ConfigMap", ns, name,
-            lambda: cluster.core.replace_namespaced_config_map(name, ns, obj, **extra),
-        )  # fmt: skip
+        if e.status == 409:
+            return "unchanged"
+        raise explain(e, cluster, "create", "ConfigMap", ns, name) from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
         raise explain(e, cluster, "create", "ConfigMap", ns, name) from None
 
@@ -237,18 +292,38 @@ def _own(cluster: Cluster, maps: list[dict[str, Any]], owner: dict[str, Any]) ->
 def delete(cluster: Cluster, kind: str, namespace: str, name: str) -> list[str]:
     plural = PLURALS[kind]
     require_crd(cluster, kind)
+    obj = get(cluster, kind, namespace, name)
     _call(
         cluster, "delete", kind, namespace, name,
         lambda: cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name),
     )  # fmt: skip
     done = [f"{plural}.{GROUP}/{name} deleted"]
-    try:  # the spec ConfigMap; the garbage collector would get it too, but not every cluster runs one
-        cluster.core.delete_namespaced_config_map(f"{name}-spec", namespace)
-        done.append(f"configmap/{name}-spec deleted")
-    except ApiException as e:
-        if e.status != 404:
-            raise explain(e, cluster, "delete", "ConfigMap", namespace, f"{name}-spec") from None
+    # Its spec ConfigMaps; the garbage collector would get them too, but not every cluster runs one.
+    for cm in spec_configmaps(obj):
+        try:
+            _retry(
+                f"delete ConfigMap {namespace}/{cm}",
+                lambda cm=cm: cluster.core.delete_namespaced_config_map(cm, namespace),
+            )
+            done.append(f"configmap/{cm} deleted")
+        except ApiException as e:
+            if e.status != 404:
+                raise explain(e, cluster, "delete", "ConfigMap", namespace, cm) from None
     return done
+
+
+def spec_configmaps(obj: dict[str, Any]) -> list[str]:
+    """Names of the ConfigMaps the object's pods mount (the job's spec)."""
+    spec = obj.get("spec") or {}
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or {}
+    groups = [cluster.get("headGroupSpec") or {}, *(cluster.get("workerGroupSpecs") or [])]
+    names: list[str] = []
+    for group in groups:
+        for volume in ((group.get("template") or {}).get("spec") or {}).get("volumes") or []:
+            cm = (volume.get("configMap") or {}).get("name")
+            if cm and cm not in names:
+                names.append(cm)
+    return names
 
 
 # --------------------------------------------------------------------------- status / watch

@@ -21,6 +21,11 @@ def _render(path: str, namespace: str | None) -> tuple[list[dict[str, Any]], lis
     return render_file(path, namespace=namespace)
 
 
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        err_console.print(note if note.startswith("warning:") else f"note: {note}", highlight=False)
+
+
 def _target(args: argparse.Namespace) -> tuple[str, str, str]:
     """(kind, namespace, name) from TARGET: a spec / serve YAML file, or an object name."""
     if Path(args.target).is_file():
@@ -38,12 +43,11 @@ def _connect(args: argparse.Namespace) -> Any:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from cluster.manifests import to_yaml
+    from cluster.manifests import to_yaml, to_yaml_text, values
 
     manifests, notes = _render(args.spec, args.namespace)
-    for note in notes:
-        err_console.print(f"note: {note}", highlight=False)
-    text = to_yaml(manifests)
+    _print_notes(notes)
+    text = to_yaml_text(values(manifests)) if args.values else to_yaml(manifests)
     if args.output:
         out = Path(args.output)
         tmp = out.with_name(out.name + ".tmp")
@@ -59,8 +63,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from cluster import k8s
 
     manifests, notes = _render(args.spec, args.namespace)
-    for note in notes:
-        err_console.print(f"note: {note}", highlight=False)
+    _print_notes(notes)
     cluster = _connect(args)
     for line in k8s.apply(cluster, manifests, dry_run=args.dry_run):
         console.print(f"{line}{' (dry run)' if args.dry_run else ''}", highlight=False)
@@ -153,6 +156,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     render = verbs.add_parser("render", help="print the manifests (ConfigMap + RayJob, or a RayService)")
     render.add_argument("spec", help="a job spec (train / tune) or a serve YAML")
     render.add_argument("-o", "--output", help="write to this file instead of stdout")
+    render.add_argument(
+        "--values",
+        action="store_true",
+        help="print values for helm/fulcrum that render exactly these objects (helm install -f FILE)",
+    )
     common(render, target=False)
     render.set_defaults(func=_cmd_render)
 

