@@ -17,17 +17,15 @@ err_console = Console(stderr=True)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cluster.local import ensure_ray, run_log
+    from cluster.local import check_cluster_paths, ensure_ray, run_log
     from trainers import storage
-    from trainers.run import check_output, refuse_overlap, resume_job, run_job
+    from trainers.run import check_output, is_retry_of, refuse_overlap, resume_job, run_job
     from trainers.spec import load_spec
     from trainers.storage import RunDir
 
     if args.resume:
         if args.spec or args.output or args.overwrite:
-            raise SpecError(
-                "--resume RUN_DIR continues the run there; give no SPEC, --output or --overwrite"
-            )
+            raise SpecError("--resume RUN_DIR continues the run there; give no SPEC, --output or --overwrite")
         run = RunDir(args.resume)
         if not run.is_run():
             raise SpecError(
@@ -35,6 +33,9 @@ def _train(args: argparse.Namespace) -> int:
             )
         with run_log(run.location):
             ensure_ray(args.address, runtime_env=args.runtime_env)
+            from trainers.export import load_run
+
+            check_cluster_paths(load_run(run))  # several nodes: the run must be where all of them see it
             resume_job(run.location, console=console, evaluate=not args.no_eval)
         return 0
     if not args.spec:
@@ -46,10 +47,20 @@ def _train(args: argparse.Namespace) -> int:
     refuse_overlap(spec, run)  # never write among, or delete, the user's own files
     if args.overwrite and run.exists():
         run.remove_run()
-    check_output(spec, resume=False)  # before Ray starts: a bad output costs nothing
+    retry = not args.overwrite and is_retry_of(spec, run)
+    if retry:
+        latest = run.latest_checkpoint()
+        console.print(
+            f"{run} holds a run of this same spec: continuing it "
+            + (f"from {latest}" if latest else "(no checkpoint yet: from step 0)")
+            + " (--overwrite starts over)"
+        )
+    else:
+        check_output(spec, resume=False)  # before Ray starts: a bad output costs nothing
     with run_log(run.location):
         ensure_ray(args.address, runtime_env=args.runtime_env)
-        run_job(spec, console=console, evaluate=not args.no_eval)
+        check_cluster_paths(spec)
+        run_job(spec, resume=retry, console=console, evaluate=not args.no_eval)
     return 0
 
 
@@ -75,13 +86,11 @@ def _export(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     suffix = "merged" if args.merge else "adapter"
     if args.output:
-        output = Path(args.output)
-    elif storage.is_local(run_dir):
-        output = Path(storage.normalize(run_dir)) / "export" / suffix
-    else:
-        raise FulcrumError(f"{run_dir} is not on this machine: give --output DIR for the export")
+        output = storage.normalize(args.output)
+    else:  # beside the run, wherever it is (a local folder or the same bucket)
+        output = storage.join(storage.normalize(run_dir), "export", suffix)
     with console.status("exporting"):
-        info = export_run(run_dir, output.resolve(), merge=args.merge, dtype=args.dtype)
+        info = export_run(run_dir, output, merge=args.merge, dtype=args.dtype)
     console.print(
         f"[green]exported[/] the {info['exported']} of {run_dir} ({info['method']}) to {info['output']}"
     )

@@ -52,6 +52,20 @@ def ensure_ray(
     return ray.cluster_resources()
 
 
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_cluster_paths(spec: Any) -> None:
+    """On a Ray cluster of several nodes, every path the run writes or reads must be one each node sees:
+    a URI, or a folder under `storage.mount_path`. (One node: everything is local, and fine.)"""
+    nodes = alive_nodes()
+    if nodes > 1:
+        from cluster.placement import check_cluster_paths as check
+
+        check(spec, nodes=nodes)
+
+
 def _route_worker_lines() -> None:
     """ray.init adds its console printer for worker lines; inside `run_log` they go to the log file only."""
     from ray._private import worker as ray_worker

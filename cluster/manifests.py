@@ -162,14 +162,12 @@ def render_service(workload: Workload, settings: K8sSettings) -> tuple[list[dict
     name = settings.name or dns_name(workload.name)
     labels = _labels(settings, name, "serve")
     packing = placement.pack_service(args, settings)
-    # The serve YAML is the application's args (minus `k8s:`); build_app puts its adapters into the
-    # deployment's user_config, so an update that edits `adapters:` reconfigures the running replicas.
-    app: dict[str, Any] = {
-        "name": "fulcrum",
-        "import_path": "serving.app:build_app",
-        "route_prefix": "/",
-        "args": args,
-    }
+    # The serve YAML is the application's args (minus `k8s:`), except `adapters:`, which go to the
+    # ingress deployment's user_config: Serve applies an edited user_config to the running replicas through
+    # reconfigure(), while edited args would rebuild the app and reload every base.
+    from serving.app import service_application
+
+    app: dict[str, Any] = service_application(args, name="fulcrum")
     runtime_env = _runtime_env(settings)
     if runtime_env:
         app["runtime_env"] = runtime_env

@@ -261,6 +261,9 @@ def place_serve(workload: Workload, target: Target, *, mounts: tuple[str, ...] =
     if target == "local":
         return args
     places: list[tuple[str, Any]] = [(f"adapters.{i}", v) for i, v in (args.get("adapters") or {}).items()]
+    places += [(f"adapter_roots.{i}", v) for i, v in enumerate(args.get("adapter_roots") or [])]
+    if args.get("registry"):  # runtime registrations: every ingress replica reads and writes it
+        places.append(("registry", args["registry"]))
     base = (args.get("model") or {}).get("base") if isinstance(args.get("model"), dict) else None
     if isinstance(base, str) and base.startswith(("/", "./", "../", "~")):
         places.append(("model.base", base))

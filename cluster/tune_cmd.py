@@ -12,7 +12,7 @@ console = Console()
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from cluster.local import ensure_ray, run_log
+    from cluster.local import check_cluster_paths, ensure_ray, run_log
     from trainers import storage
     from trainers.spec import load_spec
     from tuning.sweep import resume_sweep, run_sweep, sweep_location
@@ -24,6 +24,9 @@ def _tune(args: argparse.Namespace) -> int:
             )
         with run_log(storage.normalize(args.resume)):
             ensure_ray(args.address)
+            from trainers.export import load_run
+
+            check_cluster_paths(load_run(args.resume))  # the sweep's spec.yaml, output set to where it is
             resume_sweep(args.resume, console=console)
         return 0
     if not args.spec:
@@ -35,6 +38,8 @@ def _tune(args: argparse.Namespace) -> int:
     try:
         with run_log(location):
             ensure_ray(args.address)
+            # Several nodes: trials run wherever Ray puts them, and the driver collects their runs.
+            check_cluster_paths(spec.model_copy(update={"output": location}))
             run_sweep(spec, console=console, overwrite=args.overwrite, evaluate=not args.no_eval)
     except KeyboardInterrupt:
         console.print(f"interrupted; continue later with `fulcrum tune --resume {location}`")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.box import ClusterBox
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,10 +37,21 @@ def ray_cluster(_cache: Path) -> Any:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def cluster_box(_cache: Path) -> Iterator[ClusterBox]:
+    """A multi-node Ray (head with no CPUs, workers `node_a` and `node_b`) and an S3 server, all out of
+    process under a fresh HOME (tests/box.py). Drive it only through subprocesses (`box.run`, `box.python`,
+    or `env=box.env`): this process may already be connected to `ray_cluster`."""
+    from tests.box import cluster_box as start_box
+
+    with start_box() as box:  # FULCRUM_CACHE (set by _cache) is in box.env: the nodes share it
+        yield box
+
+
 # Tests that need a Ray cluster (the session one, or a `ray start --head`) run real training, serving, sweeps
 # or jobs: they are the `slow` ones. `pytest -m "not slow"` is the quick subset (spec, data, bad inputs,
 # memory plan, numerics, the serving engine, manifests, the API server, Helm).
-RAY_FIXTURES = {"ray_cluster", "ray_head", "served"}
+RAY_FIXTURES = {"ray_cluster", "ray_head", "served", "cluster_box"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,18 @@ def load_run(run_dir: Any) -> JobSpec:
     return spec
 
 
-def export_run(run_dir: str, output: Path, merge: bool, dtype: str = "auto") -> dict[str, Any]:
-    """Write the run's artifact to `output` (a local directory): the adapter alone, or (`merge`) a full model
-    with the adapter folded into the weights. Written to a temp dir first, then renamed: never half an
-    export."""
+def export_run(run_dir: str, output: str | Path, merge: bool, dtype: str = "auto") -> dict[str, Any]:
+    """Write the run's artifact to `output` (a local directory or a URI): the adapter alone, or (`merge`) a
+    full model with the adapter folded into the weights. Written to a temp dir first, then renamed (or, on
+    an object store, uploaded): never half an export."""
+    if not storage.is_local(str(output)):
+        if storage.listdir(str(output)) or storage.is_file(str(output)):
+            raise FulcrumError(f"--output {output} is not empty; choose a new location")
+        with tempfile.TemporaryDirectory(prefix="fulcrum-export-") as tmp:
+            info = export_run(run_dir, Path(tmp) / "export", merge, dtype)
+            storage.upload(Path(tmp) / "export", str(output))
+        return {**info, "output": str(output)}
+    output = Path(storage.normalize(str(output)))
     spec = load_run(run_dir)
     artifact = run_artifact(run_dir, spec)
     if output.is_file():
@@ -104,7 +113,6 @@ def export_run(run_dir: str, output: Path, merge: bool, dtype: str = "auto") -> 
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    base_path = Path(base_source)
     return {
         "run_dir": str(run_dir),
         "method": spec.method.kind,
@@ -112,5 +120,5 @@ def export_run(run_dir: str, output: Path, merge: bool, dtype: str = "auto") -> 
         "output": str(output),
         "output_bytes": storage.size(str(output)),
         "artifact_bytes": storage.size(artifact),
-        "base_bytes": storage.size(base_source) if base_path.is_dir() else None,
+        "base_bytes": storage.size(base_source) if storage.is_dir(base_source) else None,
     }

@@ -200,7 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
         # `--resume` of a run whose Ray Train snapshot is gone (copied without it, say): its own latest one.
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
+        fs, path = storage.resolve(config["resume_from"])  # our filesystem: endpoint and credentials included
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = _read_json(Path(d) / "trainer_state.json")
@@ -220,6 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "world": world,
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # several nodes on one host: tell them apart
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "engine": f"deepspeed-zero{plan.zero_stage}" if deepspeed else ("ddp" if world > 1 else "torch"),

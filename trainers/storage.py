@@ -40,7 +40,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if is_uri(location):
         try:
-            fs, path = pafs.FileSystem.from_uri(location)
+            fs, path = pafs.FileSystem.from_uri(_with_endpoint(location))
         except Exception as e:  # ArrowInvalid (unknown scheme), missing credentials, ...
             raise FulcrumError(
                 f"{location}: not a location this machine can use ({str(e).splitlines()[0]}); use a local "
@@ -48,6 +48,15 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
             ) from None
         return fs, path.rstrip("/") or "/"
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+
+
+def _with_endpoint(location: str) -> str:
+    """s3:// with the endpoint the AWS tools read from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, Ceph,
+    R2, a test server): Arrow's S3 client ignores those variables (apache/arrow#49643), so pass it on."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint or not location.startswith("s3://") or "endpoint_override=" in location:
+        return location
+    return f"{location}{'&' if '?' in location else '?'}endpoint_override={endpoint}"
 
 
 def normalize(location: str) -> str:

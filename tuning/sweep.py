@@ -332,16 +332,19 @@ def _fit(
     keys = list(tune_spec.space)
     trainable = _trainable(prepared, sweep.location, tune_spec, evaluate)
     experiment = storage.join(sweep.location, TUNE_DIR)
+    # Ray resolves a URI on its own (no endpoint override, no credentials of ours): hand it our filesystem.
+    experiment_path = f"{sweep.path}/{TUNE_DIR}"
     # Ray's own progress output would interleave with the live table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if restore:
-        if not tune.Tuner.can_restore(experiment):
+        if not tune.Tuner.can_restore(experiment_path, storage_filesystem=sweep.fs):
             raise FulcrumError(
                 f"--resume {sweep}: no Tune experiment state in {experiment}; the sweep never started. "
                 "Start it again with `fulcrum tune SPEC.yaml --overwrite`"
             )
         tuner = tune.Tuner.restore(
-            experiment,
+            experiment_path,
+            storage_filesystem=sweep.fs,
             trainable=trainable,
             param_space=_space_for(tune_spec),
             resume_unfinished=True,
@@ -366,7 +369,8 @@ def _fit(
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
-                storage_path=sweep.location,
+                storage_path=sweep.path,
+                storage_filesystem=sweep.fs,
                 callbacks=[feed],
                 verbose=0,
             ),

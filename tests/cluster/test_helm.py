@@ -81,7 +81,11 @@ def test_lint_and_template_validate(helm: str, crd_schemas: dict[str, Any], valu
     if given.get("serve", {}).get("enabled"):
         [svc] = [d for d in docs if d["kind"] == "RayService"]
         [app] = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
-        assert app["import_path"] == "serving.app:build_app" and app["args"] == given["serve"]["config"]
+        config = given["serve"]["config"]
+        assert app["import_path"] == "serving.app:build_app"
+        assert app["args"] == {k: v for k, v in config.items() if k != "adapters"}
+        ingress = {"name": "ingress", "user_config": {"adapters": config.get("adapters", {})}}
+        assert app["deployments"] == [ingress]
         # the admin key reaches every pod from a Secret, and nothing secret is in serveConfigV2
         for pod in (
             svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"],

@@ -186,7 +186,11 @@ def test_serve_yaml_renders_a_rayservice(tmp_path: Path, crd_schemas: dict[str, 
     config = yaml.safe_load(svc["spec"]["serveConfigV2"])
     [app] = config["applications"]
     assert (app["name"], app["import_path"], app["route_prefix"]) == ("fulcrum", "serving.app:build_app", "/")
-    assert app["args"] == {k: v for k, v in serve.items() if k != "k8s"}
+    assert app["args"] == {k: v for k, v in serve.items() if k not in ("k8s", "adapters")}
+    # The adapter set rides in the ingress's user_config: an edit reconfigures replicas, never restarts them.
+    (ingress,) = app["deployments"]
+    assert ingress["name"] == "ingress"
+    assert ingress["user_config"]["adapters"] == serve["adapters"]
     [group] = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert group["replicas"] == 2  # one model replica per pod: a pod's death takes one replica
     container = _pod(group)["containers"][0]
@@ -377,7 +381,8 @@ def test_serve_keys_come_from_secrets(tmp_path: Path, crd_schemas: dict[str, Any
     [svc], _ = render_file(_serve(tmp_path, api_keys=keys, k8s=with_from))
     kube.validate_manifests([svc], crd_schemas)
     [app] = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
-    assert app["args"]["api_keys"] == keys and app["args"]["adapters"] == {"a": "s3://b/runs/a"}
+    assert app["args"]["api_keys"] == keys
+    assert app["deployments"][0]["user_config"]["adapters"] == {"a": "s3://b/runs/a"}
     # an explicit opt-out renders
     [svc], _ = render_file(_serve(tmp_path, allow_unauthenticated=True, k8s=k8s))
     assert yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["allow_unauthenticated"]
