@@ -98,7 +98,7 @@ def _not_shared(value: str, nodes: int, mount: str | None) -> str:
     where = (
         f"a path under storage.mount_path ({mount})"
         if mount
-        else "a local path under `storage: {mount_path: /shared}` (a folder every node mounts)"
+        else "a path under a folder every node mounts, declared as storage.mount_path"
     )
     return (
         f"{value} is a local path, but the Ray cluster has {nodes} nodes: each would use its own disk. "

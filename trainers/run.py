@@ -280,6 +280,7 @@ def build_trainer(
     from trainers.loop import train_loop_per_worker
 
     spec = prepared.spec
+    forget_stale_snapshot(run_dir)
     gpus = resolve_gpus(spec)
     resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     config = prepared.worker_config() | {
@@ -304,6 +305,28 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
+
+
+def forget_stale_snapshot(run_dir: RunDir) -> None:
+    """Ray Train refuses to start in a run directory whose snapshot names a checkpoint that is gone (deleted,
+    cut short, or `final` removed by hand). fulcrum resumes from its own latest complete checkpoint
+    (`resume_from`) anyway, so such a snapshot is dropped rather than ending the run."""
+    if not run_dir.exists(RAY_SNAPSHOT):
+        return
+    try:
+        snapshot = json.loads(run_dir.read_text(RAY_SNAPSHOT))
+        results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {}]
+        named = {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+    except Exception:  # unreadable, or another Ray version's shape: Ray could not use it either
+        named = {"?"}
+    complete = set(run_dir.checkpoints())
+    if run_dir.exists("final/trainer_state.json"):
+        complete.add("final")
+    if named - complete:
+        storage.remove(run_dir / RAY_SNAPSHOT)
 
 
 class _Follower:

@@ -1,0 +1,54 @@
+"""The storage layer without a server: endpoints for S3-compatible stores, and Ray Train's snapshot of a
+run whose checkpoints are gone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainers import storage
+from trainers.run import RAY_SNAPSHOT, forget_stale_snapshot
+from trainers.storage import RunDir
+
+
+def test_s3_uris_take_the_endpoint_the_aws_tools_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert storage._with_endpoint("s3://b/x") == "s3://b/x?endpoint_override=http://127.0.0.1:9"
+    assert (
+        storage._with_endpoint("s3://b/x?region=eu")
+        == "s3://b/x?region=eu&endpoint_override=http://127.0.0.1:9"
+    )
+    explicit = "s3://b/x?endpoint_override=http://other:1"
+    assert storage._with_endpoint(explicit) == explicit
+    assert storage._with_endpoint("gs://b/x") == "gs://b/x"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:2")  # the service-specific one wins
+    assert storage._with_endpoint("s3://b/x").endswith("endpoint_override=http://s3-only:2")
+
+
+def _checkpoint(run: RunDir, name: str) -> None:
+    storage.write_json(run / f"{name}/trainer_state.json", {"step": 2})
+
+
+def _snapshot(run: RunDir, *names: str) -> None:
+    results = [{"checkpoint_dir_name": n, "metrics": {"final": n == "final"}} for n in names]
+    run.write_json(RAY_SNAPSHOT, {"checkpoint_results": results, "latest_checkpoint_result": results[-1]})
+
+
+def test_a_snapshot_naming_a_missing_checkpoint_is_dropped(tmp_path: Path) -> None:
+    run = RunDir(str(tmp_path / "run"))
+    _checkpoint(run, "checkpoint_000002")
+    _snapshot(run, "checkpoint_000002")
+    forget_stale_snapshot(run)
+    assert run.exists(RAY_SNAPSHOT)  # consistent: Ray Train restores from it
+
+    _snapshot(run, "checkpoint_000002", "final")  # `final` was deleted (or never completed)
+    forget_stale_snapshot(run)
+    assert not run.exists(RAY_SNAPSHOT)
+
+    storage.write_text(run / RAY_SNAPSHOT, "{not json")
+    forget_stale_snapshot(run)
+    assert not run.exists(RAY_SNAPSHOT)
+    assert json.loads(run.read_text("checkpoint_000002/trainer_state.json")) == {"step": 2}
