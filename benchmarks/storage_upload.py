@@ -61,22 +61,23 @@ def s3_server() -> Iterator[str]:
     from tests.box import ensure_s3_venv
 
     port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        [str(ensure_s3_venv()), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", data=b"", method="PUT"))
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [str(ensure_s3_venv()), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+        )
+        try:
+            for _ in range(200):
+                try:
+                    request = urllib.request.Request(f"{endpoint}/{BUCKET}", data=b"", method="PUT")
+                    urllib.request.urlopen(request)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            yield endpoint
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 def make_checkpoint(root: Path, dtype: torch.dtype) -> Path:
