@@ -9,7 +9,9 @@ modules the base lacks would otherwise serve the base's output unnoticed, as vLL
 
 from __future__ import annotations
 
+import contextlib
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,36 @@ def resolve_adapter_dir(path: str) -> tuple[Path, Path | None]:
     )
 
 
+# The files of an adapter directory the server reads (a run directory adds its spec.yaml).
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, "tokenizer_config.json")
+
+
+def check_within_roots(path: str, roots: list[str]) -> None:
+    """Refuse (AdapterError 403) an adapter whose directory or any file the server reads from it resolves,
+    symlinks followed, outside every local root in `roots` (URI roots are skipped here: a URI is copied to a
+    local cache first, and that copy is what gets checked). No local root: nothing to check against."""
+    local = [
+        Path(r.removeprefix("file://")).resolve() for r in roots if "://" not in r or r.startswith("file://")
+    ]
+    if not local:
+        return
+    p = Path(path)
+    candidates = [p, p / "spec.yaml", p / "adapter"]
+    for folder in (p, p / "adapter"):
+        candidates += [folder / name for name in ADAPTER_FILES]
+    for candidate in candidates:
+        if not (candidate.exists() or candidate.is_symlink()):
+            continue
+        resolved = candidate.resolve()
+        if not any(resolved.is_relative_to(root) for root in local):
+            shown = ", ".join(str(r) for r in local)
+            raise AdapterError(
+                f"adapter file {candidate} resolves to {resolved}, outside the adapter roots ({shown}); "
+                "copy the adapter under a root, or add its folder with --adapter-root",
+                403,
+            )
+
+
 def _read_manifest(adapter_dir: Path) -> dict[str, Any] | None:
     file = adapter_dir / MANIFEST_FILE
     if not file.is_file():
@@ -139,12 +171,35 @@ def kind_of(peft_type: str, use_dora: bool = False) -> str:
     return by_type[peft_type]
 
 
-def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """peft's rank_pattern / alpha_pattern: a key matches a module name by suffix."""
-    for key, value in (patterns or {}).items():
-        if module == key or module.endswith("." + key):
-            return value
-    return default
+def peft_lora_scalings(config: Any, shapes: dict[str, tuple[int, int, bool]]) -> dict[str, tuple[int, float]]:
+    """(rank, scaling) per module, as peft itself computes them: peft injects its own LoRA layers into a
+    skeleton holding only these linear modules (same names, on the meta device: nothing is allocated) and
+    each layer's `r` and `scaling` are read back. So regex `rank_pattern`/`alpha_pattern` keys, rsLoRA and
+    whatever peft adds later mean here exactly what they mean in peft; none of its matching is copied.
+    `shapes`: module name -> (in_features, out_features, has_bias)."""
+    import copy
+
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    root = nn.Module()
+    for name, (fan_in, fan_out, bias) in shapes.items():
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, nn.Linear(fan_in, fan_out, bias=bias, device="meta"))
+    # Only the scaling is wanted: no DoRA norms, no initialization (both would compute on meta tensors).
+    config = copy.deepcopy(config)
+    config.use_dora, config.init_lora_weights, config.inference_mode = False, False, True
+    injected = inject_adapter_in_model(config, root, adapter_name="serve")
+    return {
+        name: (int(module.r["serve"]), float(module.scaling["serve"]))
+        for name, module in injected.named_modules()
+        if isinstance(module, LoraLayer) and "serve" in module.scaling
+    }
 
 
 class _BaseMismatch:
@@ -190,12 +245,17 @@ class _BaseMismatch:
 
 
 def read_adapter(
-    path: str, model: nn.Module, base_identity: dict[str, Any], modules: dict[str, nn.Module] | None = None
+    path: str,
+    model: nn.Module,
+    base_identity: dict[str, Any],
+    modules: dict[str, nn.Module] | None = None,
+    device_lock: AbstractContextManager[Any] | None = None,
 ) -> LoadedAdapter:
     """Read and check an adapter against the served base `model` (`modules`: its modules by their original
-    names, before the engine wrapped any); raises AdapterError (400) on a mismatch."""
+    names, before the engine wrapped any); raises AdapterError (400) on a mismatch. `device_lock` is held
+    while a prompt-style adapter's virtual tokens are computed through the served base (never during a
+    decode step); the rest runs without it."""
     from peft import PeftConfig
-    from safetensors.torch import load_file
 
     import trainers.tuners  # noqa: F401  (registers the bottleneck adapter's config with peft)
 
@@ -217,7 +277,7 @@ def read_adapter(
     method = str((manifest or {}).get("method") or kind)
     if not (adapter_dir / WEIGHTS_FILE).is_file():
         raise AdapterError(f"{adapter_dir}: no {WEIGHTS_FILE} (save adapters with safetensors)")
-    weights = load_file(str(adapter_dir / WEIGHTS_FILE))
+    weights = _load_weights(adapter_dir / WEIGHTS_FILE)
     adapter_base = (
         describe_base(claimed)
         if claimed is not None
@@ -239,7 +299,8 @@ def read_adapter(
             "(`fulcrum export --merge`) and serve the result as a base"
         )
     if kind in PROMPT_METHODS:
-        _read_prompt(loaded, adapter_dir, model, weights, config, check)
+        with device_lock if device_lock is not None else contextlib.nullcontext():
+            _read_prompt(loaded, adapter_dir, model, weights, config, check)
     elif kind == "adapter":
         _read_bottleneck(loaded, weights, config, check, model)
     elif kind == "ia3":
@@ -247,6 +308,21 @@ def read_adapter(
     else:
         _read_lora(loaded, weights, config, check)
     return loaded
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a truncated or corrupt file is the adapter's fault (400 naming the file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(
+            f"{file}: not a readable safetensors file ({(str(e) or type(e).__name__).splitlines()[0]}); "
+            "it may be truncated: copy the adapter again",
+            400,
+        ) from None
 
 
 def _tokenizer_template(adapter_dir: Path) -> str | None:
@@ -280,6 +356,7 @@ def _read_lora(
     for key, tensor in weights.items():
         module, what = _split_key(key, loaded.path)
         parts.setdefault(module, {})[what.split(".")[0]] = tensor
+    shapes = {}
     for module, p in parts.items():
         if "lora_A" not in p or "lora_B" not in p:
             raise AdapterError(f"adapter {loaded.path}: module `{module}` lacks lora_A or lora_B")
@@ -288,14 +365,31 @@ def _read_lora(
             raise AdapterError(
                 f"adapter {loaded.path}: `{module}` is not a linear LoRA (embedding/conv LoRA is not served)"
             )
-        check.linear(module, a.shape[1], b.shape[0])
-        r = a.shape[0]
-        alpha = _pattern_value(getattr(config, "alpha_pattern", None), module, config.lora_alpha)
-        scaling = alpha / (r**0.5) if getattr(config, "use_rslora", False) else alpha / r
+        linear = check.linear(module, a.shape[1], b.shape[0])
+        shapes[module] = (linear.in_features, linear.out_features, linear.bias is not None)
+    try:
+        scalings = peft_lora_scalings(config, shapes)
+    except Exception as e:  # peft refuses the config against these modules
+        raise AdapterError(
+            f"adapter {loaded.path}: peft cannot apply its {CONFIG_FILE} to the base's modules "
+            f"({(str(e) or type(e).__name__).splitlines()[0]})"
+        ) from None
+    for module, p in parts.items():
+        a, b = p["lora_A"], p["lora_B"]
+        if module not in scalings:
+            raise AdapterError(
+                f"adapter {loaded.path}: has weights for `{module}`, which its {CONFIG_FILE} does not target"
+            )
+        rank, scaling = scalings[module]
+        if rank != a.shape[0]:
+            raise AdapterError(
+                f"adapter {loaded.path}: `{module}` has rank {a.shape[0]} in {WEIGHTS_FILE} but {rank} "
+                f"by its {CONFIG_FILE} (r / rank_pattern)"
+            )
         magnitude = p.get("lora_magnitude_vector")
         if magnitude is not None:
             magnitude = magnitude.reshape(-1)
-        loaded.lora[module] = LoraModule(a=a, b=b, scaling=float(scaling), magnitude=magnitude)
+        loaded.lora[module] = LoraModule(a=a, b=b, scaling=scaling, magnitude=magnitude)
     if not loaded.lora:
         raise AdapterError(f"adapter {loaded.path}: holds no LoRA weights")
 

@@ -2,12 +2,13 @@
 
 Two decoders share one small surface (`add` rows after their prefill, `keep` some rows, `step` once):
 
-- `StaticDecoder` (Llama-family bases: llama, mistral, qwen2): each row owns a row of a preallocated cache,
-  [rows, kv heads, length, head dim] per layer, and writes its new key/value at its own length. The step is a
-  fixed sequence of kernels over fixed buffers, so on a GPU it is captured once per (row bucket, length
-  bucket) as a CUDA graph and replayed: a decode step of a small model is otherwise bound by the host
-  launching ~1000 kernels (vLLM and SGLang capture the same way). Rows never move: a finished row's cache row
-  goes back to a free list and the lowest free one is reused, so the live rows stay packed at the front.
+- `StaticDecoder` (Llama-family bases: llama, mistral, qwen2): each row owns a row of a cache allocated
+  once at start-up, [rows, kv heads, context length, head dim] per layer, and writes its new key/value at
+  its own length. The step is a fixed sequence of kernels over fixed buffers, so on a GPU it is captured
+  once per (row bucket, length bucket) as a CUDA graph and replayed: a decode step of a small model is
+  otherwise bound by the host launching ~1000 kernels (vLLM and SGLang capture the same way). Rows never
+  move: a finished row's cache row goes back to a free list and the lowest free one is reused, so the live
+  rows stay packed at the front.
 - `DynamicDecoder` (every other architecture): transformers' own forward over a left-padded DynamicCache.
 
 Adapters ride along unchanged: the projections are called as modules, so serving/lora.py's slot layers
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.lora import SlotBottleneck, SlotState
-from serving.types import AdapterError
+from trainers.errors import FulcrumError
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,79 @@ def kv_of(cache: Any) -> KVList:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def kv_bytes_per_row(model: nn.Module, context_length: int) -> int:
+    """Bytes of keys and values one row of `context_length` tokens holds, over all layers."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * context_length * itemsize
+
+
+def plan_kv_rows(
+    model: nn.Module, max_rows: int, context_length: int, profile: Callable[[], Any], gpu_share: float = 0.9
+) -> int:
+    """How many rows of `context_length` tokens the KV cache gets, decided once at start-up.
+
+    On a GPU (as vLLM does): run `profile` (the largest prefill the engine will run) to measure the peak
+    activation memory, then give the cache what `torch.cuda.mem_get_info()` leaves of `gpu_share` of the
+    device. Fewer rows than `max_rows` fit -> the engine runs with fewer (a warning says so); not one ->
+    FulcrumError, so the deploy fails instead of live requests. On a CPU: the configured rows x context,
+    refused when it exceeds the memory the host has available."""
+    device = next(model.parameters()).device
+    per_row = kv_bytes_per_row(model, context_length)
+    gib = 2**30
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        profile()
+        torch.cuda.synchronize(device)
+        activations = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - gpu_share) * total - activations
+        where = f"{device} ({free / gib:.1f} GiB free, {activations / gib:.2f} GiB for the largest prefill)"
+    else:
+        available = _host_available()
+        if available is None:
+            return max_rows
+        budget, where = available, f"this host ({available / gib:.1f} GiB available)"
+    rows = int(budget // per_row) if budget > 0 else 0
+    if rows < 1 or (device.type != "cuda" and rows < max_rows):
+        raise FulcrumError(
+            f"the KV cache needs {per_row / gib:.3f} GiB per row of {context_length} tokens "
+            f"({max_rows} rows: {max_rows * per_row / gib:.2f} GiB), more than {where} leaves: lower "
+            "max_batch_rows or context_length, or give the replica more memory"
+        )
+    if rows < max_rows:
+        log.warning(
+            "the KV cache holds %d rows of %d tokens on %s, fewer than max_batch_rows %d",
+            rows,
+            context_length,
+            device,
+            max_rows,
+        )
+    return min(rows, max_rows)
+
+
+def _host_available() -> int | None:
+    """Bytes of memory the host can still give (Linux's MemAvailable; None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class StaticDecoder:
     """Per-row cache rows in preallocated tensors and a hand-written decode step for Llama-family bases,
-    replayed as CUDA graphs on GPUs. The cache grows (rows and length, by doubling) as requests need it."""
+    replayed as CUDA graphs on GPUs. The cache is allocated whole at start-up (`plan_kv_rows` sizes it)."""
 
     def __init__(
         self, model: nn.Module, slot_state: SlotState, *, max_rows: int, context_length: int, graphs: bool
@@ -173,34 +244,29 @@ class StaticDecoder:
         self.v: list[torch.Tensor] = []
         self.rows_cap = self.len_cap = 0
         self.row_of: list[int] = []  # cache row of each running row, in the engine's order
-        self._free: list[int] = []  # free cache rows below rows_cap (a heap: lowest first)
+        self._free: list[int] = []  # free cache rows (a heap: lowest first)
         self._captured: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self._layout = -1  # SlotState.version the captured graphs were made with
+        self._allocate()
 
     # ------------------------------------------------------------------ the cache
-    def _grow(self, rows: int, length: int) -> None:
-        new_rows = max(self.rows_cap, _bucket(rows, self.max_rows, 8))
-        new_len = max(self.len_cap, _bucket(length, self.context_length, 64))
-        if (new_rows, new_len) == (self.rows_cap, self.len_cap):
-            return
-        shape = (new_rows, self.kv_heads, new_len, self.head_dim)
+    def _allocate(self) -> None:
+        """The whole cache, once, at start-up (sized by `plan_kv_rows`): no growth under load, so running
+        out of memory fails the deploy instead of live requests."""
+        shape = (self.max_rows, self.kv_heads, self.context_length, self.head_dim)
         try:
-            grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.layers)]
+            tensors = [
+                torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.layers)
+            ]
         except torch.OutOfMemoryError as e:
-            raise AdapterError(
-                f"the KV cache cannot grow to {new_rows} rows x {new_len} tokens on {self.device}: lower "
-                "max_batch_rows or context_length, or give the replica more memory",
-                503,
+            raise FulcrumError(
+                f"the KV cache of {self.max_rows} rows x {self.context_length} tokens does not fit on "
+                f"{self.device}: lower max_batch_rows or context_length, or give the replica more memory"
             ) from e
-        for old, new in zip(self.k + self.v, grown, strict=False):
-            new[: self.rows_cap, :, : self.len_cap] = old
-        n = len(grown) // 2
-        self.k, self.v = grown[:n], grown[n:]
-        self._free.extend(range(self.rows_cap, new_rows))
-        heapq.heapify(self._free)
-        self.rows_cap, self.len_cap = new_rows, new_len
-        self._drop_graphs()  # they read the old tensors
+        self.k, self.v = tensors[: self.layers], tensors[self.layers :]
+        self._free = list(range(self.max_rows))
+        self.rows_cap, self.len_cap = self.max_rows, self.context_length
 
     def add(self, kv: KVList, mask: torch.Tensor) -> None:
         """Take rows prefilled elsewhere: their left-padded cache ([n, heads, T, dim] per layer, mask [n, T])
@@ -209,7 +275,6 @@ class StaticDecoder:
         lengths = mask.sum(dim=1)
         if len(self.row_of) + n > self.max_rows:
             raise RuntimeError("more running rows than max_batch_rows")  # the engine admits within it
-        self._grow(len(self.row_of) + n, width + 1)
         rows = [heapq.heappop(self._free) for _ in range(n)]
         # A row of length l sits at columns width-l .. width-1: read column width-l+j into column j.
         source = (self.columns[:width][None, :] + (width - lengths)[:, None]).clamp(max=width - 1)
@@ -235,7 +300,6 @@ class StaticDecoder:
         row's `lengths` entry is the tokens already in its cache, where the new one is written)."""
         if not self.row_of:
             raise RuntimeError("no running rows")
-        self._grow(0, max(lengths) + 1)
         width = _bucket(max(self.row_of) + 1, self.rows_cap, 8)
         span = _bucket(max(lengths) + 1, self.len_cap, 64)
         host = torch.zeros(4, width, dtype=torch.long)

@@ -1,19 +1,19 @@
 """The engine: one frozen base on one device, adapters in slots, continuous batching over all of them.
 
-Each step of the loop (run in a worker thread so the event loop keeps serving HTTP):
-  1. drop rows whose client went away;
-  2. admit waiting requests up to `max_batch_rows`: prefill each one alone (its adapter's virtual tokens
-     first, for prompt-style methods), sample its first token, and merge its KV cache into the batch's;
-  3. one batched forward over every active row's last token. The batch's KV cache is left-padded
-     ([rows, heads, L, dim] per layer, plus a [rows, L] attention mask), each row carries its own
-     position ids, and `SlotState.index` tells the adapter layers which slot each row uses;
-  4. sample per row (greedy at temperature 0; otherwise temperature/top-p with the request's own
-     torch.Generator), detect EOS / stop strings / max_tokens / the context limit, stream TokenEvents.
-A finished row leaves at once (its cache rows are dropped), so a short request never waits for a long one.
+`BatchEngine` is the step loop plus the decoder; the rest lives along vLLM's seams:
+  serving/slots.py      adapter versions in slots, and the leases requests hold on them (one lock);
+  serving/scheduler.py  waiting and running rows, admission, prefill batches;
+  serving/sampling.py   batched sampling on the device, detokenizing, stop strings;
+  serving/decode.py     the KV cache (sized once at start-up) and the batched decode step;
+  serving/lora.py       the per-row adapter math.
 
-The decode step itself lives in serving/decode.py: for Llama-family bases a static per-row KV cache and a
-hand-written step captured as CUDA graphs on GPUs, otherwise transformers' forward over a left-padded cache.
-serving/lora.py owns the per-row adapter math (a gather-matmul kernel would replace its bmm).
+Each step of the loop runs on one long-lived worker thread, so the event loop keeps serving HTTP:
+  1. rows that finished or whose client went away leave (their adapter leases go with them);
+  2. waiting requests join up to `max_batch_rows`, prefilled in batches (a prompt-style adapter's request
+     alone, its virtual tokens first); each samples its first token. A failure here fails only the
+     requests of that prefill (each is retried alone first);
+  3. one batched forward over every running row's last token (serving/decode.py);
+  4. one batched sampling pass, then per row: text, stop strings, EOS, max_tokens, the context limit.
 """
 
 from __future__ import annotations
@@ -24,18 +24,35 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from serving.adapters import LoadedAdapter, read_adapter
-from serving.decode import DynamicDecoder, StaticDecoder, dynamic_cache, kv_of, static_decode_unsupported
+from serving.decode import (
+    DynamicDecoder,
+    StaticDecoder,
+    dynamic_cache,
+    kv_of,
+    plan_kv_rows,
+    static_decode_unsupported,
+)
 from serving.lora import SlotBottleneck, SlotLinear, SlotState
-from serving.types import AdapterError, AdapterInfo, SamplingParams, TokenEvent
+from serving.sampling import RowText, Sampler
+from serving.scheduler import Request, Scheduler
+from serving.slots import AdapterVersion, Lease, SlotTable, SlotWriter, install
+from serving.types import (
+    MAX_LOGPROBS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    AdapterError,
+    AdapterInfo,
+    SamplingParams,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,62 +90,12 @@ def load_base(model_spec: Any, device: str | torch.device) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------- adapters in slots
-@dataclass
-class _Entry:
-    """One loaded version of an adapter. A replaced or removed entry lives on (`live` False) until the
-    requests that started on it finish; then its slot is freed."""
-
-    info: AdapterInfo
-    adapter: LoadedAdapter
-    slot: int  # 0: no slot tensors (base, or a prompt-style adapter)
-    live: bool = True
-    refs: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    load_seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------- requests
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    entry: _Entry | None
-    params: SamplingParams
-    queue: asyncio.Queue[TokenEvent | BaseException]
-    loop: asyncio.AbstractEventLoop
-    generator: torch.Generator | None = None
-    generated: list[int] = field(default_factory=list)
-    position: int = 0  # position id of the next token fed
-    length: int = 0  # tokens in this row's cache (virtual + prompt + fed)
-    text: str = ""  # decoded so far (including text held back for a possible stop string)
-    sent: int = 0  # characters of `text` already streamed
-    prefix_offset: int = 0
-    read_offset: int = 0
-    done: bool = False
-    cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-def _deliver(items: list[tuple[_Request, TokenEvent]]) -> None:
-    """On the event loop: hand a step's events to their streams."""
-    for req, event in items:
-        req.queue.put_nowait(event)
-
-
-class _Pin:
-    """One request's hold on its adapter version; released once (stream end, or garbage collection)."""
-
-    def __init__(self, engine: BatchEngine, entry: _Entry | None) -> None:
-        self.engine, self.entry = engine, entry
-
-    def release(self) -> None:
-        entry, self.entry = self.entry, None
-        if entry is not None:
-            self.engine._unpin(entry)
-
-
 class BatchEngine:
-    """Continuous batching over one frozen HF causal LM with per-row adapters (serving/types.py Engine)."""
+    """Continuous batching over one frozen HF causal LM with per-row adapters (serving/types.py Engine).
+
+    Thread-safe where the replica needs it: `add_adapter`, `remove_adapter` and `inspect_adapter` may run
+    on any thread (call them off the event loop: a load reads files and writes slot tensors), and they
+    never interleave with a step. `generate`/`generate_batches` take the adapter's lease atomically."""
 
     def __init__(
         self,
@@ -144,43 +111,40 @@ class BatchEngine:
     ) -> None:
         if max_adapters < 1 or max_batch_rows < 1 or context_length < 2:
             raise ValueError("max_adapters and max_batch_rows must be >= 1, context_length >= 2")
+        model.eval().requires_grad_(False)
         self.model = model
         self.tokenizer = tokenizer
         self.base_identity = base_identity
         self.max_adapters = max_adapters
-        self.max_batch_rows = max_batch_rows
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or context_length
         self.context_length = min(context_length, limit)
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.dtype = next(model.parameters()).dtype
-        # Slot 0 is "no adapter"; live adapters take at most max_adapters slots, and a few spares hold
-        # replaced versions until their in-flight requests finish.
-        self.num_slots = 1 + max_adapters + max(2, max_adapters // 4)
-        self.slot_state = SlotState(self.device)
-        self._modules = dict(model.named_modules())  # original names, before any wrapping
-        self._slot_layers: dict[str, SlotLinear | SlotBottleneck] = {}
-        self._entries: dict[str, _Entry] = {}
-        self._slot_owner: dict[int, _Entry] = {}
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = eos_ids
-        self._decode = _text_decoder(tokenizer)
-        self._lock = threading.RLock()  # the step and slot writes never interleave
-        self._ref_lock = threading.Lock()  # reference counts of adapter versions (cheap, never held long)
-        self._to_free: list[_Entry] = []
-        self._outbox: list[tuple[_Request, TokenEvent]] = []  # events of the running step
         self._logits_to_keep = True
-        self._admitting: list[_Request] = []
-        self._waiting: list[_Request] = []
-        self._rows: list[_Request] = []
+        self.max_prefill_tokens = max(8192, self.context_length)  # padded tokens in one prefill forward
+        # The KV cache's rows, decided once here (a profile run on GPUs): never grown under load.
+        self.max_batch_rows = plan_kv_rows(model, max_batch_rows, self.context_length, self._profile)
+        # Slot 0 is "no adapter"; live adapters take at most max_adapters slots, and a few spares hold
+        # replaced versions until their in-flight requests finish.
+        self.num_slots = 1 + max_adapters + max(2, max_adapters // 4)
+        self.slot_state = SlotState(self.device)
+        self.slots = SlotTable(max_adapters, self.num_slots)
         self.cuda_graphs = cuda_graphs
         self.static_unsupported = (
             static_decode_unsupported(model, self.context_length) if static_decode else "turned off"
         )
+        self._writer = SlotWriter(model, self.slot_state, self.num_slots, self.static_unsupported is not None)
         self._decoder = self._new_decoder()
+        self.scheduler = Scheduler(self.max_batch_rows, self.max_prefill_tokens)
+        self.sampler = Sampler(self.device)
+        self._device_lock = threading.RLock()  # steps, slot writes and prompt scoring never interleave
+        self._outbox: list[tuple[Request, TokenEvent]] = []  # events of the running step
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,8 +153,6 @@ class BatchEngine:
         # took about 3x as long on an H200 (61-67 ms against 21-23 ms; 0.95B, 64 rows; docs/benchmarks.md).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulcrum-step")
         self.steps = 0
-        self.max_prefill_tokens = max(8192, self.context_length)  # padded tokens in one prefill forward
-        model.eval().requires_grad_(False)
 
     def _new_decoder(self) -> StaticDecoder | DynamicDecoder:
         if self.static_unsupported is not None:
@@ -203,6 +165,15 @@ class BatchEngine:
             graphs=self.cuda_graphs,
         )
 
+    @torch.inference_mode()
+    def _profile(self) -> None:
+        """The largest prefill the engine runs (for sizing the KV cache on a GPU)."""
+        from transformers import DynamicCache
+
+        rows = max(1, self.max_prefill_tokens // self.context_length)
+        ids = torch.zeros(rows, self.context_length, dtype=torch.long, device=self.device)
+        self._forward(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+
     @property
     def decode_mode(self) -> str:
         """How the decode step runs: `cuda graphs`, `static` (eager, e.g. on CPUs) or `dynamic`."""
@@ -212,166 +183,47 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ adapters
     def adapters(self) -> dict[str, AdapterInfo]:
-        return {aid: e.info for aid, e in self._entries.items()}
+        return {aid: v.info for aid, v in self.slots.current().items()}
 
     def load_seconds(self, adapter_id: str) -> float:
         """How long the last (cold) load of this adapter took: read, check, copy into its slot."""
-        return self._entries[adapter_id].load_seconds
+        version = self.slots.current().get(adapter_id)
+        if version is None:
+            raise AdapterError(f"unknown adapter `{adapter_id}`", 404)
+        return version.load_seconds
+
+    def _read(self, path: str) -> LoadedAdapter:
+        return read_adapter(
+            path, self.model, self.base_identity, modules=self._writer.modules, device_lock=self._device_lock
+        )
 
     def inspect_adapter(self, adapter_id: str, path: str) -> AdapterInfo:
         """Read and check an adapter against this base (AdapterError as add_adapter raises) without taking
-        a slot or evicting anything: for validating a registration."""
-        loaded = read_adapter(path, self.model, self.base_identity, modules=self._modules)
-        return _info(adapter_id, path, loaded)
+        a slot: for validating a registration."""
+        return _info(adapter_id, path, self._read(path))
 
     def add_adapter(self, adapter_id: str, path: str) -> AdapterInfo:
+        """Load (or replace) an adapter. Requests already running keep the version they started with.
+        AdapterError: 400 (wrong base, bad files), 503 (all `max_adapters` loaded, or no spare slot)."""
         start = time.perf_counter()
-        loaded = read_adapter(path, self.model, self.base_identity, modules=self._modules)
-        with self._lock:
-            self._collect()
-            old = self._entries.get(adapter_id)
-            live = [e for aid, e in self._entries.items() if aid != adapter_id]
-            if len(live) >= self.max_adapters:
-                self._evict_lru(live)
-            slot = 0 if loaded.num_virtual else self._free_slot()
-            info = _info(adapter_id, path, loaded)
-            entry = _Entry(info=info, adapter=loaded, slot=slot)
-            if slot:
-                self._write_slot(slot, loaded)
-                self._slot_owner[slot] = entry
-            if loaded.prompt_embeds is not None:
-                loaded.prompt_embeds = loaded.prompt_embeds.to(self.device, self.dtype)
-            if loaded.prefix_kv is not None:
-                loaded.prefix_kv = [
-                    (k.to(self.device, self.dtype), v.to(self.device, self.dtype))
-                    for k, v in loaded.prefix_kv
-                ]
-            self._entries[adapter_id] = entry
-            if old is not None:
-                self._retire(old)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        entry.load_seconds = time.perf_counter() - start
+        loaded = self._read(path)
+        info = _info(adapter_id, path, loaded)
+        version = install(
+            self.slots, self._writer, self._device_lock, adapter_id, info, loaded, self.device, self.dtype
+        )
+        version.load_seconds = time.perf_counter() - start
         log.info(
             "adapter %s (%s) loaded in %.1f ms into slot %d",
             adapter_id,
             loaded.method,
-            entry.load_seconds * 1e3,
-            slot,
+            version.load_seconds * 1e3,
+            version.slot,
         )
         return info
 
     def remove_adapter(self, adapter_id: str) -> None:
-        with self._lock:
-            entry = self._entries.pop(adapter_id, None)
-            if entry is None:
-                raise AdapterError(self._unknown(adapter_id), 404)
-            self._retire(entry)
-
-    def _unknown(self, adapter_id: str) -> str:
-        known = ", ".join(sorted(self._entries)) or "none"
-        return f"unknown adapter `{adapter_id}`; known adapters: {known}"
-
-    def _evict_lru(self, live: list[_Entry]) -> None:
-        idle = [e for e in live if e.refs == 0]
-        if not idle:
-            raise AdapterError(
-                f"all {self.max_adapters} adapter slots are in use by running requests; retry shortly", 503
-            )
-        victim = min(idle, key=lambda e: e.last_used)
-        log.info("evicting least recently used adapter %s", victim.info.id)
-        del self._entries[victim.info.id]
-        self._retire(victim)
-
-    def _free_slot(self) -> int:
-        for slot in range(1, self.num_slots):
-            if slot not in self._slot_owner:
-                return slot
-        raise AdapterError(
-            "no free adapter slot: replaced adapters still serve running requests; retry shortly", 503
-        )
-
-    def _retire(self, entry: _Entry) -> None:
-        with self._ref_lock:
-            entry.live = False
-            idle = entry.refs == 0
-        if idle:
-            self._free(entry)
-
-    def _collect(self) -> None:
-        """Free the slots of replaced/removed versions whose last request has ended (under `_lock`)."""
-        with self._ref_lock:
-            done, self._to_free = self._to_free, []
-        for entry in done:
-            self._free(entry)
-
-    def _free(self, entry: _Entry) -> None:
-        if entry.slot and self._slot_owner.get(entry.slot) is entry:
-            for layer in self._slot_layers.values():
-                layer.clear(entry.slot)
-            del self._slot_owner[entry.slot]
-
-    def _pin(self, entry: _Entry | None) -> _Pin:
-        """Hold an adapter version for one request (never blocks on a running step)."""
-        if entry is not None:
-            with self._ref_lock:
-                entry.refs += 1
-                entry.last_used = time.monotonic()
-        return _Pin(self, entry)
-
-    def _unpin(self, entry: _Entry) -> None:
-        with self._ref_lock:
-            entry.refs -= 1
-            if entry.refs == 0 and not entry.live:
-                self._to_free.append(entry)  # cleared by the next step or adapter change
-
-    def _slot_layer(self, name: str, kind: type) -> Any:
-        """The slot wrapper around module `name` (original name), installed on first use."""
-        layer = self._slot_layers.get(name)
-        if layer is None:
-            module = self._modules[name]
-            parent_name, _, child = name.rpartition(".")
-            parent = self._modules[parent_name] if parent_name else self.model
-            if kind is SlotBottleneck and isinstance(self._decoder, StaticDecoder):
-                _check_static_wrap(name)
-            if kind is SlotLinear:
-                layer = SlotLinear(module, self.slot_state, self.num_slots)
-            else:
-                hidden = self.model.config.get_text_config().hidden_size
-                layer = SlotBottleneck(module, self.slot_state, self.num_slots, hidden)
-            setattr(parent, child, layer)
-            self._slot_layers[name] = layer
-            self.slot_state.version += 1  # the decode step changed: captured graphs are stale
-        if not isinstance(layer, kind):
-            raise AdapterError(f"module `{name}` already carries another kind of adapter layer")
-        return layer
-
-    def _write_slot(self, slot: int, a: LoadedAdapter) -> None:
-        for layer in self._slot_layers.values():
-            layer.clear(slot)
-        for name, lm in a.lora.items():
-            layer = self._slot_layer(name, SlotLinear)
-            dev = layer.weight.device
-            a_w, b_w = lm.a.to(dev), lm.b.to(dev)
-            layer.set_lora(slot, a_w, b_w, lm.scaling)
-            if lm.magnitude is not None:
-                layer.set_out_scale(
-                    slot, layer.dora_scale(a_w, b_w, lm.scaling, lm.magnitude), scales_bias=False
-                )
-        for name, vec in a.ia3_out.items():
-            layer = self._slot_layer(name, SlotLinear)
-            layer.set_out_scale(slot, vec.to(layer.weight.device), scales_bias=True)
-        for name, vec in a.ia3_in.items():
-            layer = self._slot_layer(name, SlotLinear)
-            layer.set_in_scale(slot, vec.to(layer.weight.device))
-        for name, tensors in a.bottleneck.items():
-            layer = self._slot_layer(name, SlotBottleneck)
-            dev = next(layer.base_layer.parameters()).device
-            layer.set_bottleneck(
-                slot, {k: t.to(dev) for k, t in tensors.items()}, a.bottleneck_scaling, a.bottleneck_act
-            )
-        # The tensors now live in the slot; the host copies are not needed any more.
-        a.lora, a.ia3_out, a.ia3_in, a.bottleneck = {}, {}, {}, {}
+        """Unload an adapter (404 if unknown); requests running on it finish on their version first."""
+        self.slots.remove(adapter_id)
 
     # ------------------------------------------------------------------ requests
     def generate(
@@ -385,46 +237,88 @@ class BatchEngine:
     ) -> AsyncIterator[list[TokenEvent]]:
         """Tokens for one request, in lists of whatever arrived since the consumer last asked: a slow
         consumer (a Ray stream, whose every item costs a round of messages) takes many tokens at once
-        instead of falling behind. Unknown adapters (404) and prompts that leave no room in the context
-        (400) raise here, before anything is queued; the adapter version is pinned here as well."""
-        entry = None
-        if adapter_id is not None:
-            entry = self._entries.get(adapter_id)
-            if entry is None:
-                raise AdapterError(self._unknown(adapter_id), 404)
-        virtual = entry.adapter.num_virtual if entry else 0
+        instead of falling behind. Bad parameters (400), unknown adapters (404) and prompts that leave no
+        room in the context (400) raise here, before anything is queued; the adapter version is leased
+        here as well (looked up and pinned in one step)."""
+        self._check(prompt_ids, params)
+        lease = self.slots.lease(adapter_id)
+        try:
+            self._check_room(prompt_ids, lease, generating=True)
+        except AdapterError:
+            lease.release()
+            raise
+        queued = [False]
+        stream = self._stream(list(prompt_ids), lease, params, queued)
+        weakref.finalize(stream, _release_unless_queued, lease, queued)  # a stream never started
+        return stream
+
+    async def prompt_logprobs(
+        self, prompt_ids: list[int], adapter_id: str | None, top: int = 0
+    ) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """For each prompt token i: (its logprob given the tokens before it, the `top` best (token_id,
+        logprob) there, best first); entry 0 is (None, []). One forward through the adapter's lease, on the
+        step thread between steps (for `echo` and log-likelihoods). Async."""
+        self._check(prompt_ids, SamplingParams())
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise AdapterError(f"`logprobs` must lie in [0, {MAX_LOGPROBS}], got {top}", 400)
+        lease = self.slots.lease(adapter_id)
+        try:
+            self._check_room(prompt_ids, lease, generating=False)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._score, list(prompt_ids), lease, top)
+        finally:
+            lease.release()
+
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise AdapterError("the prompt is empty", 400)
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise AdapterError(
                 f"prompt token ids must lie in [0, {self.vocab_size}) (the base's vocabulary)", 400
             )
-        if len(prompt_ids) + virtual >= self.context_length:
+        if len(params.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in params.stop):
+            raise AdapterError(
+                f"`stop`: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each", 400
+            )
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+            raise AdapterError(f"`top_logprobs` must lie in [0, {MAX_LOGPROBS}], got {params.logprobs}", 400)
+        for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= int(t) < self.vocab_size for t in ids):
+                raise AdapterError(f"`{name}`: token ids must lie in [0, {self.vocab_size})", 400)
+
+    def _check_room(self, prompt_ids: list[int], lease: Lease, generating: bool) -> None:
+        virtual = lease.version.adapter.num_virtual if lease.version is not None else 0
+        if len(prompt_ids) + virtual + (1 if generating else 0) > self.context_length:
             raise AdapterError(
                 f"the prompt is {len(prompt_ids)} tokens"
                 + (f" (+{virtual} virtual tokens of the adapter)" if virtual else "")
-                + f"; the context length is {self.context_length}, so no token can be generated",
+                + f"; the context length is {self.context_length}"
+                + (", so no token can be generated" if generating else ""),
                 400,
             )
-        pin = self._pin(entry)
-        stream = self._stream(list(prompt_ids), entry, params, pin)
-        weakref.finalize(stream, pin.release)  # a stream dropped before its first step releases too
-        return stream
 
     async def _stream(
-        self, prompt_ids: list[int], entry: _Entry | None, params: SamplingParams, pin: _Pin
+        self, prompt_ids: list[int], lease: Lease, params: SamplingParams, queued: list[bool]
     ) -> AsyncIterator[list[TokenEvent]]:
         loop = asyncio.get_running_loop()
-        req = _Request(prompt_ids=prompt_ids, entry=entry, params=params, queue=asyncio.Queue(), loop=loop)
+        req = Request(
+            prompt_ids=prompt_ids,
+            lease=lease,
+            params=params,
+            text=RowText(self.tokenizer, prompt_ids, params.stop),
+            queue=asyncio.Queue(),
+            loop=loop,
+        )
         if params.temperature > 0:
             req.generator = torch.Generator(device=self.device)
             if params.seed is not None:
-                req.generator.manual_seed(params.seed)
+                req.generator.manual_seed(params.seed % 2**64)  # any integer seeds; 64 bits are kept
             else:
                 req.generator.seed()
         try:
             self._ensure_loop(loop)
-            self._waiting.append(req)
+            queued[0] = True
+            self.scheduler.submit(req)
             assert self._wake is not None
             self._wake.set()
             while True:
@@ -440,8 +334,11 @@ class BatchEngine:
                 if events and events[-1].finish_reason is not None:
                     break
         finally:
-            req.cancelled = True
-            pin.release()
+            req.cancelled = True  # the step drops the row and releases its lease: never while it decodes
+            if req.done or not queued[0]:
+                req.lease.release()
+            elif self._wake is not None and self._loop is loop:
+                self._wake.set()
 
     def _ensure_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is None or self._task.done() or self._loop is not loop:
@@ -452,135 +349,133 @@ class BatchEngine:
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
-            if not self._rows and not self._waiting:
+            if not self.scheduler.busy():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             try:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._step)
-            except Exception as e:  # a failed step fails its requests, never the loop
+            except Exception as e:  # a failed decode step fails its rows, never the loop
                 log.exception("engine step failed")
-                with self._lock:
-                    for req in self._rows + self._waiting + self._admitting:
-                        req.queue.put_nowait(e)
-                    self._rows, self._waiting, self._admitting = [], [], []
-                    self._decoder, self._outbox = self._new_decoder(), []
+                with self._device_lock:
+                    self.scheduler.fail_all(e)
+                    self._decoder.keep([])
+                    self._outbox = []
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def _step(self) -> None:
-        with self._lock:
+        with self._device_lock:
             self.steps += 1
-            self._collect()
-            self._drop([r for r in self._rows if r.cancelled])
-            taken: list[_Request] = []
-            while self._waiting and len(self._rows) + len(taken) < self.max_batch_rows:
-                req = self._waiting.pop(0)
-                if not req.cancelled:
-                    taken.append(req)
-            self._admitting = taken  # failed with the step if it fails before they join the batch
-            for req in taken:
-                if req.entry is not None and req.entry.adapter.num_virtual:
-                    self._admit(req)  # virtual tokens first: prefilled alone
-            plain = [r for r in taken if r.entry is None or not r.entry.adapter.num_virtual]
-            for chunk in _token_chunks(plain, self.max_prefill_tokens):
-                self._prefill(chunk)
-            self._admitting = []
+            self._leave()
+            for batch in self.scheduler.admit():
+                self._admit(batch)
             self._flush()  # first tokens go out before the decode step
-            if self._rows:
-                logits = self._decode_forward()
-                self._advance(self._rows, logits)
-                self._drop([r for r in self._rows if r.done])
+            rows = self.scheduler.running
+            if rows:
+                logits = self._decode_forward(rows)
+                self._advance(rows, logits)
+                self._leave()
             self._flush()
 
+    def _leave(self) -> None:
+        before = len(self.scheduler.running)
+        keep = self.scheduler.leaving()
+        if len(keep) != before:
+            self._decoder.keep(keep)
+
     def _flush(self) -> None:
-        """Send the events gathered so far to the event loop in one wake-up (not one per token)."""
+        """Send the events gathered so far to their event loops in one wake-up each (not one per token)."""
         if not self._outbox:
             return
         items, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, TokenEvent]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, TokenEvent]]] = {}
         for req, event in items:
             by_loop.setdefault(req.loop, []).append((req, event))
         for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening
+                loop.call_soon_threadsafe(_deliver, batch)
 
-    def _drop(self, gone: list[_Request]) -> None:
-        if not gone:
-            return
-        keep = [i for i, r in enumerate(self._rows) if r not in gone]
-        self._decoder.keep(keep)
-        self._rows = [self._rows[i] for i in keep]
+    def _admit(self, batch: list[Request]) -> None:
+        """Prefill a batch of requests; if that fails, each alone, so a failure fails only its request."""
+        try:
+            self._prefill(batch)
+        except Exception as e:
+            if len(batch) > 1 and not any(r.generated for r in batch):
+                for req in batch:
+                    self._admit([req])
+                return
+            log.warning("admitting a request failed: %s: %s", type(e).__name__, e)
+            for req in batch:
+                if not req.done:
+                    req.fail(e)
+        for req in batch:
+            if req.done:
+                req.lease.release()
 
-    def _admit(self, req: _Request) -> None:
-        """Prefill one request of a prompt-style adapter alone (its virtual tokens first: a prefix in the
-        cache, or embeddings before the prompt's) and merge its cache into the batch."""
+    def _prompt_inputs(self, version: AdapterVersion | None, prompt_ids: list[int]) -> dict[str, Any]:
+        """The forward's inputs for one prompt, the adapter's virtual tokens first (a prefix in the cache,
+        or embeddings before the prompt's), with positions as peft gives them."""
         from transformers import DynamicCache
 
-        adapter = req.entry.adapter if req.entry else None
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        cache = DynamicCache()
-        virtual = adapter.num_virtual if adapter else 0
-        kwargs: dict[str, Any] = {}
+        adapter = version.adapter if version is not None else None
+        ids = torch.tensor([prompt_ids], device=self.device)
+        virtual = adapter.num_virtual if adapter is not None else 0
+        inputs: dict[str, Any] = {"input_ids": ids, "past_key_values": DynamicCache(), "use_cache": True}
+        positions = torch.arange(len(prompt_ids), device=self.device)
         if adapter is not None and adapter.prefix_kv is not None:
-            cache = dynamic_cache(adapter.prefix_kv)  # the forward concatenates: the prefix is not changed
-            # peft's prefix tuning: the prompt's positions start after the virtual tokens.
-            positions = torch.arange(virtual, virtual + ids.shape[1], device=self.device)
-            kwargs["input_ids"] = ids
+            # The forward concatenates onto the prefix (it is not changed); peft's prefix tuning starts
+            # the prompt's positions after the virtual tokens.
+            inputs["past_key_values"] = dynamic_cache(adapter.prefix_kv)
+            positions = positions + virtual
         elif adapter is not None and adapter.prompt_embeds is not None:
-            embeds = self.model.get_input_embeddings()(ids)
-            kwargs["inputs_embeds"] = torch.cat([adapter.prompt_embeds, embeds], dim=1)
-            positions = torch.arange(virtual + ids.shape[1], device=self.device)
-        else:
-            kwargs["input_ids"] = ids
-            positions = torch.arange(ids.shape[1], device=self.device)
-        total = virtual + ids.shape[1]
-        mask = torch.ones(1, total, dtype=torch.long, device=self.device)
-        self.slot_state.set([req.entry.slot if req.entry else 0])
-        out = self._forward(
-            **kwargs,
-            attention_mask=mask,
-            position_ids=positions[None],
-            past_key_values=cache,
-            use_cache=True,
+            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids"))
+            inputs["inputs_embeds"] = torch.cat([adapter.prompt_embeds, embeds], dim=1)
+            positions = torch.arange(virtual + len(prompt_ids), device=self.device)
+        inputs["attention_mask"] = torch.ones(
+            1, virtual + len(prompt_ids), dtype=torch.long, device=self.device
         )
-        req.length = total
-        req.position = int(positions[-1]) + 1
-        self._advance([req], out.logits[:, -1])
-        if not req.done:
-            self._decoder.add(kv_of(out.past_key_values), mask)
-            self._rows.append(req)
+        inputs["position_ids"] = positions[None]
+        return inputs
 
-    def _prefill(self, reqs: list[_Request]) -> None:
-        """Prefill several requests in one forward (left-padded, each with its own positions and slot),
-        sample their first tokens and merge the rows that go on into the batch."""
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Prefill requests in one forward (left-padded, each with its own positions and slot; a
+        prompt-style adapter's request comes alone), sample their first tokens and move the rows that go on
+        into the decoder."""
         from transformers import DynamicCache
 
-        longest = max(len(r.prompt_ids) for r in reqs)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor(
-            [[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=self.device
-        )
-        mask = torch.tensor(
-            [[0] * (longest - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=self.device
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.slot_state.set([r.entry.slot if r.entry else 0 for r in reqs])
-        out = self._forward(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=DynamicCache(),
-            use_cache=True,
-        )
-        for r in reqs:
-            r.length = r.position = len(r.prompt_ids)
+        self.slot_state.set([r.lease.slot for r in reqs])
+        if reqs[0].virtual:
+            (req,) = reqs
+            inputs = self._prompt_inputs(req.lease.version, req.prompt_ids)
+            mask = inputs["attention_mask"]
+            req.length = mask.shape[1]
+            req.position = int(inputs["position_ids"][0, -1]) + 1
+        else:
+            longest = max(len(r.prompt_ids) for r in reqs)
+            pad = self.tokenizer.pad_token_id or 0
+            ids = [[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in reqs]
+            mask = torch.tensor(
+                [[0] * (longest - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
+                device=self.device,
+            )
+            inputs = {
+                "input_ids": torch.tensor(ids, device=self.device),
+                "attention_mask": mask,
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                "past_key_values": DynamicCache(),
+                "use_cache": True,
+            }
+            for r in reqs:
+                r.length = r.position = len(r.prompt_ids)
+        out = self._forward(**inputs)
         self._advance(reqs, out.logits[:, -1])
         going = [i for i, r in enumerate(reqs) if not r.done]
         if going:
             index = torch.tensor(going, device=self.device)
             kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv_of(out.past_key_values)]
             self._decoder.add(kv, mask.index_select(0, index))
-            self._rows.extend(reqs[i] for i in going)
+            self.scheduler.running.extend(reqs[i] for i in going)
 
     def _forward(self, **inputs: Any) -> Any:
         """The base's forward; only the last position's logits are needed (models that do not know
@@ -594,85 +489,89 @@ class BatchEngine:
                 self._logits_to_keep = False
         return self.model(**inputs)
 
-    def _decode_forward(self) -> torch.Tensor:
+    def _decode_forward(self, rows: list[Request]) -> torch.Tensor:
         """One batched forward over every row's last token -> logits [rows, vocab]."""
-        rows = self._rows
         logits = self._decoder.step(
             [r.generated[-1] for r in rows],
             [r.position for r in rows],
             [r.length for r in rows],
-            [r.entry.slot if r.entry else 0 for r in rows],
+            [r.lease.slot for r in rows],
         )
         for r in rows:
             r.position += 1
             r.length += 1
         return logits
 
+    @torch.inference_mode()
+    def _score(
+        self, prompt_ids: list[int], lease: Lease, top: int
+    ) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        with self._device_lock:
+            self.slot_state.set([lease.slot])
+            out = self.model(**self._prompt_inputs(lease.version, prompt_ids))
+        logits = out.logits[0, -len(prompt_ids) :]  # prompt tuning's output starts with its virtual tokens
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        ids = torch.tensor(prompt_ids[1:], device=logprobs.device)
+        own = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+        best_v, best_i = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+        rows = zip(own, best_i.tolist(), best_v.tolist(), strict=True)
+        return [(None, [])] + [(lp, list(zip(ti, tv, strict=True))) for lp, ti, tv in rows]
+
     # ------------------------------------------------------------------ sampling and stopping
-    def _sample(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
-        chosen = logits.argmax(dim=-1)
-        sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
-        for i in sampled:  # per-request generators: seeded requests repeat whatever else is in the batch
-            p = rows[i].params
-            scores = logits[i].float() / p.temperature
-            if p.top_p < 1.0:
-                sorted_scores, order = scores.sort(descending=True)
-                probs = sorted_scores.softmax(-1)
-                cut = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set reaching top_p
-                sorted_scores[cut] = float("-inf")
-                scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-            chosen[i] = torch.multinomial(scores.softmax(-1), 1, generator=rows[i].generator)[0]
-        return chosen.tolist()
+    def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
+        sampled = self.sampler.sample(logits, rows)
+        for i, req in enumerate(rows):
+            error = sampled.errors.get(i)
+            if error is None:
+                try:
+                    self._emit(req, sampled.tokens[i], sampled.logprobs[i], sampled.top[i])
+                    continue
+                except Exception as e:  # the row's constraint or detokenizer: that row fails, alone
+                    error = e
+            log.warning("a request failed: %s: %s", type(error).__name__, error)
+            req.fail(error)
 
-    def _advance(self, rows: list[_Request], logits: torch.Tensor) -> None:
-        for req, token in zip(rows, self._sample(rows, logits), strict=True):
-            self._emit_token(req, token)
-
-    def _emit_token(self, req: _Request, token: int) -> None:
+    def _emit(
+        self, req: Request, token: int, logprob: float | None, top: list[tuple[int, float]] | None
+    ) -> None:
         req.generated.append(token)
-        if token in self.eos_ids:
-            self._finish(req, token, req.text[req.sent :], "stop")
-            return
-        # Incremental detokenizing (as TGI/vLLM do): decode a short window, emit only complete characters.
-        ids = req.generated
-        prefix = self._decode(ids[req.prefix_offset : req.read_offset])
-        full = self._decode(ids[req.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            req.text += full[len(prefix) :]
-            req.prefix_offset, req.read_offset = req.read_offset, len(ids)
-        stops = req.params.stop
-        if stops:
-            search_from = max(0, req.sent - max(len(s) for s in stops))
-            hits = [at for s in stops if s and (at := req.text.find(s, search_from)) >= 0]
-            if hits:
-                self._finish(req, token, req.text[req.sent : min(hits)], "stop")
-                return
-        out_of_room = req.length + 1 >= self.context_length  # prompt + generated fill the context
-        if len(req.generated) >= req.params.max_tokens or out_of_room:
-            self._finish(req, token, req.text[req.sent :], "length")
-            return
-        hold = _stop_prefix_len(req.text, stops) if stops else 0
-        upto = len(req.text) - hold
-        chunk = req.text[req.sent : upto] if upto > req.sent else ""
-        req.sent = max(req.sent, upto)
-        self._outbox.append((req, TokenEvent(token_id=token, text=chunk)))
-
-    def _finish(self, req: _Request, token: int, text: str, reason: str) -> None:
-        req.done = True
-        req.sent = len(req.text)
-        self._outbox.append((req, TokenEvent(token_id=token, text=text, finish_reason=reason)))
+        params = req.params
+        constraint = params.constraint
+        reason = None
+        if token in self.eos_ids or token in params.stop_token_ids:
+            text, reason = req.text.flush(), "stop"  # the stop token is not part of the text
+        else:
+            text, stopped = req.text.push(token)
+            if stopped:
+                reason = "stop"
+            else:
+                if constraint is not None:
+                    constraint.advance(token)
+                    if constraint.is_terminated():
+                        reason = "stop"
+                out_of_room = req.length + 1 >= self.context_length  # prompt + generated fill the context
+                if reason is None and (len(req.generated) >= params.max_tokens or out_of_room):
+                    reason = "length"
+                if reason is not None:
+                    text += req.text.flush()
+        if reason is not None:
+            req.done = True
+        self._outbox.append((req, TokenEvent(token, text, reason, logprob, top)))
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            self._collect()
+        """The batch's state (for metrics): rows, queue, slots, and the KV cache's use in tokens."""
+        running = list(self.scheduler.running)
         return {
-            "active_rows": len(self._rows),
-            "waiting": len(self._waiting),
+            "active_rows": len(running),
+            "waiting": len(self.scheduler.waiting),
             "steps": self.steps,
-            "slots_used": len(self._slot_owner),
+            "slots_used": self.slots.slots_used(),
             "slots": self.num_slots - 1,
-            "adapters": len(self._entries),
+            "adapters": len(self.slots.current()),
+            "kv_rows": self.max_batch_rows,
+            "kv_tokens_used": sum(r.length for r in running),
+            "kv_tokens": self.max_batch_rows * self.context_length,
         }
 
     async def aclose(self) -> None:
@@ -682,18 +581,15 @@ class BatchEngine:
                 await self._task
 
 
-def _text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
-    """ids -> text without special tokens. A fast tokenizer's Rust core directly where transformers adds
-    nothing to it (no clean-up of spaces): its Python wrapper cost ~6x the decode itself, twice per token
-    per row of every step."""
-    core = getattr(tokenizer, "_tokenizer", None)
-    if (
-        core is not None
-        and hasattr(core, "decode")
-        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
-    ):
-        return lambda ids: core.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+def _deliver(items: list[tuple[Request, TokenEvent]]) -> None:
+    """On the event loop: hand a step's events to their streams."""
+    for req, event in items:
+        req.queue.put_nowait(event)
+
+
+def _release_unless_queued(lease: Lease, queued: list[bool]) -> None:
+    if not queued[0]:
+        lease.release()
 
 
 async def _one_by_one(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
@@ -710,42 +606,6 @@ def _info(adapter_id: str, path: str, loaded: LoadedAdapter) -> AdapterInfo:
         manifest=loaded.manifest,
         chat_template=loaded.chat_template,
     )
-
-
-def _check_static_wrap(name: str) -> None:
-    """The static decode step calls attention, MLP, norm and linear modules (and `self_attn` blocks) as
-    modules, but not a whole decoder layer or the model: an adapter there would silently do nothing."""
-    parts = name.split(".")
-    if parts[-1].isdigit() or parts[-1] in ("model", "layers"):
-        raise AdapterError(
-            f"the adapter wraps `{name}` as a whole; this server applies bottleneck adapters to attention "
-            "and MLP blocks (`self_attn`, `mlp`, the defaults), not to whole decoder layers",
-            400,
-        )
-
-
-def _token_chunks(reqs: list[_Request], budget: int) -> list[list[_Request]]:
-    """Split requests into prefill batches of at most `budget` padded tokens (at least one request each)."""
-    chunks: list[list[_Request]] = []
-    for req in sorted(reqs, key=lambda r: len(r.prompt_ids)):  # similar lengths together: less padding
-        chunk = chunks[-1] if chunks else None
-        if chunk is None or (len(chunk) + 1) * len(req.prompt_ids) > budget:
-            chunks.append([req])
-        else:
-            chunk.append(req)
-    return chunks
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """The length of the longest end of `text` that begins some stop string (held back until it is
-    known whether the stop string completes)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 def slot_layers(model: nn.Module) -> list[nn.Module]:

@@ -19,7 +19,7 @@ from trainers.manifest import FORMAT, MANIFEST_FILE, base_identity
 from trainers.spec import ModelSpec
 
 NEW_TOKENS = 12
-METHOD_OF = {"lora4": "lora", "lora8": "lora", "adapter_silu": "adapter"}
+METHOD_OF = {"lora4": "lora", "lora8": "lora", "lora_regex": "lora", "adapter_silu": "adapter"}
 
 
 def model_spec(**config: Any) -> ModelSpec:
@@ -69,6 +69,15 @@ def make_adapter(spec: ModelSpec, kind: str, out: Path, seed: int, manifest_base
     configs = {
         "lora4": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
         "lora8": LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"),
+        # peft's regex keys: layer 0's q and v get alpha 64 (scaling 16), layer 1's v rank 2.
+        "lora_regex": LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            alpha_pattern={r"layers\.0\.self_attn\.(q|v)_proj": 64},
+            rank_pattern={r"layers\.1\.self_attn\.v_proj": 2},
+            task_type="CAUSAL_LM",
+        ),
         "dora": LoraConfig(r=4, lora_alpha=4, target_modules=targets, use_dora=True, task_type="CAUSAL_LM"),
         "ia3": IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"],
@@ -126,6 +135,23 @@ def peft_generate(
             if ids[-1] == eos:
                 break
     return ids[len(prompt) :]
+
+
+def peft_logprobs(spec: ModelSpec, adapter: Path | None, ids: list[int]) -> torch.Tensor:
+    """peft's own log-softmax over a whole sequence, one forward, no cache: row i is the distribution of
+    token i + 1 (prompt tuning's virtual positions dropped)."""
+    from peft import PeftModel
+
+    import trainers.tuners  # noqa: F401
+
+    model = fresh_base(spec)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, -len(ids) :]
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 async def collect(
@@ -193,11 +219,13 @@ def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any], static: bool
     assert len(changed) >= len(paths) - 1, changed
 
 
-def test_static_cache_grows_and_reuses_rows(setup: dict[str, Any]) -> None:
-    """Long prompts make the per-row cache grow past its first length bucket; more requests than batch
-    rows make finished rows' cache rows be taken again. Every answer still equals peft's."""
+def test_static_cache_sized_at_start_and_reuses_rows(setup: dict[str, Any]) -> None:
+    """Prompts of many lengths in a cache allocated at start-up; more requests than batch rows make
+    finished rows' cache rows be taken again. Every answer still equals peft's."""
     spec, paths = setup["spec"], setup["paths"]
     engine = new_engine(spec, max_batch_rows=3, context_length=256)
+    # The KV cache is sized once, at start-up: rows x context, never grown under load.
+    assert engine._decoder.len_cap == 256 and engine._decoder.rows_cap == 3
     engine.add_adapter("lora8", str(paths["lora8"]))
     engine.add_adapter("dora", str(paths["dora"]))
     words = "the cat sat on a mat and the dog ran to the park "
@@ -215,7 +243,6 @@ def test_static_cache_grows_and_reuses_rows(setup: dict[str, Any]) -> None:
         )
 
     results = asyncio.run(run_all())
-    assert engine._decoder.len_cap == 256 and engine._decoder.rows_cap == 3  # grew from 64 columns
     for prompt, aid, n, events in zip(batch, ids, lengths, results, strict=True):
         ref = peft_generate(spec, paths[aid] if aid else None, prompt, eos, max_new_tokens=n)
         assert [e.token_id for e in events] == ref, f"adapter {aid}, prompt of {len(prompt)} tokens"
@@ -269,34 +296,33 @@ def test_replace_keeps_running_request_on_old_version(setup: dict[str, Any]) -> 
     assert engine.stats()["slots_used"] == 1  # the old version's slot was freed when its request ended
 
 
-def test_lru_eviction_when_slots_are_full(setup: dict[str, Any]) -> None:
-    paths = setup["paths"]
-    engine = new_engine(setup["spec"], max_adapters=2)
+def test_full_table_refuses_clearly_and_busy_versions_live_on(setup: dict[str, Any]) -> None:
+    """No LRU in the engine (Serve's multiplex is the one LRU): a full table refuses with a 503 that says
+    so; a removed adapter's running request finishes on its own version, and its slot is then reused."""
+    spec, paths = setup["spec"], setup["paths"]
+    engine = new_engine(spec, max_adapters=2)
     prompt = prompts(engine.tokenizer, 1)[0]
+    eos = engine.tokenizer.eos_token_id
     engine.add_adapter("a", str(paths["lora4"]))
     engine.add_adapter("b", str(paths["ia3"]))
-    asyncio.run(collect(engine, prompt, "a", max_tokens=2, temperature=0))  # b is now least recently used
-    engine.add_adapter("c", str(paths["adapter"]))
-    assert set(engine.adapters()) == {"a", "c"}
-    with pytest.raises(AdapterError) as e:
-        engine.generate(prompt, "b", SamplingParams())
-    assert e.value.status == 404 and "a, c" in str(e.value)
+    with pytest.raises(AdapterError) as full:
+        engine.add_adapter("c", str(paths["adapter"]))
+    assert full.value.status == 503 and "maximum of 2 adapters (a, b)" in str(full.value)
+    engine.add_adapter("b", str(paths["dora"]))  # replacing an id needs no room
 
-    # Busy adapters are never evicted: with both pinned by running requests there is no room.
-    async def busy() -> None:
-        runs = [engine.generate(prompt, aid, SamplingParams(max_tokens=30, temperature=0)) for aid in "ac"]
-        firsts = [await anext(r) for r in runs]
-        assert all(f.finish_reason is None for f in firsts)
-        with pytest.raises(AdapterError) as full:
-            engine.add_adapter("d", str(paths["lora8"]))
-        assert full.value.status == 503
-        for r in runs:
-            async for _ in r:
-                pass
+    async def main() -> list[int]:
+        run = engine.generate(prompt, "a", SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+        first = await anext(run)
+        engine.remove_adapter("a")  # while its request runs
+        with pytest.raises(AdapterError) as gone:
+            engine.generate(prompt, "a", SamplingParams())
+        assert gone.value.status == 404 and "known adapters: b" in str(gone.value)
+        engine.add_adapter("c", str(paths["lora8"]))  # takes a spare slot: a's is still busy
+        return [first.token_id] + [e.token_id async for e in run]
 
-    asyncio.run(busy())
-    engine.add_adapter("d", str(paths["lora8"]))
-    assert len(engine.adapters()) == 2 and engine.load_seconds("d") < 5
+    assert asyncio.run(main()) == peft_generate(spec, paths["lora4"], prompt, eos)
+    assert set(engine.adapters()) == {"b", "c"} and engine.stats()["slots_used"] == 2
+    assert engine.load_seconds("c") < 5
 
 
 def test_wrong_base_is_refused_naming_both_bases(setup: dict[str, Any], tmp_path: Path) -> None:
@@ -379,4 +405,232 @@ def test_run_directory_and_cancelled_stream(setup: dict[str, Any], tmp_path: Pat
         assert len(short) == 3
 
     asyncio.run(main())
-    assert engine.stats()["active_rows"] == 0 and engine._entries["run"].refs == 0
+    assert engine.stats()["active_rows"] == 0 and engine.slots.current()["run"].refs == 0
+
+
+@pytest.mark.parametrize("kind", ["lora_regex", "prompt", "prefix"])
+def test_logprobs_and_regex_scaling_equal_peft(setup: dict[str, Any], tmp_path: Path, kind: str) -> None:
+    """Served greedy tokens, their logprobs (with top alternatives) and the prompt's logprobs (echo,
+    log-likelihoods) equal peft's own log_softmax of the same adapter to 1e-4: for a LoRA with regex
+    alpha_pattern/rank_pattern keys (peft's semantics, asked from peft) and for prompt-style adapters."""
+    spec = setup["spec"]
+    path = (
+        setup["paths"][kind] if kind in setup["paths"] else make_adapter(spec, kind, tmp_path / kind, seed=11)
+    )
+    engine = new_engine(spec)
+    engine.add_adapter("a", str(path))
+    prompt = prompts(engine.tokenizer, 2)[1]
+    eos = engine.tokenizer.eos_token_id
+
+    async def main() -> tuple[list[TokenEvent], list[tuple[float | None, list[tuple[int, float]]]]]:
+        events = await collect(engine, prompt, "a", max_tokens=8, temperature=0, logprobs=3)
+        scored = await engine.prompt_logprobs(prompt + [e.token_id for e in events], "a", top=2)
+        return events, scored
+
+    events, scored = asyncio.run(main())
+    tokens = [e.token_id for e in events]
+    assert tokens == peft_generate(spec, path, prompt, eos, max_new_tokens=8)
+    ref = peft_logprobs(spec, path, prompt + tokens)
+    for j, event in enumerate(events):  # generated token j is sequence position len(prompt) + j
+        row = ref[len(prompt) + j - 1]
+        assert event.logprob == pytest.approx(float(row[event.token_id]), abs=1e-4)
+        assert event.top_logprobs is not None and len(event.top_logprobs) == 3
+        assert event.top_logprobs[0][0] == event.token_id  # greedy: the best one
+        best = row.topk(3)
+        for (tid, lp), v, i in zip(event.top_logprobs, best.values, best.indices, strict=True):
+            assert tid == int(i) and lp == pytest.approx(float(v), abs=1e-4)
+    assert scored[0] == (None, [])
+    seq = prompt + tokens
+    for i in range(1, len(seq)):
+        lp, top = scored[i]
+        assert lp == pytest.approx(float(ref[i - 1, seq[i]]), abs=1e-4)
+        assert [t for t, _ in top] == ref[i - 1].topk(2).indices.tolist()
+    if kind == "lora_regex":  # the regex keys really matter: the base answers otherwise
+        assert not torch.allclose(ref, peft_logprobs(spec, None, seq), atol=1e-2)
+
+
+def test_hot_swaps_and_unloads_under_load_equal_peft(setup: dict[str, Any]) -> None:
+    """Many concurrent requests over the base and two adapters while another thread (as Serve's multiplex
+    unloads from an executor thread) hot-swaps one and unloads/reloads the other: every answer equals the
+    peft greedy answer of one version of its adapter, never a mix or another adapter's."""
+    import threading
+
+    spec, paths = setup["spec"], setup["paths"]
+    engine = new_engine(spec)
+    versions = {None: [None], "x": ["lora4", "dora"], "y": ["ia3", "lora8"]}
+    texts = prompts(engine.tokenizer, 2)
+    eos = engine.tokenizer.eos_token_id
+    n = 6
+    refs = {
+        (aid, i): {tuple(peft_generate(spec, paths[k] if k else None, texts[i], eos, n)) for k in kinds}
+        for aid, kinds in versions.items()
+        for i in range(len(texts))
+    }
+    for i in range(len(texts)):  # the answers tell the adapters apart
+        assert len(set().union(*(refs[(aid, i)] for aid in versions))) == 5
+    engine.add_adapter("x", str(paths["lora4"]))
+    engine.add_adapter("y", str(paths["ia3"]))
+    done = threading.Event()
+
+    def swapper() -> None:
+        for i in range(12):
+            engine.add_adapter("x", str(paths[versions["x"][i % 2]]))  # hot swap
+            engine.remove_adapter("y")  # unload, then load the other version
+            engine.add_adapter("y", str(paths[versions["y"][(i + 1) % 2]]))
+        done.set()
+
+    answers: list[tuple[str | None, int, tuple[int, ...]]] = []
+
+    async def client(k: int) -> None:
+        while not done.is_set() or len(answers) < 12:
+            aid, i = [None, "x", "y"][k % 3], k % len(texts)
+            try:
+                events = await collect(engine, texts[i], aid, max_tokens=n, temperature=0)
+            except AdapterError as e:  # y between its unload and reload
+                assert e.status == 404
+                await asyncio.sleep(0.001)
+                continue
+            answers.append((aid, i, tuple(e.token_id for e in events)))
+            k += 1
+
+    async def main() -> None:
+        thread = threading.Thread(target=swapper)
+        thread.start()
+        try:
+            await asyncio.gather(*(client(k) for k in range(6)))
+        finally:
+            await asyncio.to_thread(thread.join)
+
+    asyncio.run(main())
+    for aid, i, tokens in answers:
+        assert tokens in refs[(aid, i)], f"adapter {aid}, prompt {i}: {tokens}"
+    assert {a for a, _, _ in answers} == {None, "x", "y"}
+    assert engine.stats()["slots_used"] == 2  # every retired version's slot came back
+
+
+def test_dropping_a_row_beside_prompt_adapter_rows(setup: dict[str, Any]) -> None:
+    """A client going away while rows of prompt-embedding adapters run (two versions of one adapter from
+    the same files, the same prompt: rows that a field-by-field comparison could only tell apart by their
+    tensors) fails no other request."""
+    spec, paths = setup["spec"], setup["paths"]
+    engine = new_engine(spec)
+    prompt = prompts(engine.tokenizer, 1)[0]
+    eos = engine.tokenizer.eos_token_id
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+
+    async def main() -> list[list[int]]:
+        engine.add_adapter("p", str(paths["prompt"]))
+        gone = engine.generate(prompt, "p", params)
+        await anext(gone)
+        engine.add_adapter("p", str(paths["prompt"]))  # a second version, equal in every field
+        stays = [engine.generate(prompt, "p", params) for _ in range(2)]
+        firsts = [await anext(s) for s in stays]
+        await gone.aclose()  # the client went away: its row leaves at the next step
+        answers = []
+        for first, stream in zip(firsts, stays, strict=True):
+            answers.append([first.token_id] + [e.token_id async for e in stream])
+        return answers
+
+    ref = peft_generate(spec, paths["prompt"], prompt, eos)
+    assert asyncio.run(main()) == [ref, ref]
+
+
+class _OnlyTokens:
+    """A test constraint: only these tokens, complete after `n` of them."""
+
+    def __init__(self, allowed: list[int], n: int) -> None:
+        self.ids, self.n, self.seen = allowed, n, []
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[self.ids] = True
+        return mask
+
+    def advance(self, token_id: int) -> None:
+        assert token_id in self.ids
+        self.seen.append(token_id)
+
+    def is_terminated(self) -> bool:
+        return len(self.seen) >= self.n
+
+
+class _Broken(_OnlyTokens):
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        raise ValueError("broken grammar")
+
+
+def test_sampling_controls_are_per_row(setup: dict[str, Any]) -> None:
+    """logit_bias, penalties, stop tokens and constraints act on their own row in one batch; a row whose
+    constraint breaks fails alone; the plain row next to them still equals peft. Out-of-range controls are
+    refused with a 400 naming the field."""
+    spec = setup["spec"]
+    engine = new_engine(spec)
+    tok = engine.tokenizer
+    prompt = prompts(tok, 1)[0]
+    eos = tok.eos_token_id
+    ref = peft_generate(spec, None, prompt, eos)
+    letters = tok.encode("ab")
+    only = _OnlyTokens(letters, 3)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            collect(engine, prompt, None, max_tokens=NEW_TOKENS, temperature=0),
+            collect(engine, prompt, None, max_tokens=5, temperature=0, logit_bias={letters[0]: 100.0}),
+            collect(engine, prompt, None, max_tokens=NEW_TOKENS, temperature=0, frequency_penalty=100.0),
+            collect(engine, prompt, None, max_tokens=NEW_TOKENS, temperature=0, stop_token_ids=[ref[1]]),
+            collect(engine, prompt, None, max_tokens=NEW_TOKENS, temperature=0.8, seed=3, constraint=only),
+            collect(engine, prompt, None, max_tokens=5, temperature=0, constraint=_Broken(letters, 1)),
+            return_exceptions=True,
+        )
+
+    plain, biased, penalized, stopped, constrained, broken = asyncio.run(main())
+    assert [e.token_id for e in plain] == ref
+    assert [e.token_id for e in biased] == [letters[0]] * 5
+    assert len({e.token_id for e in penalized}) == len(penalized)  # no token twice
+    assert [e.token_id for e in stopped] == ref[:2] and stopped[-1].finish_reason == "stop"
+    assert "".join(e.text for e in stopped) == tok.decode(ref[:1])  # the stop token's text is not sent
+    assert [e.token_id for e in constrained] == only.seen and len(only.seen) == 3
+    assert set(only.seen) <= set(letters) and constrained[-1].finish_reason == "stop"
+    assert isinstance(broken, ValueError) and "broken grammar" in str(broken)
+    for bad, field in (
+        ({"stop": ["a", "b", "c", "d", "e"]}, "`stop`"),
+        ({"stop": ["x" * 300]}, "`stop`"),
+        ({"logprobs": 21}, "`top_logprobs`"),
+        ({"logit_bias": {10**6: 1.0}}, "`logit_bias`"),
+    ):
+        with pytest.raises(AdapterError, match=field) as e:
+            engine.generate(prompt, None, SamplingParams(**bad))
+        assert e.value.status == 400
+    assert engine.stats()["active_rows"] == 0
+
+
+def test_bad_adapter_files_and_roots(setup: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from serving.adapters import WEIGHTS_FILE, check_within_roots
+
+    engine = new_engine(setup["spec"])
+    cut = shutil.copytree(setup["paths"]["lora4"], tmp_path / "root" / "cut")
+    data = (cut / WEIGHTS_FILE).read_bytes()
+    (cut / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError) as e:
+        engine.add_adapter("cut", str(cut))
+    assert e.value.status == 400 and str(cut / WEIGHTS_FILE) in str(e.value)
+    # A symlink out of every root is refused (403), whether the folder or one file inside it links out.
+    inside = shutil.copytree(setup["paths"]["lora4"], tmp_path / "root" / "ok")
+    check_within_roots(str(inside), [str(tmp_path / "root")])
+    (tmp_path / "root" / "link").symlink_to(setup["paths"]["lora8"])
+    linked = shutil.copytree(setup["paths"]["lora4"], tmp_path / "root" / "file")
+    (linked / WEIGHTS_FILE).unlink()
+    (linked / WEIGHTS_FILE).symlink_to(setup["paths"]["lora8"] / WEIGHTS_FILE)
+    for bad in ("link", "file"):
+        with pytest.raises(AdapterError) as e:
+            check_within_roots(str(tmp_path / "root" / bad), [str(tmp_path / "root")])
+        assert e.value.status == 403 and "outside the adapter roots" in str(e.value)
+
+
+def test_kv_cache_that_cannot_fit_fails_at_start(setup: dict[str, Any]) -> None:
+    from trainers.errors import FulcrumError
+
+    with pytest.raises(FulcrumError, match="lower max_batch_rows or context_length"):
+        new_engine(setup["spec"], max_batch_rows=10**6, context_length=256)
