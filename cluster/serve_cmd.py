@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +145,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                 "--api-key: the key is empty (an unset variable?); give a key, or leave --api-key out"
             )
         data["api_keys"] = [*data.get("api_keys", []), {"key": args.api_key, "admin": True}]
-    if args.ask and args.port is None and not args.config:
-        data["port"] = free_port(data.get("host", "127.0.0.1"))
+    if (args.ask and args.port is None and not args.config) or data.get("port") == 0:
+        data["port"] = free_port(data.get("host", "127.0.0.1"))  # port 0: a free one, printed at start
     return parse_serve_config(data, source="command line")
 
 
@@ -152,6 +154,77 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def check_port(host: str, port: int) -> None:
+    """One clear line when the port is taken, before Ray Serve tries (and retries) to bind it."""
+    bind_host = "0.0.0.0" if host in ("0.0.0.0", "::", "") else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as the server will: TIME_WAIT is no conflict
+        try:
+            s.bind((bind_host, port))
+        except OSError as e:
+            raise FulcrumError(
+                f"port {port} on {host} is in use ({e.strerror}): stop what listens there, or give another "
+                "--port (--port 0 picks a free one)"
+            ) from None
+
+
+def _serve_running() -> bool:
+    from ray import serve
+
+    try:
+        return bool(serve.status().proxies)
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- Ray's lines to a file
+@contextlib.contextmanager
+def ray_lines_to(path: Path) -> Iterator[None]:
+    """Ray's lines (Serve's per-request INFO lines from the replicas and the proxy, the controller's, the
+    driver's `ray` logger) go to `path` while the block runs; fulcrum's own lines stay on the console."""
+    from ray._private import worker as ray_worker
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+
+    def to_file(data: dict[str, Any]) -> None:
+        prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+        for line in data.get("lines", []):
+            out.write(f"{prefix} {line}\n")
+        out.flush()
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    saved_handlers = list(dispatcher.handlers)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("fulcrum_serve_log", to_file)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ray_logger = logging.getLogger("ray")
+    saved = (list(ray_logger.handlers), ray_logger.propagate)
+    ray_logger.handlers, ray_logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        dispatcher.handlers = saved_handlers
+        ray_logger.handlers, ray_logger.propagate = saved
+        handler.close()
+        out.close()
+
+
+def log_path(app_name: str) -> Path:
+    """Where `fulcrum serve` writes Ray's lines: beside Ray's own logs of this session."""
+    import ray
+
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+    except Exception:  # not connected yet, or a client connection: a file of our own
+        session = Path(tempfile.gettempdir()) / "fulcrum"
+    return session / "logs" / f"fulcrum-serve-{app_name}.log"
 
 
 # --------------------------------------------------------------------------- running it
@@ -164,6 +237,8 @@ def start(config: Any, address: str | None = None, console: Any = None) -> str:
     from serving.app import bind_app
 
     ensure_ray(address, min_cpus=config.replicas * config.resources.cpus + 1)
+    if not _serve_running():
+        check_port(config.host, config.port)
     if config.registry is None and len([n for n in ray.nodes() if n.get("Alive")]) == 1:
         # One node: a file of this run's own keeps runtime registrations across replica restarts. (On
         # several nodes the replicas need a shared one: `registry:` in the YAML, else registration is off.)
@@ -237,8 +312,16 @@ def ask(url: str, config: Any, prompt: str, max_tokens: int) -> tuple[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     from cluster.cli import console
+    from cluster.local import ensure_ray
 
     config = config_from_args(args)
+    ensure_ray(args.address, min_cpus=config.replicas * config.resources.cpus + 1)
+    log_file = log_path(config.app_name)
+    with ray_lines_to(log_file):
+        return _run(args, config, console, log_file)
+
+
+def _run(args: argparse.Namespace, config: Any, console: Any, log_file: Path) -> int:
     with console.status(f"starting Ray Serve: {config.replicas} replica(s) of {config.served_name()}"):
         url = start(config, args.address)
     console.print(f"[green]serving[/] {url}/v1  (OpenAI-compatible; docs/serving.md)")
@@ -246,7 +329,7 @@ def _serve(args: argparse.Namespace) -> int:
     for adapter_id, path in config.adapters.items():
         console.print(f"  adapter:  {adapter_id}  <- {path}")
     if config.api_keys:
-        console.print(f"  API keys: {len(config.api_keys)} (every route needs one)")
+        console.print(f"  API keys: {len(config.api_keys)} (every /v1 route needs one)")
     else:
         console.print("  API keys: none (POST/DELETE /v1/adapters only from this machine)")
     if config.app_name in _OWN_REGISTRY:
@@ -255,6 +338,8 @@ def _serve(args: argparse.Namespace) -> int:
         console.print(f"  registry: {config.registry}")
     else:
         console.print("  registry: none; POST /v1/adapters is off (set `registry:` in the serve YAML)")
+    console.print(f"  health:   {url}/health   metrics: {url}/metrics (Prometheus)")
+    console.print(f"  Ray log:  {log_file}", markup=False, highlight=False)
     if args.ask:
         try:
             model, answer = ask(url, config, args.ask, args.max_tokens)

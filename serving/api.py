@@ -23,18 +23,21 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import registry
-from serving.config import ADAPTER_ID, adapter_roots, is_uri
+from serving import metrics, registry
+from serving.config import adapter_roots, is_uri, valid_id
+from serving.constrained import GrammarError, parse_tool_calls, response_format_grammar, tools_grammar
+from serving.types import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS
 
 log = logging.getLogger(__name__)
 # How often an ingress re-reads the registry file for registrations made through another ingress replica
 # (an unknown id re-reads it at once, at most every MISS_REFRESH_S).
 POLL_S = 2.0
 MISS_REFRESH_S = 0.5
+HEALTH_TIMEOUT_S = 2.0
 
 
 class ApiError(Exception):
@@ -72,53 +75,130 @@ def as_api_error(e: BaseException) -> ApiError:
 
 
 # --------------------------------------------------------------------------- request bodies
+MAX_CHOICES = 128  # prompts x n in one request (OpenAI's n is at most 128)
+MAX_DEPTH = 64  # nesting of the JSON body (a JSON schema nests a few levels; a bomb nests thousands)
+MAX_LOGIT_BIAS = 1024
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a 64-bit generator takes; sent on as seed mod 2**64
+# Accepted and ignored: fields real clients send that change nothing here.
+IGNORED = ("user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key",
+           "parallel_tool_calls", "reasoning_effort", "modalities", "prediction")  # fmt: skip
+
+
 class _Body(BaseModel):
     # Unknown fields are errors rather than silently ignored: a typo in `max_tokens` must not pass.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="null")
 
 
-class StreamOptions(_Body):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # continuous_usage_stats and the like: no harm
     include_usage: bool = True
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required when type is json_schema")
+        return self
+
+
 class _Sampling(_Body):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    # Accepted at their defaults only (we do not implement them): anything else is a clear 400.
-    n: Literal[1] = 1
-    presence_penalty: Literal[0] = 0
-    frequency_penalty: Literal[0] = 0
-    logprobs: Literal[False, None] = None
-    logit_bias: None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    response_format: ResponseFormat | None = None
+    user: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None
+    parallel_tool_calls: Any = None
+    reasoning_effort: Any = None
+    modalities: Any = None
+    prediction: Any = None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise ApiError("at most 4 stop sequences", 400, "stop")
-        if any(not s for s in stops):
-            raise ApiError("stop sequences must not be empty", 400, "stop")
+        if len(stops) > MAX_STOPS:
+            raise ApiError(f"at most {MAX_STOPS} stop sequences", 400, "stop")
+        for s in stops:
+            if not s:
+                raise ApiError("stop sequences must not be empty", 400, "stop")
+            if len(s) > MAX_STOP_CHARS:
+                raise ApiError(f"a stop sequence is at most {MAX_STOP_CHARS} characters", 400, "stop")
         return stops
+
+    def bias(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit() or not -100 <= value <= 100 or value != value:
+                raise ApiError(
+                    f"`logit_bias` maps token ids (strings of digits) to numbers in [-100, 100]; got "
+                    f"{key!r}: {value!r}",
+                    400,
+                    "logit_bias",
+                )
+            out[int(key)] = float(value)
+        return out
+
+    def grammar(self) -> str | None:
+        try:
+            return response_format_grammar(
+                self.response_format.model_dump(by_alias=True) if self.response_format else None
+            )
+        except GrammarError as e:
+            raise ApiError(str(e), 400, "response_format") from None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    echo: Literal[False] = False
-    best_of: Literal[1, None] = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: None = None
 
-    def prompt_text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise ApiError("send one prompt per request (a list must hold exactly one string)", 400, "prompt")
-        return self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: texts, or lists of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            out: list[str | list[int]] = [p]
+        elif not p:
+            raise ApiError("`prompt` is an empty list", 400, "prompt")
+        elif all(isinstance(x, int) for x in p):
+            out = [list(p)]  # type: ignore[arg-type]
+        else:
+            out = list(p)  # type: ignore[arg-type]
+        if any(not x for x in out):
+            raise ApiError("`prompt` is empty", 400, "prompt")
+        if any(isinstance(x, list) and min(x) < 0 for x in out):
+            raise ApiError("`prompt` token ids must not be negative", 400, "prompt")
+        if len(out) * self.n > MAX_CHOICES:
+            raise ApiError(f"prompts x n is over {MAX_CHOICES}; split the request", 400, "n")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ApiError("`best_of` other than `n` is not supported", 400, "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError("`max_tokens` 0 needs `echo` (a prompt's log-probabilities)", 400, "max_tokens")
+        return out
 
 
 class TextPart(_Body):
@@ -126,23 +206,114 @@ class TextPart(_Body):
     text: str
 
 
-class Message(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = ""
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        content = self.content
+        text = content if isinstance(content, str) else "".join(p.text for p in content or [])
+        out: dict[str, Any] = {"role": self.role, "content": text}
+        if self.tool_calls:  # what chat templates expect: arguments as an object
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDef(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    max_tokens: int | None = Field(None, ge=1)
+
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        if not self.tools:
+            if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+                raise ApiError("`tool_choice` needs `tools`", 400, "tool_choice")
+            return None
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        if named is not None and named not in {t.function.name for t in self.tools}:
+            raise ApiError(f"`tool_choice` names `{named}`, which is not in `tools`", 400, "tool_choice")
+        return tools
+
+    def choice(self) -> Any:
+        return self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+
+    def tool_grammar(self, tools: list[dict[str, Any]] | None) -> str | None:
+        try:
+            return tools_grammar(tools, self.choice())
+        except GrammarError as e:
+            raise ApiError(str(e), 400, "tools") from None
 
 
 class RegisterRequest(_Body):
-    id: str
-    path: str
+    id: str = Field(max_length=256)
+    path: str = Field(max_length=4096)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """A field path from pydantic's error location, without its union-member names (`list[TextPart]`)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "(" in p or p in _TYPE_NAMES))]
+    return ".".join(parts) or None
 
 
 def _parse(model: type[BaseModel], data: Any) -> Any:
@@ -152,14 +323,51 @@ def _parse(model: type[BaseModel], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        param = _param(tuple(err["loc"]))
         if err["type"] == "extra_forbidden":
             msg = f"unknown field `{param}`"
         elif err["type"] == "missing":
             msg = f"`{param}` is required"
         else:
-            msg = f"`{param}`: {err['msg']} (got {err.get('input')!r})"
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            msg = f"`{param}`: {err['msg'].removeprefix('Value error, ')} (got {shown})"
         raise ApiError(msg, 400, param, code="invalid_value") from None
+
+
+def _check_tree(data: Any) -> None:
+    """Nesting depth and text that can be encoded (a lone surrogate, from a `\\ud800` escape, cannot):
+    400 naming the field, before anything else looks at the body."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise ApiError(f"the JSON body nests deeper than {MAX_DEPTH} levels", 400, _param(path[:3]))
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k, path)
+                stack.append((v, (*path, k)))
+        elif isinstance(value, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple[Any, ...]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        field = _param(path) or "body"
+        raise ApiError(
+            f"`{field}` holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair); send valid Unicode",
+            400,
+            _param(path),
+            code="invalid_value",
+        ) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 # --------------------------------------------------------------------------- the ingress
@@ -168,6 +376,9 @@ app = FastAPI(title="fulcrum", docs_url=None, redoc_url=None, openapi_url=None)
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    # One line per client error (no traceback): the operator sees what was refused and why.
+    level = logging.WARNING if e.status >= 500 else logging.INFO
+    log.log(level, "%d %s %s: %s", e.status, request.method, request.url.path, e.message)
     return e.response()
 
 
@@ -180,49 +391,101 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
 
-async def _stream(
-    events: AsyncIterator[list[dict[str, Any]]],
-    prompt_tokens: int,
-    meta: dict[str, Any],
-    chat: bool,
-    usage: bool,
-) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per item from the replica (the tokens made since the last one; a
-    single token while the client keeps up), then (by default) a usage chunk, then [DONE]."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    count = 0
+def _seed(seed: int | None, choice: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i (n choices must differ), as a 64-bit value."""
+    return None if seed is None else (seed + choice) % (1 << 64)
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {**meta, "object": kind, "choices": [choice]}
 
-    try:
-        if chat:
-            yield _sse(chunk(None, None, first=True))
-        async for batch in events:
-            count += len(batch)
-            text = "".join(e["text"] for e in batch)
-            yield _sse(chunk(text, batch[-1]["finish_reason"]))
-    except Exception as e:  # headers are gone: the error goes into the stream as an error object
-        err = as_api_error(e)
-        yield _sse(
-            {"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}}
-        )
+def _legacy_logprobs(entries: list[dict[str, Any] | None], offset: int) -> dict[str, Any]:
+    """The completions API's logprobs: tokens, token_logprobs, top_logprobs (the chosen token's and the k
+    best, as a dict), text_offset (from `offset`, the choice text's start)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        assert e is not None
+        tokens.append(e["token"])
+        lps.append(e["logprob"])
+        top = None
+        if e["logprob"] is not None:  # the chosen token first: a best token of the same text wins
+            top = {e["token"]: e["logprob"], **{t: lp for t, _, lp in e["top"]}}
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    content = [
+        {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+         "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in e["top"]]}
+        for e in entries
+    ]  # fmt: skip
+    return {"content": content, "refusal": None}
+
+
+class _Choice:
+    """One choice being answered: its stream from a replica and what it has said so far."""
+
+    def __init__(self, index: int, stream: Any, head: dict[str, Any], logprobs: bool) -> None:
+        self.index, self.stream, self.head, self.logprobs = index, stream, head, logprobs
+        self.text: list[str] = []
+        self.entries: list[dict[str, Any]] = []
+        self.count = 0
+        self.finish: str | None = None
+
+    def add(self, batch: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+        text = "".join(e["text"] for e in batch)
+        entries = [e["lp"] for e in batch if e.get("lp") is not None]
+        self.text.append(text)
+        self.entries.extend(entries)
+        self.count += sum(1 for e in batch if not e.get("none"))
+        if batch and batch[-1]["finish_reason"]:
+            self.finish = batch[-1]["finish_reason"]
+        return text, entries
+
+    def echo(self) -> tuple[str, list[dict[str, Any]]]:
+        echo = self.head.get("echo") or {}
+        return echo.get("text", ""), echo.get("logprobs") or []
+
+
+async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, list[dict[str, Any]]]]:
+    """The batches of every choice's stream, as they come."""
+    if len(choices) == 1:
+        async for batch in choices[0].stream:
+            yield choices[0], batch
         return
-    if usage:
-        counts = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": count,
-            "total_tokens": prompt_tokens + count,
-        }
-        yield _sse({**meta, "object": kind, "choices": [], "usage": counts})
-    yield _sse("[DONE]")
+    queue: asyncio.Queue[tuple[_Choice, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(c: _Choice) -> None:
+        try:
+            async for batch in c.stream:
+                await queue.put((c, batch))
+            await queue.put((c, done))
+        except Exception as e:
+            await queue.put((c, e))
+
+    tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+    try:
+        left = len(choices)
+        while left:
+            c, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield c, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _tool_message(text: str, tools: list[dict[str, Any]], forced: bool) -> tuple[dict[str, Any], bool]:
+    """(the assistant message, whether it holds tool calls) for an answer to a request with tools."""
+    calls = parse_tool_calls(text, tools, forced)
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}, True
+    return {"role": "assistant", "content": text}, False
 
 
 def _from_loopback(request: Request) -> bool:
@@ -260,7 +523,7 @@ class OpenAIIngress:
         update, a redeploy): no restart, requests keep flowing. `{"adapters": {id: location}}`."""
         adapters = dict((user_config or {}).get("adapters") or {})
         for aid, location in adapters.items():
-            if not isinstance(location, str) or not ADAPTER_ID.fullmatch(str(aid)) or aid in (".", ".."):
+            if not isinstance(location, str) or not valid_id(str(aid)):
                 raise ValueError(f"user_config.adapters.{aid}: give an adapter id (a name) -> a location")
             if not is_uri(location) and not Path(location).is_absolute():
                 raise ValueError(
@@ -343,9 +606,14 @@ class OpenAIIngress:
                 raise ApiError(f"request body is over the limit of {self.max_body} bytes", 413)
             chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = json.loads(b"".join(chunks) or b"null", parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError; so is NaN here
             raise ApiError(f"malformed JSON body: {e}", 400, code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(
+                f"the JSON body nests deeper than {MAX_DEPTH} levels", 400, code="invalid_json"
+            ) from None
+        _check_tree(data)
         return _parse(model, data)
 
     def _known(self, key: dict[str, Any] | None) -> list[str]:
@@ -404,7 +672,16 @@ class OpenAIIngress:
         for candidate in local:
             resolved = candidate.resolve()  # symlinks resolved: a link cannot lead out of a root
             if any(resolved.is_relative_to(root) for root in local_roots) and resolved.is_dir():
+                self._files_within(str(resolved), [str(r) for r in local_roots])
                 return str(resolved)
+            if candidate.is_dir() and any(candidate.absolute().is_relative_to(r) for r in local_roots):
+                raise ApiError(
+                    f"`path` {raw} resolves to {resolved}, outside the adapter roots; copy the adapter under "
+                    "a root, or add its folder with --adapter-root",
+                    403,
+                    "path",
+                    "outside_roots",
+                )
         for uri in uris:
             if uri.startswith("file://"):  # a local folder after all: resolve links as above
                 resolved = Path(uri[len("file://") :]).resolve()
@@ -423,20 +700,39 @@ class OpenAIIngress:
             "path",
         )
 
+    @staticmethod
+    def _files_within(path: str, roots: list[str]) -> None:
+        """403 when a file the replicas would read from `path` is a link out of every root."""
+        from serving.adapters import check_within_roots
+        from serving.types import AdapterError
+
+        try:
+            check_within_roots(path, roots)
+        except AdapterError as e:
+            raise ApiError(str(e), getattr(e, "status", 403), "path", "outside_roots") from None
+
     @app.post("/v1/adapters")
     async def register_adapter(self, request: Request) -> dict[str, Any]:
         self._key(request, admin=True)
         body: RegisterRequest = await self._body(request, RegisterRequest)
-        if not ADAPTER_ID.fullmatch(body.id) or body.id in (".", ".."):
-            raise ApiError("`id` must be a name of letters, digits, `.`, `_`, `-` (not a path)", 400, "id")
+        if not valid_id(body.id):
+            raise ApiError(
+                "`id` must be a name of at most 128 letters, digits, `.`, `_`, `-` (not a path, not `.` "
+                "or `..`)",
+                400,
+                "id",
+            )
         if body.id == self.base_name:
             raise ApiError(f"`id` {body.id} is the base model's name; choose another", 409, "id")
         registry_file = self._registry_file()
-        location = self._under_roots(body.path)
+        location = await asyncio.to_thread(self._under_roots, body.path)  # it looks at the disk
         try:  # a trial load on a replica: a wrong base or a broken adapter is refused now, not per request
             info = await self.model.check_adapter.remote(location)
         except Exception as e:
             raise as_api_error(e) from None
+        if "error" in info:
+            err = info["error"]
+            raise ApiError(err["message"], err["status"], "path", err.get("code"))
         async with self._write_lock:
             runtime = await self._read_fresh(registry_file)
             replaced = body.id in registry.served(self._config, runtime)
@@ -490,66 +786,212 @@ class OpenAIIngress:
         self._served = registry.served(self._config, runtime)
         self._last_read = time.monotonic()
 
+    # ---- health and metrics (open, as vLLM's: probes and Prometheus carry no keys)
+    @app.get("/health")
+    async def health(self) -> Any:
+        """200 once a model replica has its base loaded (a replica exists only after that), else 503."""
+        try:
+            await asyncio.wait_for(self.model.ready.remote(), HEALTH_TIMEOUT_S)
+        except Exception:
+            body = {"status": "loading", "detail": "no model replica is ready yet (the base is loading)"}
+            return JSONResponse(body, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Any:
+        from fastapi.responses import PlainTextResponse
+
+        app_name = serve.get_replica_context().app_name
+        snaps = await asyncio.to_thread(metrics.collect, app_name)
+        if not snaps:  # no replica has published yet: wake one (it publishes from then on)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.model.ready.remote(), HEALTH_TIMEOUT_S)
+                await asyncio.sleep(metrics.PUBLISH_S * 1.5)
+                snaps = await asyncio.to_thread(metrics.collect, app_name)
+        return PlainTextResponse(metrics.render(snaps), media_type="text/plain; version=0.0.4")
+
     # ---- generation
+    def _common(self, body: _Sampling) -> dict[str, Any]:
+        return {
+            "model": body.model, "temperature": body.temperature, "top_p": body.top_p,
+            "stop": body.stop_list(), "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty, "logit_bias": body.bias(),
+        }  # fmt: skip
+
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         key = self._key(request)
         body: CompletionRequest = await self._body(request, CompletionRequest)
-        job = {"prompt": body.prompt_text(), "max_tokens": body.max_tokens or 16}
-        return await self._generate(body, job, key, chat=False)
+        common = self._common(body)
+        prompts = body.prompts()
+        common.update(
+            max_tokens=16 if body.max_tokens is None else body.max_tokens, logprobs=body.logprobs,
+            echo=body.echo, grammar=body.grammar(),
+        )  # fmt: skip
+        jobs = []
+        for p in prompts:
+            for c in range(body.n):
+                jobs.append({**common, "seed": _seed(body.seed, c),
+                             ("prompt" if isinstance(p, str) else "prompt_ids"): p})  # fmt: skip
+        return await self._generate(body, jobs, key, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         key = self._key(request)
         body: ChatRequest = await self._body(request, ChatRequest)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        # No max_tokens: answer up to the context length (the replica knows it).
-        job = {"messages": messages, "max_tokens": body.max_completion_tokens or body.max_tokens}
-        return await self._generate(body, job, key, chat=True)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError("`top_logprobs` needs `logprobs: true`", 400, "top_logprobs")
+        tools = body.tool_list()
+        choice = body.choice()
+        grammar = body.tool_grammar(tools) if tools else None
+        common = self._common(body)
+        common.update(
+            messages=[m.as_dict() for m in body.messages],
+            tools=tools if choice != "none" else None,
+            # No max_tokens: answer up to the context length (the replica knows it).
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            grammar=grammar or body.grammar(),
+        )
+        jobs = [{**common, "seed": _seed(body.seed, c)} for c in range(body.n)]
+        tool_mode = None if not tools or choice == "none" else ("forced" if grammar else "auto")
+        return await self._generate(body, jobs, key, chat=True, tools=tools, tool_mode=tool_mode)
 
-    async def _generate(self, body: _Sampling, job: dict[str, Any], key: Any, chat: bool) -> Any:
+    async def _open(self, handle: Any, index: int, job: dict[str, Any]) -> _Choice:
+        """Start one choice on a replica and wait for its head (the prompt's size, and its echo): the
+        replica's checks answer by then, so that its errors are still HTTP errors."""
+        stream = handle.generate.remote(job)
+        events = stream.__aiter__()
+        try:
+            head = await events.__anext__()
+        except Exception as e:
+            raise as_api_error(e) from None
+        if "error" in head:
+            err = head["error"]
+            raise ApiError(err["message"], err["status"], err.get("param"), err.get("code"))
+        return _Choice(index, events, head, job["logprobs"] is not None)
+
+    async def _generate(
+        self, body: _Sampling, jobs: list[dict[str, Any]], key: Any, chat: bool,
+        tools: list[dict[str, Any]] | None = None, tool_mode: str | None = None,
+    ) -> Any:  # fmt: skip
         entry = await self._entry(body.model, key)
-        job.update(
-            temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed,
-            adapter_path=entry["path"] if entry else None,
-        )  # fmt: skip
+        for job in jobs:
+            job["adapter_path"] = entry["path"] if entry else None
+            job["adapter_roots"] = [r for r in self.roots if not is_uri(r)]
         mux = f"{body.model}@{entry['version']}" if entry else ""
         handle = (
             self.model.options(stream=True, multiplexed_model_id=mux)
             if mux
             else self.model.options(stream=True)
         )
-        events = handle.generate.remote(job).__aiter__()
-        # The first event (the prompt's size) comes once the replica has checked the request, so that its
-        # errors are still HTTP errors.
-        try:
-            head = await events.__anext__()
-        except Exception as e:
-            raise as_api_error(e) from None
+        opened = await asyncio.gather(*(self._open(handle, i, j) for i, j in enumerate(jobs)),
+                                      return_exceptions=True)  # fmt: skip
+        failed = next((c for c in opened if isinstance(c, BaseException)), None)
+        if failed is not None:
+            for c in opened:
+                if isinstance(c, _Choice):
+                    with contextlib.suppress(Exception):
+                        await c.stream.aclose()
+            raise failed
+        choices: list[_Choice] = list(opened)  # type: ignore[arg-type]
+        n = body.n
+        prompt_tokens = sum(c.head["prompt_tokens"] for c in choices if c.index % n == 0)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         meta = {"id": rid, "created": int(time.time()), "model": body.model}
         if body.stream:
             usage = body.stream_options.include_usage if body.stream_options else True
             return StreamingResponse(
-                _stream(events, head["prompt_tokens"], meta, chat, usage), media_type="text/event-stream"
+                self._stream(choices, prompt_tokens, meta, chat, usage, tools, tool_mode),
+                media_type="text/event-stream",
             )
-        text, finish, count = [], None, 0
         try:
-            async for batch in events:
-                text.extend(e["text"] for e in batch)
-                count += len(batch)
-                finish = batch[-1]["finish_reason"] or finish
+            async for c, batch in _merged(choices):
+                c.add(batch)
         except Exception as e:
             raise as_api_error(e) from None
-        usage = {"prompt_tokens": head["prompt_tokens"], "completion_tokens": count}
-        usage["total_tokens"] = usage["prompt_tokens"] + count
-        answer = "".join(text)
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": answer},
-                "finish_reason": finish,
-            }
-            return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": answer, "finish_reason": finish, "logprobs": None}
-        return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
+        count = sum(c.count for c in choices)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                 "total_tokens": prompt_tokens + count}  # fmt: skip
+        out = []
+        for c in choices:
+            answer = "".join(c.text)
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": answer}
+                finish = c.finish
+                if tool_mode and tools:
+                    message, called = _tool_message(answer, tools, tool_mode == "forced")
+                    finish = "tool_calls" if called else finish
+                logprobs = _chat_logprobs(c.entries) if c.logprobs else None
+                out.append(
+                    {"index": c.index, "message": message, "finish_reason": finish, "logprobs": logprobs}
+                )
+            else:
+                echo_text, echo_entries = c.echo()
+                logprobs = None
+                if c.logprobs:
+                    logprobs = _legacy_logprobs([*echo_entries, *c.entries], 0)
+                finish = c.finish or "length"
+                out.append({"index": c.index, "text": echo_text + answer, "finish_reason": finish,
+                            "logprobs": logprobs})  # fmt: skip
+        kind = "chat.completion" if chat else "text_completion"
+        return {**meta, "object": kind, "choices": out, "usage": usage}
+
+    async def _stream(
+        self, choices: list[_Choice], prompt_tokens: int, meta: dict[str, Any], chat: bool, usage: bool,
+        tools: list[dict[str, Any]] | None, tool_mode: str | None,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        """Server-sent events: per choice, chunks of the tokens made since the last one (a single token
+        while the client keeps up), then (by default) a usage chunk, then [DONE]. With tools, a choice's
+        answer is sent whole at its end (as tool_calls or as content)."""
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(c: _Choice, text: str | None, entries: list[Any], finish: str | None,
+                  extra: dict[str, Any] | None = None) -> bytes:  # fmt: skip
+            lp = None
+            if chat:
+                delta: dict[str, Any] = dict(extra or {})
+                if text:
+                    delta["content"] = text
+                if c.logprobs and entries:
+                    lp = _chat_logprobs(entries)
+                choice = {"index": c.index, "delta": delta, "finish_reason": finish, "logprobs": lp}
+            else:
+                if c.logprobs and entries:
+                    lp = _legacy_logprobs(entries, 0)
+                choice = {"index": c.index, "text": text or "", "finish_reason": finish, "logprobs": lp}
+            return _sse({**meta, "object": kind, "choices": [choice]})
+
+        try:
+            for c in choices:
+                if chat:
+                    yield chunk(c, None, [], None, {"role": "assistant", "content": ""})
+                else:
+                    text, entries = c.echo()
+                    if text or entries:
+                        yield chunk(c, text, entries, None)
+            async for c, batch in _merged(choices):
+                text, entries = c.add(batch)
+                if tool_mode and tools:
+                    if c.finish is None:
+                        continue
+                    message, called = _tool_message("".join(c.text), tools, tool_mode == "forced")
+                    if called:
+                        calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+                        yield chunk(c, None, c.entries, "tool_calls", {"tool_calls": calls})
+                    else:
+                        yield chunk(c, message["content"], c.entries, c.finish)
+                    continue
+                yield chunk(c, text, entries, batch[-1]["finish_reason"] if batch else None)
+        except Exception as e:  # headers are gone: the error goes into the stream as an error object
+            err = as_api_error(e)
+            yield _sse(
+                {"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}}
+            )
+            return
+        if usage:
+            count = sum(c.count for c in choices)
+            counts = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                      "total_tokens": prompt_tokens + count}  # fmt: skip
+            yield _sse({**meta, "object": kind, "choices": [], "usage": counts})
+        yield _sse("[DONE]")

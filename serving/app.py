@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,9 +29,14 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.api import ApiError, OpenAIIngress
+from serving.api import ApiError, OpenAIIngress, as_api_error
 from serving.config import ServeConfig, is_uri, parse_serve_config
+from serving.constrained import GrammarConstraint, ll_tokenizer, tools_prompt
+from serving.metrics import PUBLISH_S, ReplicaMetrics
+from serving.metrics import publish as metrics_publish
 from serving.types import AdapterError, AdapterInfo, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class _Held:
@@ -42,6 +48,14 @@ class _Held:
         self.__del__ = lambda: replica.unload(engine_id)
 
 
+def _error_item(e: BaseException) -> dict[str, Any]:
+    """A client error as the stream's first item: the replica answers it instead of raising, so that Serve
+    logs no traceback for a bad request (one line here says what was refused)."""
+    err = as_api_error(e)
+    log.info("%d %s: %s", err.status, err.param or "-", err.message)
+    return {"error": {"message": err.message, "status": err.status, "param": err.param, "code": err.code}}
+
+
 class ModelReplica:
     """One frozen base + one BatchEngine; adapters attach by `id@version` through `serve.multiplexed`."""
 
@@ -49,11 +63,13 @@ class ModelReplica:
         import torch
 
         from serving.engine import BatchEngine, load_base
+        from serving.templates import TemplateRenderer
         from trainers.manifest import base_identity
 
         config = parse_serve_config(config_args, source="serve application args")
         device = "cuda" if config.resources.gpus > 0 and torch.cuda.is_available() else "cpu"
         model, self.tokenizer = load_base(config.model, device)
+        self.base_name = config.served_name()
         self.engine = BatchEngine(
             model,
             self.tokenizer,
@@ -63,9 +79,18 @@ class ModelReplica:
             context_length=config.context_length or 4096,  # the engine caps it at the base's own
             cuda_graphs=config.cuda_graphs,
         )
+        self.max_rows = config.max_batch_rows
         self.context_length = self.engine.context_length
+        self.vocab_size = int(getattr(self.engine, "vocab_size", len(self.tokenizer)))
         self.stream_interval = config.stream_interval_ms / 1e3
+        # Chat templates render in a helper process with a deadline and a size limit (serving/templates.py).
+        self.templates = TemplateRenderer(self.tokenizer, max_chars=max(1 << 16, 32 * self.context_length))
+        self.templates.warm()
+        self.metrics = ReplicaMetrics()
+        self._publisher: asyncio.Task[None] | None = None
+        self._pieces: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes) for logprobs
         self._paths: dict[str, str] = {}  # id@version -> location, as the ingress sent it
+        self._roots: dict[str, list[str]] = {}  # id@version -> the local adapter roots it must lie under
         self._local: dict[str, str] = {}  # id@version -> its local copy (the location itself when local)
         # Wired here (not as a class decorator) because the LRU bound comes from the config. A plain
         # function, not the bound method: Serve keeps its LRU state as an attribute of what it wraps.
@@ -77,54 +102,124 @@ class ModelReplica:
             load
         )
 
+    # ---- adapters
     async def _load(self, engine_id: str) -> _Held:
         location = self._paths.get(engine_id)
         if location is None:
             raise ApiError(f"adapter {engine_id}: no path was sent with the request", 500)
         local = await _local_copy(location)
+        if not is_uri(location) and self._roots.get(engine_id):
+            from serving.adapters import check_within_roots
+
+            await asyncio.to_thread(check_within_roots, local, self._roots[engine_id])
         self._local[engine_id] = local
-        return _Held(self, engine_id, self.engine.add_adapter(engine_id, local))
+        # Reading and placing the weights takes a while: off the event loop, which streams every answer.
+        info = await asyncio.to_thread(self.engine.add_adapter, engine_id, local)
+        self.metrics.inc("fulcrum_adapter_loads_total")
+        return _Held(self, engine_id, info)
 
     def unload(self, engine_id: str) -> None:
         self._local.pop(engine_id, None)
+        self.metrics.inc("fulcrum_adapter_evictions_total")
         with contextlib.suppress(AdapterError):  # already gone from the engine
             self.engine.remove_adapter(engine_id)
 
     async def check_adapter(self, location: str) -> dict[str, Any]:
         """Read and check the adapter at `location` (a path or a URI) against this base without taking a
-        slot: AdapterError (400 naming both bases, ...) if it cannot be served."""
-        info = self.engine.inspect_adapter("check", await _local_copy(location))
+        slot: {"error": ...} (400 naming both bases, ...) if it cannot be served."""
+        try:
+            local = await _local_copy(location)
+            info = await asyncio.to_thread(self.engine.inspect_adapter, "check", local)
+        except (AdapterError, ApiError) as e:
+            return _error_item(e)
         return {"method": info.method, "chat_template": info.chat_template}
 
     def loaded(self) -> list[str]:
         """The adapter versions in this replica's engine (for tests and operators)."""
         return sorted(self.engine.adapters())
 
-    def _prompt_ids(self, job: dict[str, Any], chat_template: str | None) -> tuple[list[int], str]:
-        if "messages" in job:
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    job["messages"], chat_template=chat_template, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as e:  # a template that refuses a role or an order of turns
-                raise ApiError(
-                    f"the chat template cannot render these messages: {e}", 400, "messages"
-                ) from None
-            # The template already wrote any special tokens the model expects.
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages"
-        return self.tokenizer(job["prompt"], add_special_tokens=True)["input_ids"], "prompt"
+    async def ready(self) -> bool:
+        """Answers once this replica exists, i.e. once its base is loaded (GET /health)."""
+        self._start_publishing()
+        return True
 
-    async def generate(self, job: dict[str, Any]) -> Any:
-        """Stream one request: first {"prompt_tokens"}, then lists of {"text", "finish_reason"}, one per
-        token, as many as the engine made since the last item (one Ray stream item per token cost more
-        than the decode step itself)."""
+    # ---- metrics
+    def _start_publishing(self) -> None:
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(self._publish())
+
+    async def _publish(self) -> None:
+        ctx = serve.get_replica_context()
+        key = f"{ctx.app_name}/{ctx.replica_id.unique_id}"
+        while True:
+            with contextlib.suppress(Exception):  # metrics never fail the replica
+                self.metrics.engine_stats(self.engine.stats(), self.max_rows)
+                await asyncio.to_thread(metrics_publish, key, self.metrics.snapshot())
+            await asyncio.sleep(PUBLISH_S)
+
+    # ---- requests
+    def _piece(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and bytes as OpenAI's logprobs show them (special tokens by their name)."""
+        got = self._pieces.get(token_id)
+        if got is None:
+            if token_id in set(self.tokenizer.all_special_ids):
+                text = str(self.tokenizer.convert_ids_to_tokens(token_id))
+                got = (text, list(text.encode()))
+            else:
+                try:
+                    raw = ll_tokenizer(self.tokenizer).decode_bytes([token_id])
+                except Exception:  # not a fast tokenizer: its text is the best we know
+                    raw = self.tokenizer.decode([token_id]).encode()
+                got = (raw.decode("utf-8", errors="replace"), list(raw))
+            if len(self._pieces) < 1 << 18:
+                self._pieces[token_id] = got
+        return got
+
+    def _entry(
+        self, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None
+    ) -> dict[str, Any]:
+        text, raw = self._piece(token_id)
+        return {"token": text, "bytes": raw, "logprob": logprob,
+                "top": [[*self._piece(t), lp] for t, lp in top or []]}  # fmt: skip
+
+    async def _prompt_ids(self, job: dict[str, Any], template: str | None) -> tuple[list[int], str]:
+        from serving.templates import TemplateError
+
+        if "messages" in job:
+            messages, tools = job["messages"], job.get("tools")
+            source = template or self.tokenizer.chat_template or ""
+            if tools and "tools" not in source:  # the template cannot show the tools: a system note does
+                messages = [{"role": "system", "content": tools_prompt(tools)}, *messages]
+                tools = None
+            try:
+                return await self.templates.render(messages, template, tools), "messages"
+            except TemplateError as e:
+                raise ApiError(str(e), 400, "messages") from None
+        if "prompt_ids" in job:
+            ids = list(job["prompt_ids"])
+            if max(ids) >= self.vocab_size:
+                raise ApiError(f"`prompt` token ids must lie in [0, {self.vocab_size})", 400, "prompt")
+            return ids, "prompt"
+        text = job["prompt"]
+        if len(text) > 4096:  # a long text takes a while to split: off the event loop
+            return await asyncio.to_thread(self._encode, text), "prompt"
+        return self._encode(text), "prompt"
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    async def _prepare(
+        self, job: dict[str, Any]
+    ) -> tuple[list[int], str | None, SamplingParams, dict[str, Any]]:
+        """Check one request and make its engine inputs: (prompt ids, engine adapter id, params, echo)."""
         engine_id = serve.get_multiplexed_model_id() or None
         template = None
         if engine_id is not None:
             self._paths[engine_id] = job["adapter_path"]
+            self._roots[engine_id] = job.get("adapter_roots") or []
             held = await self._get_adapter(engine_id)
             template = held.info.chat_template
-        prompt_ids, field = self._prompt_ids(job, template)
+        prompt_ids, field = await self._prompt_ids(job, template)
         if not prompt_ids:
             raise ApiError(f"`{field}` is empty", 400, field)
         room = self.context_length - len(prompt_ids)
@@ -135,7 +230,7 @@ class ModelReplica:
                 field,
                 "context_length_exceeded",
             )
-        max_tokens = job["max_tokens"] or room
+        max_tokens = room if job["max_tokens"] is None else job["max_tokens"]
         if max_tokens > room:
             raise ApiError(
                 f"`max_tokens` is {max_tokens}, but the prompt is {len(prompt_ids)} tokens and the context "
@@ -144,25 +239,104 @@ class ModelReplica:
                 "max_tokens",
                 "context_length_exceeded",
             )
+        bias = {int(k): float(v) for k, v in (job.get("logit_bias") or {}).items()}
+        if bias and max(bias) >= self.vocab_size:
+            raise ApiError(f"`logit_bias` token ids must lie in [0, {self.vocab_size})", 400, "logit_bias")
+        constraint = None
+        if job.get("grammar"):
+            try:  # building a grammar's matcher can take a while for a large schema: off the event loop
+                constraint = await asyncio.to_thread(GrammarConstraint, self.tokenizer, job["grammar"])
+            except Exception as e:
+                raise ApiError(
+                    f"constrained decoding is not possible here: {e}", 400, "response_format"
+                ) from None
+        logprobs = job.get("logprobs")
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=job["temperature"],
             top_p=job["top_p"],
             stop=job["stop"],
             seed=job["seed"],
+            presence_penalty=job.get("presence_penalty", 0.0),
+            frequency_penalty=job.get("frequency_penalty", 0.0),
+            logit_bias=bias,
+            logprobs=logprobs,
+            constraint=constraint,
         )
+        echo: dict[str, Any] = {}
+        if job.get("echo"):
+            echo["text"] = job.get("prompt")
+            if echo["text"] is None:
+                echo["text"] = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+            if logprobs is not None:
+                await asyncio.to_thread(ll_tokenizer, self.tokenizer)  # once: the bytes of each token
+                scores = await self.engine.prompt_logprobs(prompt_ids, engine_id, top=logprobs)
+                echo["logprobs"] = [
+                    self._entry(t, lp, top) for t, (lp, top) in zip(prompt_ids, scores, strict=True)
+                ]
+        elif logprobs is not None:
+            await asyncio.to_thread(ll_tokenizer, self.tokenizer)
+        return prompt_ids, engine_id, params, echo
+
+    def _events(self, prompt_ids: list[int], engine_id: str | None, params: SamplingParams) -> Any:
+        return self.engine.generate_batches(prompt_ids, engine_id, params)
+
+    async def generate(self, job: dict[str, Any]) -> Any:
+        """Stream one request: first {"prompt_tokens", "echo"} (or {"error"} for a bad request), then lists
+        of {"text", "finish_reason", "lp"}, one per token, as many as the engine made since the last item
+        (one Ray stream item per token cost more than the decode step itself)."""
+        self._start_publishing()
+        arrived = time.monotonic()
+        adapter = job.get("model") or self.base_name
         try:
-            events = self.engine.generate_batches(prompt_ids, engine_id, params)
-        except AdapterError as e:
-            if e.status != 404 or engine_id is None:
+            prompt_ids, engine_id, params, echo = await self._prepare(job)
+            if params.max_tokens > 0:
+                try:
+                    events = self._events(prompt_ids, engine_id, params)
+                except AdapterError as e:
+                    if e.status != 404 or engine_id is None:
+                        raise
+                    # The engine dropped it on its own: attach it again and go on.
+                    local = self._local.get(engine_id) or await _local_copy(job["adapter_path"])
+                    await asyncio.to_thread(self.engine.add_adapter, engine_id, local)
+                    events = self._events(prompt_ids, engine_id, params)
+        except (ApiError, AdapterError) as e:
+            if isinstance(e, ApiError) and e.status >= 500:
                 raise
-            # The engine dropped it on its own (its LRU): attach it again and go on.
-            local = self._local.get(engine_id) or await _local_copy(job["adapter_path"])
-            self.engine.add_adapter(engine_id, local)
-            events = self.engine.generate_batches(prompt_ids, engine_id, params)
-        yield {"prompt_tokens": len(prompt_ids)}
-        async for batch in _coalesce(events, self.stream_interval):
-            yield [{"text": e.text, "finish_reason": e.finish_reason} for e in batch]
+            yield _error_item(e)
+            return
+        yield {"prompt_tokens": len(prompt_ids), "echo": echo or None}
+        self.metrics.inc("fulcrum_prompt_tokens_total", len(prompt_ids), adapter)
+        if params.max_tokens == 0:  # echo only (a prompt's log-likelihood)
+            yield [{"text": "", "finish_reason": "length", "lp": None, "none": True}]
+            self.metrics.inc("fulcrum_request_success_total", 1, adapter)
+            return
+        first: float | None = None
+        count = 0
+        try:
+            async for batch in _coalesce(events, self.stream_interval):
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                    self.metrics.observe("fulcrum_time_to_first_token_seconds", now - arrived, adapter)
+                count += len(batch)
+                yield [
+                    {"text": e.text, "finish_reason": e.finish_reason,
+                     "lp": self._entry(e.token_id, e.logprob, e.top_logprobs) if params.logprobs is not None
+                     and e.logprob is not None else None}
+                    for e in batch
+                ]  # fmt: skip
+        except Exception:
+            self.metrics.inc("fulcrum_request_failure_total", 1, adapter)
+            raise
+        end = time.monotonic()
+        self.metrics.observe("fulcrum_e2e_request_latency_seconds", end - arrived, adapter)
+        if first is not None and count > 1:
+            self.metrics.observe(
+                "fulcrum_time_per_output_token_seconds", (end - first) / (count - 1), adapter
+            )
+        self.metrics.inc("fulcrum_generation_tokens_total", count, adapter)
+        self.metrics.inc("fulcrum_request_success_total", 1, adapter)
 
 
 async def _local_copy(location: str) -> str:
@@ -212,20 +386,36 @@ def service_application(args: dict[str, Any], name: str = "fulcrum") -> dict[str
     `deployments[].user_config` to the running replicas through `reconfigure`: so editing `adapters:` and
     applying the RayService again changes the served set without reloading any model."""
     rest = {k: v for k, v in args.items() if k not in ("adapters", "k8s")}
+    deployments: list[dict[str, Any]] = [
+        {"name": "ingress", "user_config": user_config(args.get("adapters") or {})}
+    ]
+    scaling = None
+    if (
+        args.get("autoscaling") is not None
+    ):  # only this section: the paths in args are the cluster's, not ours
+        from serving.config import Autoscaling, autoscaling_config
+
+        rows = int(args.get("max_batch_rows") or 16)
+        scaling = autoscaling_config(Autoscaling.model_validate(args["autoscaling"]), rows)
+    if scaling is not None:  # visible (and editable) in the RayService, as Serve's own field
+        deployments.append({"name": "model", "autoscaling_config": scaling})
     return {
         "name": name,
         "import_path": "serving.app:build_app",
         "route_prefix": "/",
         "args": rest,
-        "deployments": [{"name": "ingress", "user_config": user_config(args.get("adapters") or {})}],
+        "deployments": deployments,
     }
 
 
 def bind_app(config: ServeConfig) -> Application:
+    scaling = config.autoscaling_config()
+    # Serve scales the model replicas on their queue (requests running + waiting per replica).
+    count: dict[str, Any] = {"autoscaling_config": scaling} if scaling else {"num_replicas": config.replicas}
     replica = serve.deployment(
         ModelReplica,
         name="model",
-        num_replicas=config.replicas,
+        **count,
         ray_actor_options={"num_cpus": config.resources.cpus, "num_gpus": config.resources.gpus},
         # Enough requests per replica to fill the batch, with a queue behind it.
         max_ongoing_requests=max(4 * config.max_batch_rows, 32),

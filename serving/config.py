@@ -20,7 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainers.errors import SpecError
 from trainers.spec import ModelSpec, located_error, read_yaml
 
-ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]+")
+ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a name, never a path; see valid_id
+
+
+def valid_id(value: str) -> bool:
+    """An adapter id: a name of at most 128 letters, digits, `.`, `_`, `-`, and not `.` or `..`."""
+    return bool(ADAPTER_ID.fullmatch(value)) and value not in (".", "..")
+
+
 DEFAULT_MAX_BODY = 1 << 20
 
 
@@ -42,6 +49,27 @@ class Resources(_Section):
                 "and raise `replicas` to use more GPUs"
             )
         return value
+
+
+class Autoscaling(_Section):
+    """Serve's autoscaling of the model deployment on its queue: Serve adds replicas while each holds more
+    than `target_ongoing_requests` requests (running and queued), and removes them below it."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(
+        0,
+        ge=0,
+        description="Requests per replica to aim for (0: 2 x max_batch_rows: a batch + a queue).",
+    )
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        return self
 
 
 class ApiKey(_Section):
@@ -84,6 +112,9 @@ class ServeConfig(_Section):
         "registration is refused (`fulcrum serve` on one node uses a file of its own).",
     )
     replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = Field(
+        None, description="Scale the model replicas on queue length (replaces `replicas`); docs/serving.md."
+    )
     ingress_replicas: int | Literal["auto"] = Field(
         "auto",
         description="Replicas of the HTTP ingress (keys, validation, routing, streaming back). Every request "
@@ -130,6 +161,10 @@ class ServeConfig(_Section):
             return self.ingress_replicas
         return 4 if self.resources.gpus > 0 else 1
 
+    def autoscaling_config(self) -> dict[str, Any] | None:
+        """Serve's `autoscaling_config` for the model deployment (None: a fixed `replicas`)."""
+        return None if self.autoscaling is None else autoscaling_config(self.autoscaling, self.max_batch_rows)
+
     def served_name(self) -> str:
         return self.name or derive_name(self.model)
 
@@ -150,6 +185,14 @@ class ServeConfig(_Section):
     def to_args(self) -> dict[str, Any]:
         """The application builder's args: this config with paths made absolute."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def autoscaling_config(scaling: Autoscaling, max_batch_rows: int) -> dict[str, Any]:
+    """Serve's `autoscaling_config` dict for the model deployment."""
+    out = scaling.model_dump()
+    out["target_ongoing_requests"] = out["target_ongoing_requests"] or 2 * max_batch_rows
+    out["initial_replicas"] = max(scaling.min_replicas, 1)
+    return out
 
 
 def is_uri(location: str) -> bool:
@@ -233,8 +276,11 @@ def parse_serve_config(
 
     config_dir = config_dir or Path.cwd()
     for adapter_id, path in list(config.adapters.items()):
-        if not ADAPTER_ID.fullmatch(adapter_id) or adapter_id in (".", ".."):
-            raise fail(("adapters", adapter_id), "an adapter id is a name of letters, digits, `.`, `_`, `-`")
+        if not valid_id(adapter_id):
+            raise fail(
+                ("adapters", adapter_id),
+                "an adapter id is a name of at most 128 letters, digits, `.`, `_`, `-` (not `.` or `..`)",
+            )
         resolved = _resolve(path, config_dir)
         if not is_uri(resolved) and not Path(resolved).is_dir():
             raise fail(("adapters", adapter_id), f"not a directory: {path}")
@@ -255,14 +301,14 @@ def parse_serve_config(
             raise fail(("model", "base"), f"not found: {base}")
         config.model.base = resolved
     name = config.served_name()
-    if not ADAPTER_ID.fullmatch(name):
-        raise fail(("name",), "a model name is letters, digits, `.`, `_`, `-`")
+    if not valid_id(name):
+        raise fail(("name",), "a model name is at most 128 letters, digits, `.`, `_`, `-`")
     if name in config.adapters:
         raise fail(("adapters", name), f"adapter id `{name}` is also the base's name; rename one")
     for i, key in enumerate(config.api_keys):
         # A key may name an adapter registered later; only a malformed id is an error here.
         for model_id in key.adapters or []:
-            if not ADAPTER_ID.fullmatch(model_id):
+            if not valid_id(model_id):
                 raise fail(("api_keys", i, "adapters"), f"`{model_id}` is not an adapter id")
     if not config.api_keys and not config.allow_unauthenticated and not is_loopback(config.host):
         raise fail(

@@ -261,7 +261,7 @@ def test_errors_are_openai_error_objects_naming_the_field(served: Any) -> None:
     assert all(i in body["error"]["message"] for i in [BASE_NAME, *SERVED])
     status, body = call(url, "POST", "/v1/completions", raw=b'{"model": "tiny", "prompt": ')
     assert status == 400 and "malformed JSON" in body["error"]["message"]
-    for field, value in [("temperature", -0.5), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0), ("n", 2)]:
+    for field, value in [("temperature", -0.5), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0), ("n", 0)]:
         status, body = complete(url, "lora-a", **{field: value})
         assert (status, body["error"]["param"]) == (400, field), (field, value, body)
     status, body = complete(url, "lora-a", max_tokens=95)  # prompt + max_tokens over the 96-token context
@@ -310,7 +310,17 @@ def test_registration_is_validated(served: Any) -> None:
     link = served["root"] / "link-out"
     link.symlink_to(served["outside"])  # a symlink under a root that leads outside it
     status, body = call(url, "POST", "/v1/adapters", {"id": "linked", "path": str(link)})
-    assert (status, body["error"]["param"]) == (400, "path")
+    assert (status, body["error"]["param"]) == (403, "path")
+    # A real folder under a root whose weights file is a link out of every root.
+    sneaky = served["root"] / "sneaky"
+    sneaky.mkdir()
+    for f in served["outside"].iterdir():
+        (sneaky / f.name).symlink_to(f)
+    status, body = call(url, "POST", "/v1/adapters", {"id": "sneaky", "path": str(sneaky)})
+    assert (status, body["error"]["param"]) == (403, "path"), body
+    for bad in (".", "..", "x" * 129):
+        status, body = call(url, "POST", "/v1/adapters", {"id": bad, "path": str(served["paths"]["late"])})
+        assert (status, body["error"]["param"]) == (400, "id"), bad
     assert call(url, "GET", "/v1/models/wrong")[0] == 404
 
 
@@ -475,3 +485,297 @@ def test_user_config_update_changes_the_served_set_without_restarts(served: Any)
         assert (status, body["error"]["code"]) == (409, "registry_not_configured"), body
     finally:
         serve.delete(app)
+
+
+# --------------------------------------------------------------------------- issue 22: inputs, clients, ops
+def peft_prompt_logprobs(spec: ModelSpec, adapter: Path, ids: list[int]) -> tuple[list[float], list[int]]:
+    """log_softmax of plain peft's logits: each prompt token's logprob given the ones before it, and the
+    argmax token at each position."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_base(spec)[0], str(adapter))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    own = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    return own, logprobs.argmax(-1).tolist()
+
+
+def test_inputs_in_range_work_and_others_name_the_field(served: Any) -> None:
+    url = served["url"]
+    # Inside the documented ranges: they work.
+    for extra in ({"top_p": 1e-300, "temperature": 1.0, "seed": 3}, {"seed": (1 << 64) - 1, "temperature": 1},
+                  {"seed": -(1 << 63), "temperature": 1}, {"logprobs": 0}, {"n": 2},
+                  {"store": False, "metadata": {"a": "b"}, "user": "u", "parallel_tool_calls": False,
+                   "stream_options": None, "service_tier": "auto"}):  # fmt: skip
+        status, body = complete(url, "lora-a", **extra)
+        assert status == 200, (extra, body)
+    # Outside them (or malformed): 400 naming the field, never a 500.
+    cases = [
+        ({"seed": 1 << 64}, "seed"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ["x" * 257]}, "stop"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"prompt": [[1, 2], [99999]]}, "prompt"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"n": 129}, "n"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+         "response_format"),
+    ]  # fmt: skip
+    for extra, field in cases:
+        status, body = complete(url, "lora-a", **extra)
+        assert (status, body["error"]["param"]) == (400, field), (extra, body)
+    raw = b'{"model": "lora-a", "prompt": "ab\\ud800c", "max_tokens": 2}'  # a lone surrogate
+    status, body = call(url, "POST", "/v1/completions", raw=raw)
+    assert (status, body["error"]["param"]) == (400, "prompt"), body
+    deep = b'{"model": "lora-a", "prompt": "x", "metadata": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    status, body = call(url, "POST", "/v1/completions", raw=deep)
+    assert status == 400 and "nests deeper" in body["error"]["message"], body
+    status, body = call(
+        url, "POST", "/v1/completions", raw=b'{"model": "lora-a", "prompt": "x", "temperature": NaN}'
+    )
+    assert status == 400, body
+    chat = {"model": "lora-a", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}
+    status, body = call(url, "POST", "/v1/chat/completions", chat)
+    assert (status, body["error"]["param"]) == (400, "top_logprobs")
+
+
+def test_loglikelihood_of_a_continuation_equals_peft(served: Any) -> None:
+    """What lm-eval's loglikelihood sends: token-id prompts in one batched request, echo, logprobs, and
+    max_tokens 0 (or 1, as local-completions does); the prompt's logprobs equal peft's log_softmax."""
+    url, spec, tokenizer = served["url"], served["spec"], served["tokenizer"]
+    contexts = ["the cat sat on", "a dog ran to the"]
+    ids = [tokenizer(c + " the mat", add_special_tokens=True)["input_ids"] for c in contexts]
+    for max_tokens in (0, 1):
+        status, body = complete(url, "lora-a", prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens)
+        assert status == 200, body
+        assert [c["index"] for c in body["choices"]] == [0, 1]
+        for choice, prompt in zip(body["choices"], ids, strict=True):
+            want, best = peft_prompt_logprobs(spec, served["paths"]["lora-a"], prompt)
+            lp = choice["logprobs"]
+            got = lp["token_logprobs"][: len(prompt)]
+            assert got[0] is None and lp["top_logprobs"][0] is None
+            assert got[1:] == pytest.approx(want, abs=1e-4)
+            assert len(lp["tokens"]) == len(prompt) + max_tokens == len(lp["text_offset"])
+            # The k=1 best is in each position's dict; greedy positions match peft's argmax.
+            for i, top in enumerate(lp["top_logprobs"][1 : len(prompt)]):
+                greedy = abs(max(top.values()) - got[i + 1]) < 1e-5  # what lm-eval's is_greedy asks
+                assert max(top.values()) >= got[i + 1] - 1e-6 and greedy == (best[i] == prompt[i + 1])
+            assert choice["text"].startswith(tokenizer.decode(prompt, skip_special_tokens=False))
+    # A text prompt with echo: the text comes back first.
+    status, body = complete(url, "lora-a", echo=True, max_tokens=3, logprobs=2)
+    assert status == 200 and body["choices"][0]["text"].startswith(PROMPT)
+    assert all(len(t) <= 3 for t in body["choices"][0]["logprobs"]["top_logprobs"][1:])
+
+
+def test_logprobs_n_penalties_and_logit_bias(served: Any) -> None:
+    url, tokenizer = served["url"], served["tokenizer"]
+    a = tokenizer.convert_tokens_to_ids("a")
+    reply = client(url).chat.completions.create(
+        model="dora", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for item in content:  # greedy: the chosen token is the best of the top 3
+        assert len(item.top_logprobs) == 3 and item.logprob == pytest.approx(item.top_logprobs[0].logprob)
+        assert bytes(item.bytes).decode("utf-8", "replace") == item.token
+    # logprobs 0: the chosen token's logprob, not silently dropped.
+    body = complete(url, "dora", logprobs=0)[1]
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == body["usage"]["completion_tokens"] and all(
+        isinstance(x, float) for x in lp["token_logprobs"]
+    )
+    assert len(lp["tokens"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == len(lp["token_logprobs"])
+    assert all(len(top) == 1 for top in lp["top_logprobs"])  # the chosen token's own, k = 0 more
+    # n: three choices; seeded choices differ from each other and repeat with the same seed.
+    texts = [
+        [c["text"] for c in sorted(complete(url, "lora-a", n=3, temperature=1, seed=11)[1]["choices"],
+                                   key=lambda c: c["index"])]
+        for _ in range(2)
+    ]  # fmt: skip
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1
+    # logit_bias steers greedy decoding; frequency_penalty pushes a repeated token back down. (On the base,
+    # whose logits lie close together; the test adapters' random weights spread them widely.)
+    forced = complete(url, BASE_NAME, logit_bias={str(a): 5})[1]
+    assert forced["choices"][0]["text"] == "a" * NEW_TOKENS
+    damped = complete(url, BASE_NAME, logit_bias={str(a): 5}, frequency_penalty=2.0)[1]
+    assert 0 < damped["choices"][0]["text"].count("a") < NEW_TOKENS
+    assert complete(url, "lora-a", presence_penalty=1.5, frequency_penalty=-0.5)[0] == 200
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 4},
+        "days": {"type": "integer", "minimum": 1, "maximum": 9},
+        "metric": {"type": "boolean"},
+    },
+    "required": ["city", "days", "metric"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_output_parses_and_validates(served: Any) -> None:
+    import jsonschema
+
+    url, tokenizer = served["url"], served["tokenizer"]
+    oai = client(url)
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER, "strict": True}}
+    for model in ("lora-a", "ia3", BASE_NAME):
+        reply = oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "weather?"}], temperature=0,
+            response_format=fmt,
+        )  # fmt: skip
+        jsonschema.validate(json.loads(reply.choices[0].message.content), WEATHER)
+        assert reply.choices[0].finish_reason == "stop"
+    chunks = oai.completions.create(
+        model="dora", prompt="x", max_tokens=64, temperature=1, seed=5, stream=True,
+        extra_body={"response_format": fmt},
+    )  # fmt: skip
+    jsonschema.validate(json.loads("".join(c.choices[0].text for c in chunks if c.choices)), WEATHER)
+    # json_object: any object. A bias towards `}` gives the shortest one, and never a bare `}`.
+    close = tokenizer.convert_tokens_to_ids("}")
+    body = complete(url, "lora-a", response_format={"type": "json_object"}, logit_bias={str(close): 50})[1]
+    assert body["choices"][0]["text"] == "{}", body
+
+
+# A chat template that renders the tools it is given (compactly: the test model's context is 96 tokens).
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ tools | map(attribute='function.name') | join(',') }}{% endif %}|"
+    "{% for m in messages %}{{ m.role[0] }}:{{ m.content or '' }};{% endfor %}>"
+)
+DAYS = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["days"], "additionalProperties": False}  # fmt: skip
+CLOSED = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def with_template(served: Any, aid: str, template: str) -> None:
+    """Register a copy of lora-a that brings its own chat template."""
+    import shutil
+
+    folder = served["root"] / aid
+    if not folder.exists():
+        shutil.copytree(served["paths"]["lora-a"], folder)
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    assert call(served["url"], "POST", "/v1/adapters", {"id": aid, "path": str(folder)})[0] == 200
+
+
+def test_tools_go_through_the_template_and_return_tool_calls(served: Any) -> None:
+    import jsonschema
+
+    with_template(served, "tools-tpl", TOOLS_TEMPLATE)
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": DAYS}},
+        {
+            "type": "function",
+            "function": {"name": "noop", "parameters": CLOSED},
+        },
+    ]
+    oai = client(served["url"])
+    messages = [{"role": "user", "content": "weather?"}]
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        reply = oai.chat.completions.create(
+            model="tools-tpl", messages=messages, tools=tools, tool_choice=choice, temperature=0
+        )  # type: ignore[arg-type]
+        assert reply.usage.prompt_tokens == len("get_weather,noop|u:weather?;>")  # the template saw them
+        answer = reply.choices[0]
+        assert answer.finish_reason == "tool_calls" and answer.message.content is None
+        call_ = answer.message.tool_calls[0]
+        assert call_.type == "function" and call_.id.startswith("call_")
+        if choice != "required":
+            assert call_.function.name == "get_weather"
+        schema = DAYS if call_.function.name == "get_weather" else tools[1]["function"]["parameters"]
+        jsonschema.validate(json.loads(call_.function.arguments), schema)
+    # Streamed: the call arrives whole, as a tool_calls delta.
+    chunks = list(oai.chat.completions.create(
+        model="tools-tpl", messages=messages, tools=tools, tool_choice="required", temperature=0, stream=True
+    ))  # type: ignore[arg-type]  # fmt: skip
+    deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0].finish_reason == "tool_calls"
+    # The tool's answer goes back in as a `tool` message after the assistant's call.
+    follow = [*messages, answer.message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call_.id, "content": "sunny"}]  # fmt: skip
+    reply = oai.chat.completions.create(model="tools-tpl", messages=follow, tools=tools, max_tokens=3)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    call(served["url"], "DELETE", "/v1/adapters/tools-tpl")
+
+
+def test_chat_template_is_bounded_and_renders_off_the_event_loop(served: Any) -> None:
+    """An adapter whose chat template never ends gets a 400 after the deadline, while other requests on the
+    same replica keep being answered; one that renders too much text gets a 400 too."""
+    url = served["url"]
+    templates = {
+        "slow-tpl": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "big-tpl": "{% for i in range(100000) %}{{ 'xxxxxxxxxxxxxxxxxxxx' }}{% endfor %}",
+    }
+    for aid, template in templates.items():
+        with_template(served, aid, template)
+    results: dict[str, Any] = {}
+
+    def slow() -> None:
+        body = {"model": "slow-tpl", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        results["slow"] = call(url, "POST", "/v1/chat/completions", body)
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    served_meanwhile = 0
+    while worker.is_alive():  # the replica keeps answering while the template spins elsewhere
+        status, _ = complete(url, "lora-a", max_tokens=2)
+        served_meanwhile += status == 200
+    worker.join()
+    status, body = results["slow"]
+    assert (status, body["error"]["param"]) == (400, "messages") and "longer than" in body["error"]["message"]
+    assert served_meanwhile >= 1
+    body = {"model": "big-tpl", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    status, body = call(url, "POST", "/v1/chat/completions", body)
+    assert (status, body["error"]["param"]) == (400, "messages") and "limit" in body["error"]["message"]
+    for aid in templates:
+        call(url, "DELETE", f"/v1/adapters/{aid}")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The /metrics page as {series (name plus labels): value}; no key needed (as vLLM's)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/plain")
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def test_health_and_metrics_move(served: Any) -> None:
+    url = served["url"]
+    with urllib.request.urlopen(url + "/health", timeout=60) as resp:
+        assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    before = scrape(url)
+    names = ("fulcrum_num_requests_waiting", "fulcrum_num_requests_running", "fulcrum_kv_cache_usage_perc",
+             "fulcrum_time_to_first_token_seconds_count", "fulcrum_adapter_loads_total",
+             "fulcrum_adapter_evictions_total")  # fmt: skip
+    for name in names:
+        assert name in before, name
+    for _ in range(3):
+        assert complete(url, "lora-a")[0] == 200
+    key = 'fulcrum_generation_tokens_total{adapter="lora-a"}'
+    deadline = time.monotonic() + 60
+    while True:  # replicas publish every second
+        after = scrape(url)
+        if after.get(key, 0) >= before.get(key, 0) + 3 * NEW_TOKENS or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert after[key] >= before.get(key, 0) + 3 * NEW_TOKENS
+    assert (
+        after['fulcrum_request_success_total{adapter="lora-a"}']
+        >= before.get('fulcrum_request_success_total{adapter="lora-a"}', 0) + 3
+    )
+    for hist in ("time_to_first_token", "e2e_request_latency", "time_per_output_token"):
+        name = f"fulcrum_{hist}_seconds_count"
+        assert after[name] >= before[name] + 3, name
+        assert after[f'fulcrum_{hist}_seconds_bucket{{le="+Inf"}}'] == after[name]
+    assert after["fulcrum_adapter_loads_total"] >= 1 and after["fulcrum_replicas_reporting"] == 1

@@ -217,3 +217,52 @@ def test_ask_serves_a_trained_run_and_answers_through_openai(
     url = re.search(r"serving (http://\S+)/v1", out).group(1)
     with pytest.raises(OSError):  # shut down again
         urllib.request.urlopen(url + "/v1/models", timeout=5)
+
+
+def test_port_in_use_and_port_zero_get_one_clear_line(tmp_path: Path) -> None:
+    import socket
+
+    from cluster.serve_cmd import check_port
+    from trainers.errors import FulcrumError
+
+    run = fake_run(tmp_path / "runs", "demo", seed=3)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(FulcrumError) as err:
+            check_port("127.0.0.1", port)
+        message = str(err.value)
+        assert f"port {port} on 127.0.0.1 is in use" in message and "--port 0" in message
+        assert "\n" not in message
+    config = config_from_args(parse(["--adapter", f"demo={run}", "--port", "0"]))
+    assert config.port > 0  # a free port, picked now and printed in the `serving` line
+    check_port("127.0.0.1", config.port)
+
+
+def test_autoscaling_reaches_the_deployment_and_the_rayservice(tmp_path: Path) -> None:
+    from serving.app import service_application
+
+    (tmp_path / "a").mkdir()
+    text = (
+        "model: {base: x/y}\nadapters: {a: a}\nmax_batch_rows: 8\n"
+        "autoscaling: {min_replicas: 1, max_replicas: 3}\n"
+    )
+    config = load_serve_config(write(tmp_path, text))
+    scaling = config.autoscaling_config()
+    assert scaling is not None
+    assert (scaling["min_replicas"], scaling["max_replicas"], scaling["target_ongoing_requests"]) == (
+        1,
+        3,
+        16,
+    )
+    entry = service_application(config.to_args())
+    model = next(d for d in entry["deployments"] if d["name"] == "model")
+    assert model["autoscaling_config"] == scaling and entry["args"]["autoscaling"]["max_replicas"] == 3
+    with pytest.raises(SpecError, match="autoscaling: min_replicas is larger"):
+        load_serve_config(
+            write(tmp_path, "model: {base: x/y}\nautoscaling: {min_replicas: 4, max_replicas: 2}\n")
+        )
+    for bad in ("'..'", "x" * 129):
+        with pytest.raises(SpecError, match="an adapter id is a name"):
+            load_serve_config(write(tmp_path, f"model: {{base: x/y}}\nadapters:\n  {bad}: a\n"))
