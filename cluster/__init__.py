@@ -1,1 +1,1 @@
-"""Where jobs run: the `fulcrum` command, the embedded local Ray, (later) Ray Jobs and KubeRay."""
+"""Where jobs run: the `fulcrum` command, the embedded local Ray, Ray Jobs submission and KubeRay."""

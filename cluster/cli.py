@@ -1,27 +1,38 @@
-"""The `fulcrum` command. Errors of ours print as one line without a traceback (--debug shows it)."""
+"""The `fulcrum` command. Errors of ours print as one line without a traceback (--debug shows it).
+
+Every command checks what it can before Ray starts (the spec, the tune section, the output's writability,
+what this machine can hold); one process writes a run at a time (trainers.storage.RunLock); SIGINT and
+SIGTERM end any command with exit 130 and one line saying what is complete and how to continue.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
+from cluster import options
+from cluster.console import console, err_console  # re-exported: cluster.serve_cmd imports them from here
 from trainers.errors import FulcrumError, SpecError
 
-console = Console()
-err_console = Console(stderr=True)
+__all__ = ["build_parser", "console", "err_console", "main"]
+
+
+def _note(text: str | None) -> None:
+    if text:
+        err_console.print(f"note: {text}", highlight=False, soft_wrap=True)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cluster.local import check_cluster_paths, ensure_ray, run_log
+    from cluster.local import check_cluster_paths, ensure_ray, preflight, run_log
     from trainers import storage
     from trainers.run import check_output, is_retry_of, refuse_overlap, resume_job, run_job
     from trainers.spec import load_spec
-    from trainers.storage import RunDir
+    from trainers.storage import RunDir, RunLock
 
     if args.resume:
         if args.spec or args.output or args.overwrite:
@@ -31,11 +42,14 @@ def _train(args: argparse.Namespace) -> int:
             raise SpecError(
                 f"--resume {args.resume}: not a fulcrum run directory (no {storage.MARKER} in it)"
             )
-        with run_log(run.location):
-            ensure_ray(args.address, runtime_env=args.runtime_env)
-            from trainers.export import load_run
+        from trainers.export import load_run
 
-            check_cluster_paths(load_run(run))  # several nodes: the run must be where all of them see it
+        spec = load_run(run)
+        preflight(spec, args.address, writes=run.location)
+        with RunLock(run.location, "fulcrum train --resume") as lock, run_log(run.location):
+            _note(lock.note)
+            ensure_ray(args.address, runtime_env=args.runtime_env)
+            check_cluster_paths(spec)  # several nodes: the run must be where all of them see it
             resume_job(run.location, console=console, evaluate=not args.no_eval)
         return 0
     if not args.spec:
@@ -45,33 +59,43 @@ def _train(args: argparse.Namespace) -> int:
         spec.output = storage.normalize(args.output)
     run = RunDir(str(spec.output))
     refuse_overlap(spec, run)  # never write among, or delete, the user's own files
-    if args.overwrite and run.exists():
-        run.remove_run()
-    retry = not args.overwrite and is_retry_of(spec, run)
-    if retry:
-        latest = run.latest_checkpoint()
-        console.print(
-            f"{run} holds a run of this same spec: continuing it "
-            + (f"from {latest}" if latest else "(no checkpoint yet: from step 0)")
-            + " (--overwrite starts over)"
-        )
-    else:
-        check_output(spec, resume=False)  # before Ray starts: a bad output costs nothing
-    with run_log(run.location):
-        ensure_ray(args.address, runtime_env=args.runtime_env)
-        check_cluster_paths(spec)
-        run_job(spec, resume=retry, console=console, evaluate=not args.no_eval)
+    preflight(spec, args.address, writes=run.location)
+    # A retried job (a new driver for the same spec) may find the old driver's lease still running on an
+    # object store: it waits for the lease to run out; a live first driver keeps renewing it and wins.
+    retry_wait = storage.LEASE_S + storage.HEARTBEAT_S if not storage.is_local(run.location) else 0.0
+    with RunLock(run.location, "fulcrum train", wait_s=retry_wait if is_retry_of(spec, run) else 0) as lock:
+        _note(lock.note)
+        if args.overwrite and run.exists():
+            run.remove_run()  # only a marked run, and only while we hold its lock: never a live one
+        retry = not args.overwrite and is_retry_of(spec, run)
+        if retry:
+            latest = run.latest_checkpoint()
+            console.print(
+                f"{run} holds a run of this same spec: continuing it "
+                + (f"from {latest}" if latest else "(no checkpoint yet: from step 0)")
+                + " (--overwrite starts over)",
+                soft_wrap=True,  # one line in job logs, where people grep for it
+            )
+        else:
+            check_output(spec, resume=False)  # before Ray starts: a bad output costs nothing
+        with run_log(run.location):
+            ensure_ray(args.address, runtime_env=args.runtime_env)
+            check_cluster_paths(spec)
+            run_job(spec, resume=retry, console=console, evaluate=not args.no_eval)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cluster.local import ensure_ray, run_log
+    from cluster.local import ensure_ray, preflight, run_log
     from trainers.export import load_run
     from trainers.run import evaluate_run
-    from trainers.storage import join
+    from trainers.storage import RunLock, join
 
     spec = load_run(args.run_dir)
-    with run_log(args.run_dir):
+    preflight(spec, args.address, writes=args.run_dir)
+    # eval.json and summary.json are the run's: not while a `train` or another `eval` writes it.
+    with RunLock(args.run_dir, "fulcrum eval") as lock, run_log(args.run_dir):
+        _note(lock.note)
         ensure_ray(args.address)
         evaluate_run(args.run_dir, console, samples=args.samples, max_new_tokens=args.max_new_tokens)
     console.print(f"wrote {join(args.run_dir, 'eval.json')} ({spec.method.kind} / {spec.objective.kind})")
@@ -102,36 +126,54 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """Everything that can be checked without training: the spec, the data files' first rows, the model,
-    tokenizer and teacher sources (an inline config is built on the meta device). One line per check."""
+    """Everything that can be checked without training, for every command that would read the file: the
+    spec, its data files' first rows, the model, tokenizer and teacher sources (an inline config is built on
+    the meta device), the `tune` and `k8s` sections; or a serve YAML. One line per check."""
+    from cluster.workload import detect_kind, read_yaml
+
+    _, _, data = read_yaml(args.spec)
+    if detect_kind(data) == "serve":
+        return _validate_serve(args)
     from trainers.checks import check_data, check_sources
     from trainers.spec import load_spec
 
     spec = load_spec(args.spec)
-
-    def say(line: str) -> None:
-        field, _, result = line.partition(": ")
-        mark = "[yellow]?[/]" if result.startswith("not checked") else "[green]ok[/]"
-        console.print(f"{mark} {field}: {result.removeprefix('ok: ')}", highlight=False, soft_wrap=True)
-
     say(f"spec: ok: {spec.method.kind} / {spec.objective.kind}, output {spec.output}")
     for line in check_data(spec) + check_sources(spec):
         say(line)
+    if spec.tune is not None:
+        from tuning.space import check_tune
+
+        say(f"tune: ok: {check_tune(spec)}")
+    if spec.k8s is not None:
+        from cluster.k8s_settings import K8sSettings
+
+        spec.validate_section("k8s", K8sSettings)
+        say("k8s: ok: the section is valid (`fulcrum k8s render` shows the objects)")
     if args.show:
         console.print(spec.to_yaml())
     return 0
 
 
-def _json_object(text: str) -> dict:  # type: ignore[type-arg]
-    import json
+def say(line: str) -> None:
+    """`field: ok: what` as `ok field: what`; `field: not checked ...` as `? field: not checked ...`."""
+    field, _, result = line.partition(": ")
+    mark = "[yellow]?[/]" if result.startswith("not checked") else "[green]ok[/]"
+    console.print(f"{mark} {field}: {result.removeprefix('ok: ')}", highlight=False, soft_wrap=True)
 
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
+
+def _validate_serve(args: argparse.Namespace) -> int:
+    from serving.config import load_serve_config
+
+    config = load_serve_config(args.spec)
+    say(
+        f"serve: ok: {config.served_name()}, {len(config.adapters)} adapter(s), "
+        f"{config.replicas} replica(s), "
+        f"{config.host}:{config.port}"
+    )
+    if args.show:
+        console.print(config.model_dump_json(indent=2))
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,15 +205,6 @@ def _run_dir(text: str) -> str:
     return text
 
 
-def _directory_to_write(text: str) -> str:
-    """A directory to write into: new, or an existing directory, never an existing file."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path; give a directory")
-    if "://" not in text and Path(text).exists() and not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is an existing file; give a directory")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fulcrum", description="Fine-tune LLMs on Ray, and serve them.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -185,18 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_run_dir,
         help="continue an interrupted run from its last checkpoint",
     )
-    train.add_argument("--output", type=_directory_to_write, help="override the spec's output directory")
-    train.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)")
+    options.add_output(train, "override the spec's output directory")
+    options.add_ray_address(train)
     train.add_argument(
         "--overwrite", action="store_true", help="delete a previous run in the output directory"
     )
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-    train.add_argument(
-        "--runtime-env",
-        type=_json_object,
-        metavar="JSON",
-        help='Ray runtime_env for the job\'s workers, e.g. \'{"env_vars": {"HF_HOME": "/data/hf"}}\'',
-    )
+    options.add_runtime_env(train)
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="compare base and tuned model of a finished run (eval.json)")
@@ -207,19 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--max-new-tokens", type=_count(1), help="answer length limit (default: the spec's)"
     )
-    evaluate.add_argument(
-        "--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)"
-    )
+    options.add_ray_address(evaluate)
     evaluate.set_defaults(func=_eval)
 
     export = sub.add_parser("export", help="write a run's adapter, or (--merge) a merged full model")
     export.add_argument("run_dir", type=_run_dir)
     export.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
-    export.add_argument(
-        "--output",
-        type=_directory_to_write,
-        help="target directory (default: RUN_DIR/export/adapter or .../merged)",
-    )
+    options.add_output(export, "target directory (default: RUN_DIR/export/adapter or .../merged)")
     export.add_argument(
         "--dtype",
         default="auto",
@@ -229,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     validate = sub.add_parser(
-        "validate", help="check a spec, its data, model and tokenizer sources without training"
+        "validate",
+        help="check a spec (data, model and tokenizer sources, tune and k8s sections) or a serve YAML, "
+        "without training or serving",
     )
-    validate.add_argument("spec")
+    validate.add_argument("spec", help="a job spec or a serve YAML")
     validate.add_argument("--show", action="store_true", help="print the resolved spec")
     validate.set_defaults(func=_validate)
 
@@ -244,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.local import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("FULCRUM_DEBUG") == "1"
     try:
@@ -254,26 +282,60 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
-        where = _interrupted_run(args)
-        err_console.print(
-            f"interrupted; continue later with `fulcrum train --resume {where}`" if where else "interrupted"
-        )
+        err_console.print(f"interrupted: {_interrupted(args, argv)}", highlight=False, soft_wrap=True)
+        return 130
+    except SystemExit as e:
+        # While ray.init runs, Ray's own SIGTERM handler is in place: it exits with the signal's number.
+        if e.code != signal.SIGTERM:
+            raise
+        err_console.print(f"interrupted: {_interrupted(args, argv)}", highlight=False, soft_wrap=True)
         return 130
 
 
-def _interrupted_run(args: argparse.Namespace) -> str | None:
-    """The run directory an interrupted `fulcrum train` was writing (the real path, for the message)."""
-    if getattr(args, "command", None) != "train":
-        return None
-    if args.resume:
-        return args.resume
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """What an interrupted command leaves complete, and the exact command that continues it."""
+    again = shlex.join(["fulcrum", *argv])
     try:
-        from trainers.spec import load_spec
-        from trainers.storage import normalize
+        if args.command == "train":
+            return _train_state(args, again)
+        if args.command == "tune":
+            from cluster.tune_cmd import interrupted_sweep
 
-        return normalize(args.output) if args.output else str(load_spec(args.spec).output)
-    except Exception:
-        return None
+            return interrupted_sweep(args, again)
+        if args.command == "eval":
+            return f"{args.run_dir}/eval.json is unchanged; run `{again}` again"
+        if args.command == "export":
+            return f"nothing was exported (an export appears only when complete); run `{again}` again"
+    except Exception:  # the message must not fail: say the least
+        pass
+    return f"nothing was changed; run `{again}` again"
+
+
+def _train_state(args: argparse.Namespace, again: str) -> str:
+    from trainers import storage
+    from trainers.run import run_state
+    from trainers.storage import RunDir
+
+    if args.resume:
+        location = storage.normalize(args.resume)
+    else:
+        from trainers.spec import load_spec
+
+        location = storage.normalize(args.output) if args.output else str(load_spec(args.spec).output)
+    run = RunDir(location)
+    if not run.is_run():
+        return f"before the run started; nothing was written. Start it again with `{again}`"
+    state = run_state(run)
+    if state == "complete":
+        return f"{run} is complete (summary.json)"
+    resume = f"fulcrum train --resume {shlex.quote(run.location)}"
+    if state == "trained":
+        return f"training in {run} is complete, its evaluation and summary are not; finish with `{resume}`"
+    latest = run.latest_checkpoint()
+    if latest:
+        step = run.read_json(f"{latest}/trainer_state.json").get("step")
+        return f"{run} has {latest} (step {step}) complete; continue with `{resume}`"
+    return f"{run} has no checkpoint yet (it restarts at step 0); continue with `{resume}`"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cluster import options
 from trainers.errors import FulcrumError
 
 console = Console(soft_wrap=True)
@@ -28,7 +29,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         workload.raw["output"] = args.output
     address = jobs.resolve_address(args.address)
     client = jobs.job_client(address)
-    env = dict(item.split("=", 1) for item in args.env or [])
+    env = dict(args.env or [])  # (NAME, VALUE) pairs, checked by the parser
     with tempfile.TemporaryDirectory(prefix="fulcrum-submit-") as staging:
         submission = jobs.stage(
             workload,
@@ -124,23 +125,27 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `fulcrum submit` and `fulcrum jobs ...` to the `fulcrum` parser."""
-    address_help = (
-        "Ray dashboard address, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
-    )
-
     submit = sub.add_parser(
         "submit", help="run a spec (train / tune) or serve YAML as a Ray job on a cluster"
     )
     submit.add_argument("spec", help="a job spec or a serve YAML")
-    submit.add_argument("--address", help=address_help)
+    options.add_dashboard_address(submit)
     submit.add_argument("--follow", action="store_true", help="stream the logs; exit with the job's status")
     submit.add_argument("--output", help="override the spec's output (an absolute shared path or a URI)")
-    submit.add_argument("--job-id", help="the submission id (default: chosen by Ray)")
+    submit.add_argument(
+        "--job-id",
+        type=options.job_id,
+        help="the submission id: letters, digits, . _ - (default: one of ours)",
+    )
     submit.add_argument(
         "--pip", action="append", metavar="PKG", help="extra pip package for the job (repeat)"
     )
     submit.add_argument(
-        "--env", action="append", metavar="K=V", help="environment variable for the job (repeat)"
+        "--env",
+        action="append",
+        type=options.env_pair,
+        metavar="K=V",
+        help="environment variable for the job (repeat)",
     )
     submit.add_argument(
         "--image-has-fulcrum",
@@ -152,7 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     jobs = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
     verbs = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = verbs.add_parser("list", help="all jobs on the cluster")
-    listing.add_argument("--address", help=address_help)
+    options.add_dashboard_address(listing)
     listing.set_defaults(func=_cmd_list)
     for verb, help_text, func in (
         ("status", "a job's status (exit 1 when it failed, 3 when stopped)", _cmd_status),
@@ -160,8 +165,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ("stop", "stop a running job and wait until it has stopped", _cmd_stop),
     ):
         p = verbs.add_parser(verb, help=help_text)
-        p.add_argument("job_id")
-        p.add_argument("--address", help=address_help)
+        p.add_argument("job_id", type=options.job_id)
+        options.add_dashboard_address(p)
         if verb == "logs":
             p.add_argument("-f", "--follow", action="store_true")
         if verb == "stop":

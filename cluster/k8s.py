@@ -7,6 +7,7 @@ server, a namespace that does not exist, KubeRay's CRDs missing (the operator is
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,10 +61,12 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Cluste
                 cfg = client.Configuration()
                 config.load_incluster_config(client_configuration=cfg)
                 api = client.ApiClient(cfg)
-    except (config.ConfigException, FileNotFoundError) as e:
+    except Exception as e:  # ConfigException, a missing file or a folder, YAML errors, bad certificate data
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise K8sError(
-            f"no usable Kubernetes configuration ({e}); pass --kubeconfig FILE, set KUBECONFIG, "
-            "or run inside a pod with a service account"
+            f"no usable Kubernetes configuration in {where} ({type(e).__name__}: {reason}); pass "
+            "--kubeconfig FILE (a valid kubeconfig), set KUBECONFIG, or run in a pod with a service account"
         ) from None
     # Fail fast on an unreachable server instead of urllib3's long retry loop.
     api.configuration.retries = 0

@@ -45,26 +45,66 @@ def _connect(args: argparse.Namespace) -> Any:
 def _cmd_render(args: argparse.Namespace) -> int:
     from cluster.manifests import to_yaml, to_yaml_text, values
 
+    if args.output:
+        _check_output(Path(args.output))  # before rendering: a bad target costs nothing
     manifests, notes = _render(args.spec, args.namespace)
     _print_notes(notes)
     text = to_yaml_text(values(manifests)) if args.values else to_yaml(manifests)
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        out = _write_output(Path(args.output), text)
         err_console.print(f"wrote {out}")
     else:
         sys.stdout.write(text)
     return 0
 
 
+def _check_output(out: Path) -> None:
+    if out.is_dir():
+        raise FulcrumError(f"--output {out}: is a directory; give a file name, e.g. {out / 'job.yaml'}")
+    if not out.parent.is_dir():
+        what = "is a file" if out.parent.exists() else "does not exist"
+        raise FulcrumError(
+            f"--output {out}: the folder {out.parent} {what}; create it or choose another path"
+        )
+
+
+def _write_output(out: Path, text: str) -> Path:
+    """Write the manifests to a file, atomically: a temp file beside it, then a rename. A directory, a
+    missing parent or an unwritable place is one line, and no temp file stays behind."""
+    import os
+    import tempfile
+
+    from trainers.storage import write_error
+
+    if out.is_dir():
+        raise FulcrumError(f"--output {out}: is a directory; give a file name, e.g. {out / 'job.yaml'}")
+    if not out.parent.is_dir():
+        what = "is a file" if out.parent.exists() else "does not exist"
+        raise FulcrumError(
+            f"--output {out}: the folder {out.parent} {what}; create it or choose another path"
+        )
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise FulcrumError(f"--output {out}: {write_error(str(out), e)}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise FulcrumError(f"--output {out}: {write_error(str(out), e)}") from None
+        raise
+    return out
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from cluster import k8s
 
+    cluster = _connect(args)  # a missing or invalid kubeconfig: one line, before anything else
     manifests, notes = _render(args.spec, args.namespace)
     _print_notes(notes)
-    cluster = _connect(args)
     for line in k8s.apply(cluster, manifests, dry_run=args.dry_run):
         console.print(f"{line}{' (dry run)' if args.dry_run else ''}", highlight=False)
     obj = next(m for m in manifests if m["apiVersion"].startswith("ray.io"))

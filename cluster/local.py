@@ -7,8 +7,10 @@ Ray's workers and controller print go to `ray.log` in the run directory; the con
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,7 +51,62 @@ def ensure_ray(
             finally:
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
     _route_worker_lines()
+    interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler (sys.exit): ours again
     return ray.cluster_resources()
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM does what SIGINT does now (KeyboardInterrupt, or Tune's graceful stop while a sweep runs), so
+    that `kill`, a closed terminal or a pod's termination ends a command as cleanly as Ctrl-C."""
+
+    def handler(signum: int, frame: Any) -> None:
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current) and current is not handler:
+            current(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    # Not the main thread (a library caller): signals stay its owner's.
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def preflight(spec: Any, address: str | None, writes: str | None = None) -> None:
+    """What a command would refuse after Ray starts, refused before (in well under 2 s): a malformed
+    RAY_ADDRESS, an output it cannot write, more CPUs than the embedded Ray of this machine has, and a hub
+    base that cannot be downloaded (offline: fails in seconds instead of a minute of retries)."""
+    from cluster.options import ray_address
+    from trainers import storage
+    from trainers.errors import FulcrumError
+    from trainers.models import check_hub_source
+
+    env_address = os.environ.get("RAY_ADDRESS")
+    if not address and env_address:
+        try:
+            ray_address(env_address)
+        except Exception as e:
+            raise FulcrumError(f"RAY_ADDRESS: {e}; fix or unset it") from None
+    if writes:
+        storage.check_writable(writes)
+    if not (address or env_address or ray.is_initialized()):  # the embedded Ray gets this machine's CPUs
+        s = spec.scaling
+        have, need = os.cpu_count() or 1, s.workers * s.cpus_per_worker
+        if need > have:
+            raise spec.section_error(
+                ("scaling", "cpus_per_worker"),
+                f"{s.workers} workers x {s.cpus_per_worker} CPUs = {need:g} CPUs, but this machine has "
+                f"{have}; lower scaling.workers or scaling.cpus_per_worker, or join a larger cluster with "
+                "--address",
+            )
+    sections = [("model", spec.model)]
+    teacher = getattr(spec.objective, "teacher", None)
+    if teacher is not None:
+        sections.append(("objective.teacher", teacher))
+    for name, model in sections:
+        if model.base is not None:
+            check_hub_source(f"{name}.base", model.base, model.revision)
+        if model.tokenizer and model.tokenizer != model.base:
+            check_hub_source(f"{name}.tokenizer", model.tokenizer, model.revision)
 
 
 def alive_nodes() -> int:

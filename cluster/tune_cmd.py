@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
-from rich.console import Console
-
+from cluster import options
+from cluster.console import console, err_console
 from trainers.errors import FulcrumError
-
-console = Console()
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from cluster.local import check_cluster_paths, ensure_ray, run_log
+    from cluster.local import check_cluster_paths, ensure_ray, preflight, run_log
     from trainers import storage
     from trainers.spec import load_spec
+    from trainers.storage import RunLock
+    from tuning.space import check_tune
     from tuning.sweep import resume_sweep, run_sweep, sweep_location
 
     if args.resume:
@@ -22,29 +23,82 @@ def _tune(args: argparse.Namespace) -> int:
             raise FulcrumError(
                 "--resume DIR continues the sweep there; give no SPEC, --output or --overwrite"
             )
-        with run_log(storage.normalize(args.resume)):
-            ensure_ray(args.address)
-            from trainers.export import load_run
+        from trainers.export import load_run
 
-            check_cluster_paths(load_run(args.resume))  # the sweep's spec.yaml, output set to where it is
-            resume_sweep(args.resume, console=console)
-        return 0
+        spec = load_run(args.resume)  # the sweep's spec.yaml, output set to where it is
+        check_tune(spec)
+        location = storage.normalize(args.resume)
+        preflight(spec, args.address, writes=location)
+        with RunLock(location, "fulcrum tune --resume") as lock, run_log(location):
+            _note(lock.note)
+            ensure_ray(args.address)
+            check_cluster_paths(spec)
+            outcome = resume_sweep(location, console=console)
+        return _outcome(outcome, location)
     if not args.spec:
         raise FulcrumError("fulcrum tune: give a SPEC.yaml (with a `tune` section), or --resume DIR")
     spec = load_spec(args.spec)
     if args.output:
         spec.output = storage.normalize(args.output)
+    # Everything that does not need Ray, before Ray: the space, the metric, the schedule, the output.
+    check_tune(spec)
     location = sweep_location(spec)
-    try:
-        with run_log(location):
-            ensure_ray(args.address)
-            # Several nodes: trials run wherever Ray puts them, and the driver collects their runs.
-            check_cluster_paths(spec.model_copy(update={"output": location}))
-            run_sweep(spec, console=console, overwrite=args.overwrite, evaluate=not args.no_eval)
-    except KeyboardInterrupt:
-        console.print(f"interrupted; continue later with `fulcrum tune --resume {location}`")
-        return 130
-    return 0
+    preflight(spec, args.address, writes=location)
+    with RunLock(location, "fulcrum tune") as lock, run_log(location):
+        _note(lock.note)
+        ensure_ray(args.address)
+        # Several nodes: trials run wherever Ray puts them, and the driver collects their runs.
+        check_cluster_paths(spec.model_copy(update={"output": location}))
+        outcome = run_sweep(spec, console=console, overwrite=args.overwrite, evaluate=not args.no_eval)
+    return _outcome(outcome, location)
+
+
+def _note(text: str | None) -> None:
+    if text:
+        err_console.print(f"note: {text}", highlight=False, soft_wrap=True)
+
+
+def _outcome(outcome: dict, location: str) -> int:  # type: ignore[type-arg]
+    """0 for a finished sweep; 130 and one line for one that Ctrl-C / SIGTERM stopped (Tune stops
+    gracefully on SIGINT and returns, so no KeyboardInterrupt reaches the CLI)."""
+    if not outcome.get("interrupted"):
+        return 0
+    rows = outcome.get("rows", [])
+    done = sum(r["status"] in ("completed", "stopped early") for r in rows)
+    err_console.print(
+        f"interrupted: {done} of {len(rows)} trials ended; {outcome['results_csv']} holds the results so far "
+        f"(marked interrupted); continue with `fulcrum tune --resume {shlex.quote(location)}`",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 130
+
+
+def interrupted_sweep(args: argparse.Namespace, again: str) -> str:
+    """The interruption line when Ctrl-C comes outside Tune's own handling (preparing, starting Ray)."""
+    from trainers import storage
+    from trainers.storage import RunDir
+    from tuning.layout import SWEEP_MARKER, TRIALS_DIR
+
+    if args.resume:
+        location = storage.normalize(args.resume)
+    else:
+        from trainers.spec import load_spec
+        from tuning.sweep import sweep_location
+
+        spec = load_spec(args.spec)
+        if args.output:
+            spec.output = storage.normalize(args.output)
+        location = sweep_location(spec)
+    sweep = RunDir(location)
+    if not sweep.exists(SWEEP_MARKER):
+        return f"before the sweep started; nothing was written. Start it again with `{again}`"
+    trials = storage.listdir(sweep / TRIALS_DIR)
+    done = sum(RunDir(storage.join(location, TRIALS_DIR, t)).exists("summary.json") for t in trials)
+    return (
+        f"{done} of {len(trials)} started trials complete in {location}; continue with "
+        f"`fulcrum tune --resume {shlex.quote(location)}`"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -56,10 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tune.add_argument(
         "--resume", metavar="DIR", help="continue an interrupted sweep (finished trials are kept)"
     )
-    tune.add_argument(
-        "--output", help="the sweep directory (default: the spec's output, or runs/<name>-sweep)"
-    )
+    options.add_output(tune, "the sweep directory (default: the spec's output, or runs/<name>-sweep)")
     tune.add_argument("--overwrite", action="store_true", help="replace a previous sweep in the output")
     tune.add_argument("--no-eval", action="store_true", help="skip each trial's before/after comparison")
-    tune.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start one here)")
+    options.add_ray_address(tune)
     tune.set_defaults(func=_tune)

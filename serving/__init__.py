@@ -1,1 +1,2 @@
-"""Ray Serve: one frozen base per replica with hot-swappable adapters (arrives with the serving issue)."""
+"""Ray Serve: one frozen base per replica with hot-swappable adapters behind an OpenAI-compatible API
+(`fulcrum serve`, docs/serving.md)."""

@@ -12,6 +12,7 @@ Three steps, so that a Tune sweep can prepare once and run many trials:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -572,6 +573,7 @@ def run_job(
         )
         report_rows(console, "dropped", dropped)
     console.print(describe_data(spec, prepared))
+    check_free_space(prepared, run_dir)
 
     if not run_dir.is_run():
         run_dir.create(spec.to_yaml())
@@ -580,6 +582,44 @@ def run_job(
     return train_run(
         prepared, run_dir, console=console, evaluate=evaluate, resume=resume, wall_start=wall_start
     )
+
+
+def check_free_space(prepared: PreparedJob, run_dir: RunDir) -> None:
+    """Refuse to train into a local disk that cannot hold the final artifact (a full model is the base's
+    size; an adapter a small part of it): finding out at the end wastes the whole run. Object stores and
+    bases that are not local directories are not estimated."""
+    free = storage.free_bytes(run_dir.location)
+    base = prepared.base_source
+    if free is None or not (storage.is_local(base) and storage.is_dir(base)):
+        return
+    base_bytes = storage.size(base)
+    need = base_bytes if not prepared.spec.is_peft else max(base_bytes // 50, 1 << 16)
+    if need > free:
+        from trainers.report import human_bytes
+
+        raise FulcrumError(
+            f"disk full: {run_dir} has {human_bytes(free)} free, and the final "
+            f"{'adapter' if prepared.spec.is_peft else 'model'} needs about {human_bytes(need)} (checkpoints "
+            "more); free some space or set `output` on a disk with room. Nothing was written"
+        )
+
+
+def _disk_full_in(err: BaseException, run_dir: RunDir) -> FulcrumError | None:
+    """A worker that ran out of disk arrives as a wrapped OSError; say it as the one line it is."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if "No space left on device" in str(e):
+            return FulcrumError(
+                f"disk full while writing {run_dir}: the run stopped; free some space (or move the run to a "
+                f"disk with room) and continue with `fulcrum train --resume {run_dir}`"
+            )
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def report_rows(console: Console, what: str, rows: list[str], show: int = 5) -> None:
@@ -626,7 +666,11 @@ def train_run(
     plot_loss(run_dir)
     if "error" in outcome:
         err = outcome["error"]
-        run_dir.write_text("error.log", "".join(traceback.format_exception(err)))
+        with contextlib.suppress(Exception):  # a full disk: the error itself is what matters
+            run_dir.write_text("error.log", "".join(traceback.format_exception(err)))
+        full = _disk_full_in(err, run_dir)
+        if full is not None:
+            raise full from None
         user = user_error_in(err)
         if user is not None:
             raise user

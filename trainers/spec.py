@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from trainers.errors import SpecError
+from trainers.validation import located, spec_error
 
 
 def _no_bool(value: Any) -> Any:
@@ -410,19 +411,7 @@ class JobSpec(_Section):
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            errors = e.errors()
-            first = errors[0]
-            loc = (name, *first["loc"])
-            if first["type"] == "extra_forbidden":
-                allowed = ", ".join(sorted(_model_at_path(model, first["loc"][:-1]) or []))
-                msg = f"unknown field `{first['loc'][-1]}`" + (f"; allowed: {allowed}" if allowed else "")
-            elif first["type"] == "missing":
-                msg = "required field is missing"
-            else:
-                msg = f"{first['msg']} (got {first.get('input')!r})"
-            more = len(errors) - 1
-            extra = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
-            raise self.section_error(loc, msg + extra) from None
+            raise spec_error(e, self._source, self._text, prefix=(name,), model=model, data=data) from None
 
     # ---- derived values the loop and the CLI share
     @property
@@ -519,26 +508,6 @@ class _FieldProblem(Exception):
 
 
 # --------------------------------------------------------------------------- loading
-def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
-    """Map each key path in the YAML text to its 1-based line, for error messages."""
-    lines: dict[tuple[str | int, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                lines[(*path, str(key.value))] = key.start_mark.line + 1
-                walk(value, (*path, str(key.value)))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, (*path, i))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
 def _duplicate_key(text: str) -> tuple[str, int, int] | None:
     """The first key written twice in one mapping: (dotted path, first line, second line). PyYAML would
     silently keep the last one."""
@@ -614,88 +583,9 @@ def _config_problem(config: dict[str, Any]) -> tuple[tuple[str, ...], str] | Non
     return None
 
 
-def _line_for(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int | None:
-    for end in range(len(loc), -1, -1):  # the deepest key that exists in the file
-        if loc[:end] in lines and (end or len(lines) == 1):
-            return lines[loc[:end]]
-    return None
-
-
 def located_error(source: str, text: str | None, loc: tuple[str | int, ...], msg: str) -> SpecError:
-    """`source:line: field.path: msg`, the line found from the YAML text when there is one."""
-    line = _line_for(_key_lines(text), loc) if text else None
-    where = f"{source}:{line}" if line else source
-    field = ".".join(str(p) for p in loc) or "(top level)"
-    return SpecError(f"{where}: {field}: {msg}")
-
-
-def _model_at_path(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names of the (nested) pydantic model at `loc`, for 'allowed:' hints."""
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return list(model.model_fields)
-
-
-_TAGGED = ("method", "objective")  # discriminated unions: pydantic puts the tag into the path
-_TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}
-
-
-def _explain(err: dict[str, Any], data: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
-    # Union members appear in the path as e.g. `function-before[...]` or `literal['auto']`: not fields.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
-    if len(loc) >= 2 and loc[0] in _TAGGED and isinstance(data.get(loc[0]), dict):
-        loc = (loc[0], *loc[2:])  # drop the tag pydantic inserted
-    if err["type"] == "finite_number":
-        return loc, f"{err.get('input')!r} is not a finite number; give a finite value"
-    if err["type"] == "value_error" and "boolean" in err["msg"]:
-        return loc, err["msg"].removeprefix("Value error, ") + "; write a number"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        field = str(loc[-1])
-        model = _model_at(loc[:-1], data)
-        allowed = sorted(model.model_fields) if model else []
-        hint = difflib.get_close_matches(field, allowed, n=1)
-        where = (
-            f"method `{data['method'].get('kind')}`"
-            if loc[0] == "method"
-            else f"`{'.'.join(map(str, loc[:-1])) or 'the spec'}`"
-        )
-        msg = f"unknown field `{field}` for {where}"
-        msg += f"; did you mean `{hint[0]}`?" if hint else f"; allowed: {', '.join(allowed)}"
-        return loc, msg
-    if kind == "missing":
-        return loc, "required field is missing"
-    if kind == "union_tag_invalid":
-        return (
-            *loc,
-            "kind",
-        ), f"unknown kind {err['input'].get('kind')!r}; choose one of {err['ctx']['expected_tags']}"
-    if kind == "union_tag_not_found":
-        return (*loc, "kind"), "`kind` is missing"
-    return loc, f"{err['msg']} (got {err.get('input')!r})"
-
-
-def _model_at(loc: tuple[str | int, ...], data: dict[str, Any]) -> type[BaseModel] | None:
-    model: type[BaseModel] = JobSpec
-    for part in loc:
-        if part == "method" and model is JobSpec:
-            model = METHOD_CLASSES.get(data.get("method", {}).get("kind"))  # type: ignore[assignment]
-        elif part == "objective" and model is JobSpec:
-            model = OBJECTIVE_CLASSES.get(data.get("objective", {}).get("kind"))  # type: ignore[assignment]
-        else:
-            ann = (
-                model.model_fields[str(part)].annotation
-                if model and str(part) in model.model_fields
-                else None
-            )
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None  # type: ignore[assignment]
-        if model is None:
-            return None
-    return model
+    """`source:line: field.path: msg` as a SpecError (trainers/validation.py finds the line)."""
+    return SpecError(located(source, text, loc, msg))
 
 
 def _is_local(value: str, spec_dir: Path) -> bool:
@@ -724,14 +614,9 @@ def parse_spec(
     data: Any, source: str = "spec", text: str | None = None, spec_dir: Path | None = None
 ) -> JobSpec:
     """Validate a spec given as a dict; `text` (the YAML) lets errors name lines."""
-    lines = _key_lines(text) if text else {}
 
-    def fail(loc: tuple[str | int, ...], msg: str, more: int = 0) -> SpecError:
-        line = _line_for(lines, loc)
-        where = f"{source}:{line}" if line else source
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        extra = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
-        return SpecError(f"{where}: {field}: {msg}{extra}")
+    def fail(loc: tuple[str | int, ...], msg: str) -> SpecError:
+        return located_error(source, text, loc, msg)
 
     if not isinstance(data, dict):
         raise fail((), "the spec must be a YAML mapping with name, model, method, objective and data")
@@ -741,9 +626,7 @@ def parse_spec(
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
-        errors = e.errors()
-        loc, msg = _explain(errors[0], data)
-        raise fail(loc, msg, len(errors) - 1) from None
+        raise spec_error(e, source, text, model=JobSpec, data=data) from None
     try:
         _check_consistency(spec)
     except _FieldProblem as p:

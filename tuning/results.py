@@ -18,38 +18,54 @@ from trainers import storage
 from trainers.errors import FulcrumError
 from trainers.spec import JobSpec
 from trainers.storage import RunDir
+from tuning.layout import TRIALS_DIR
 from tuning.space import TuneSpec
 
-STATUS_ORDER = {"completed": 0, "stopped early": 1, "error": 2}
+STATUS_ORDER = {"completed": 0, "stopped early": 1, "interrupted": 2, "error": 3}
+INTERRUPTED = "interrupted"
+
+
+def _trial_states(grid: Any) -> list[str | None]:
+    """Tune's status of each trial (TERMINATED, ERROR, RUNNING, PENDING...), in the grid's order: the
+    ResultGrid keeps them only on its (non-public) analysis, so an older or newer Ray gives Nones."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return [getattr(t, "status", None) for t in trials]
 
 
 def trial_rows(grid: Any, tune_spec: TuneSpec, sweep: RunDir) -> list[dict[str, Any]]:
     """One row per trial from Tune's results (each trial's last report), ranked: completed trials by the
-    metric, then the ones ASHA stopped early by the metric they had, then failed ones."""
-    from tuning.sweep import TRIALS_DIR
-
+    metric, then the ones ASHA stopped early by the metric they had, then interrupted ones (a sweep stopped
+    by Ctrl-C), then failed ones. A trial interrupted before its first report has no metrics, path or config
+    yet: every field is read defensively."""
     rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        if result.error is not None:
+    results = list(grid)
+    states = _trial_states(grid)
+    for i, result in enumerate(results):
+        metrics = getattr(result, "metrics", None) or {}
+        path = getattr(result, "path", None)
+        trial_id = str(metrics.get("trial_id") or (Path(path).name if path else f"trial-{i}"))
+        error = getattr(result, "error", None)
+        state = states[i] if i < len(states) else None
+        if error is not None:
             status = "error"
         elif metrics.get("final"):
             status = "completed"
-        else:
+        elif state in (None, "TERMINATED"):
             status = "stopped early"
+        else:  # RUNNING / PENDING / PAUSED when the sweep was stopped
+            status = INTERRUPTED
         value = metrics.get(tune_spec.metric)
-        history = result.metrics_dataframe
+        config = getattr(result, "config", None) or {}
         rows.append(
             {
                 "trial": trial_id,
                 "status": status,
                 "metric": value if isinstance(value, int | float) else None,
                 "steps": metrics.get("step"),
-                "config": {k: result.config.get(k) for k in tune_spec.space},
+                "config": {k: config.get(k) for k in tune_spec.space},
                 "run_dir": storage.join(sweep.location, TRIALS_DIR, trial_id),
-                "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
-                "curve": _curve(history, tune_spec.metric),
+                "error": None if error is None else (str(error).strip().splitlines() or [""])[-1][:300],
+                "curve": _curve(getattr(result, "metrics_dataframe", None), tune_spec.metric),
             }
         )
     sign = 1 if tune_spec.mode == "min" else -1
@@ -73,11 +89,17 @@ def _curve(history: Any, metric: str) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in zip(points["step"], points[metric], strict=True)]
 
 
-def write_csv(rows: list[dict[str, Any]], tune_spec: TuneSpec, sweep: RunDir) -> str:
+def write_csv(
+    rows: list[dict[str, Any]], tune_spec: TuneSpec, sweep: RunDir, interrupted: bool = False
+) -> str:
+    """results.csv. An interrupted sweep's has a `sweep` column that says `interrupted` on every row (the
+    file is not final: `fulcrum tune --resume` rewrites it), and its unfinished trials say so as status."""
     keys = list(tune_spec.space)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["rank", "trial", "status", tune_spec.metric, "steps", *keys, "run_dir", "error"])
+    writer.writerow(
+        ["rank", "trial", "status", tune_spec.metric, "steps", *keys, "run_dir", "error", "sweep"]
+    )
     for row in rows:
         writer.writerow(
             [
@@ -89,6 +111,7 @@ def write_csv(rows: list[dict[str, Any]], tune_spec: TuneSpec, sweep: RunDir) ->
                 *(row["config"].get(k) for k in keys),
                 row["run_dir"],
                 row["error"] or "",
+                INTERRUPTED if interrupted else "complete",
             ]
         )
     location = sweep / "results.csv"
@@ -141,15 +164,37 @@ def export_best(best: dict[str, Any], sweep: RunDir) -> str:
 
 
 def finish_sweep(
-    spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir, grid: Any, console: Console
+    spec: JobSpec,
+    tune_spec: TuneSpec,
+    sweep: RunDir,
+    grid: Any,
+    console: Console,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
+    """results.csv, the ranked table, the plots and best/. An interrupted sweep writes results.csv (marked
+    `interrupted`) and its table, titled so, but no best/: the best so far is not the sweep's best."""
     from tuning.plots import plot_curves, plot_metric_vs_lr
 
     rows = trial_rows(grid, tune_spec, sweep)
-    if not rows:
+    if not rows and not interrupted:
         raise FulcrumError(f"the sweep in {sweep} ran no trials")
-    csv_location = write_csv(rows, tune_spec, sweep)
-    console.print(ranked_table(rows, tune_spec))
+    csv_location = write_csv(rows, tune_spec, sweep, interrupted)
+    table = ranked_table(rows, tune_spec)
+    if interrupted:
+        table.title = f"INTERRUPTED: {table.title} so far (not final)"
+    console.print(table)
+    if interrupted:
+        completed = sum(r["status"] == "completed" for r in rows)
+        return {
+            "sweep": sweep.location,
+            "rows": rows,
+            "best": None,
+            "best_dir": None,
+            "interrupted": True,
+            "completed": completed,
+            "results_csv": csv_location,
+            "plots": [],
+        }
     for row in rows:
         if row["error"]:
             console.print(f"[red]trial {row['trial']} failed:[/] {row['error']}")
@@ -178,4 +223,5 @@ def finish_sweep(
         "trial_steps": sum(r["steps"] or 0 for r in rows),
         "results_csv": csv_location,
         "plots": plots,
+        "interrupted": False,
     }

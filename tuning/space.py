@@ -290,6 +290,104 @@ def check_space(spec: JobSpec, tune_spec: TuneSpec) -> None:
             )
 
 
+# --------------------------------------------------------------------------- metric and schedule
+# What each objective's evaluation adds to eval_loss (the `stats` its loss returns; trainers/objectives.py).
+OBJECTIVE_EVAL_STATS = {
+    "cpt": (),
+    "sft": (),
+    "dpo": ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"),
+    "distill": ("kl", "ce"),
+}
+
+
+def has_eval(spec: JobSpec) -> bool:
+    return spec.data.eval is not None or spec.data.eval_fraction > 0
+
+
+def reported_metrics(spec: JobSpec) -> list[str]:
+    """The metrics a trial reports to Tune (trainers/loop.py): the training loss every step, and at each
+    evaluation eval_loss plus the objective's eval statistics (only when the spec has eval data)."""
+    names = ["loss"]
+    if has_eval(spec):
+        names += ["eval_loss", *(f"eval_{s}" for s in OBJECTIVE_EVAL_STATS.get(spec.objective.kind, ()))]
+    return names
+
+
+def check_metric(spec: JobSpec, tune_spec: TuneSpec) -> None:
+    """`tune.metric` must be a metric the trials report: a misspelt one would otherwise fail only after
+    the first trial has trained."""
+    import difflib
+
+    names = reported_metrics(spec)
+    metric = tune_spec.metric
+    if metric in names:
+        return
+    if metric.startswith("eval_") and not has_eval(spec):
+        raise spec.section_error(
+            ("tune", "metric"),
+            f"{metric} needs eval data, and this spec has none (data.eval unset, data.eval_fraction 0); "
+            "set data.eval or data.eval_fraction, or use `metric: loss`",
+        )
+    hint = difflib.get_close_matches(metric, names, n=1)
+    raise spec.section_error(
+        ("tune", "metric"),
+        f"`{metric}` is not a metric the trials report ({', '.join(names)} for objective "
+        f"`{spec.objective.kind}`)" + (f"; did you mean `{hint[0]}`?" if hint else ""),
+    )
+
+
+def _least_steps(spec: JobSpec, tune_spec: TuneSpec) -> int | None:
+    """The fewest steps a trial can run, when the spec (or the space) fixes them with train.max_steps."""
+    if "train.max_steps" in tune_spec.space:
+        values = [v for v in candidates(tune_spec.space["train.max_steps"]) if isinstance(v, int)]
+        return min(values) if values else None
+    return spec.train.max_steps
+
+
+def check_schedule(spec: JobSpec, tune_spec: TuneSpec, steps: int | None = None) -> None:
+    """Refuse schedules that cannot do what they say: more evaluations than a trial has steps, and an ASHA
+    grace period that reaches past the last rung (ASHA decides at evaluations 1 .. evals-1; the last one
+    is the trial's final report, never stopped), so it could never stop a trial."""
+    least = steps if steps is not None else _least_steps(spec, tune_spec)
+    if least is not None and tune_spec.evals > least:
+        raise spec.section_error(
+            ("tune", "evals"),
+            f"{tune_spec.evals} evaluations per trial, but a trial runs {least} steps; at most one "
+            f"evaluation per step: set tune.evals to {least} or less, or raise train.max_steps",
+        )
+    sched = tune_spec.scheduler
+    if sched.kind == "asha" and sched.grace_period >= tune_spec.evals:
+        raise spec.section_error(
+            ("tune", "scheduler", "grace_period"),
+            f"{sched.grace_period} with tune.evals {tune_spec.evals}: ASHA stops trials only at evaluations "
+            f"1..{tune_spec.evals - 1}, so this grace period never lets it stop one; lower grace_period "
+            f"below {tune_spec.evals}, raise tune.evals, or set scheduler.kind: none",
+        )
+
+
+def expected_trials(tune_spec: TuneSpec) -> int:
+    """How many trials the sweep runs: num_samples, times the grid's size when some values are a grid."""
+    grid = 1
+    for sampler in tune_spec.space.values():
+        if "grid" in sampler or (tune_spec.search.kind == "grid" and "choice" in sampler):
+            grid *= len(next(iter(sampler.values())))
+    return tune_spec.num_samples * grid
+
+
+def check_tune(spec: JobSpec) -> str:
+    """Every check `fulcrum tune` makes before Ray starts; a one-line summary of the sweep."""
+    tune_spec = load_tune(spec)
+    check_metric(spec, tune_spec)  # the cheap checks first: a misspelt metric fails in well under a second
+    check_schedule(spec, tune_spec)
+    check_space(spec, tune_spec)
+    sched = tune_spec.scheduler
+    return (
+        f"{expected_trials(tune_spec)} trials over {', '.join(tune_spec.space)}; {tune_spec.metric} "
+        f"({tune_spec.mode}), {tune_spec.evals} evaluations per trial, "
+        + (f"ASHA from evaluation {sched.grace_period}" if sched.kind == "asha" else "no early stopping")
+    )
+
+
 def _culprit(spec: JobSpec, config: dict[str, Any], values: dict[str, list[Any]]) -> str:
     """The swept field whose value alone makes the spec invalid, else the first of the combination."""
     first = {k: v[0] for k, v in values.items()}
@@ -308,13 +406,19 @@ def _after_source(message: str) -> str:
 
 
 __all__ = [
+    "OBJECTIVE_EVAL_STATS",
     "SchedulerSpec",
     "SearchSpec",
     "TuneSpec",
     "apply_overrides",
+    "check_metric",
+    "check_schedule",
     "check_space",
+    "check_tune",
     "data_key",
+    "expected_trials",
     "load_tune",
     "param_space",
+    "reported_metrics",
     "trial_spec",
 ]

@@ -28,13 +28,21 @@ from trainers.errors import FulcrumError
 from trainers.run import PreparedJob, check_resources, prepare_job, resolve_gpus, run_state
 from trainers.spec import JobSpec, load_spec
 from trainers.storage import RunDir
-from tuning.space import TuneSpec, check_space, load_tune, param_space, set_eval_cadence, trial_spec
+from tuning.layout import SWEEP_MARKER, TIME_ATTR, TRIALS_DIR, TUNE_DIR
+from tuning.results import finish_sweep
+from tuning.space import (
+    TuneSpec,
+    check_metric,
+    check_schedule,
+    check_space,
+    expected_trials,
+    load_tune,
+    param_space,
+    set_eval_cadence,
+    trial_spec,
+)
 
-SWEEP_MARKER = ".fulcrum-sweep"
-TUNE_DIR = "tune"
-TRIALS_DIR = "trials"
 TRIAL_CPU = 0.01  # the trial function's own share: it only drives the TorchTrainer
-TIME_ATTR = "rung"  # the evaluation's index within a trial; 0 on the final report (see _TrialReports)
 
 
 # --------------------------------------------------------------------------- inside a trial
@@ -252,7 +260,7 @@ def check_sweep_dir(sweep: RunDir, overwrite: bool) -> None:
         return
     is_sweep = sweep.exists(SWEEP_MARKER)
     if overwrite and is_sweep:
-        storage.remove(sweep.location)
+        storage.remove_contents(sweep.location)  # not the lock this process holds
         return
     raise FulcrumError(
         f"output: {sweep} "
@@ -269,8 +277,11 @@ def check_sweep_dir(sweep: RunDir, overwrite: bool) -> None:
 def prepare_sweep(spec: JobSpec, console: Console) -> tuple[TuneSpec, PreparedJob]:
     """Checks (before any trial), then the data, prepared once for all trials."""
     tune_spec = load_tune(spec)
+    check_metric(spec, tune_spec)
+    check_schedule(spec, tune_spec)
     check_space(spec, tune_spec)
     prepared = prepare_job(spec, console)
+    check_schedule(spec, tune_spec, steps=prepared.steps)  # epochs: the steps are known now
     if tune_spec.metric.startswith("eval_") and prepared.data.eval is None:
         raise spec.section_error(
             ("tune", "metric"),
@@ -292,6 +303,8 @@ def run_sweep(
     console = console or Console()
     sweep = RunDir(sweep_location(spec))
     tune_spec = load_tune(spec)
+    check_metric(spec, tune_spec)
+    check_schedule(spec, tune_spec)
     check_space(spec, tune_spec)
     _search(tune_spec)  # a missing optuna stops us here, before anything is written
     check_sweep_dir(sweep, overwrite)
@@ -325,8 +338,6 @@ def _fit(
     restore: bool,
 ) -> dict[str, Any]:
     from ray import tune
-
-    from tuning.results import finish_sweep
 
     feed = TrialFeed(tune_spec.metric)
     keys = list(tune_spec.space)
@@ -384,7 +395,9 @@ def _fit(
         grid = tuner.fit()
     if not console.is_terminal:
         console.print(feed.render(keys))
-    outcome = finish_sweep(spec, tune_spec, sweep, grid, console)
+    # Ctrl-C (or SIGTERM) makes Tune stop gracefully and return: some trials then never ended.
+    interrupted = grid.num_terminated + grid.num_errors < len(grid) or len(grid) < expected_trials(tune_spec)
+    outcome = finish_sweep(spec, tune_spec, sweep, grid, console, interrupted=interrupted)
     outcome["live"] = feed.rows  # what the live table showed, for the record (and the tests)
     return outcome
 

@@ -121,12 +121,21 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
             assert time.time() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        # Ctrl-C between trials: Tune stops gracefully, results.csv so far is written and marked.
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "AttributeError" not in text, text[-3000:]
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    assert last.startswith("interrupted: "), last
+    assert last.endswith(f"continue with `fulcrum tune --resume {sweep}`"), last
+    marked = csv_rows(sweep)
+    assert marked and all(r["sweep"] == "interrupted" for r in marked), marked
+    assert any(r["status"] == "completed" for r in marked) and not (sweep / "best").exists()
     [first] = [p.parent for p in sweep.glob("trials/*/summary.json")]
     first_summary = (first / "summary.json").read_bytes()
     first_mtime = (first / "summary.json").stat().st_mtime_ns
-    assert not (sweep / "results.csv").exists()
 
     out = resume_sweep(str(sweep), console=Console(file=io.StringIO(), width=150))
     rows = out["rows"]
@@ -138,3 +147,4 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     steps = [r["step"] for r in read_metrics(first) if r.get("event") == "step"]
     assert steps == [1, 2, 3, 4]
     assert len(csv_rows(sweep)) == 3 and (sweep / "best/adapter").is_dir()
+    assert all(r["sweep"] == "complete" for r in csv_rows(sweep))
