@@ -306,6 +306,8 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
             return f"{args.run_dir}/eval.json is unchanged; run `{again}` again"
         if args.command == "export":
             return f"nothing was exported (an export appears only when complete); run `{again}` again"
+        if args.command == "serve":
+            return f"the server is stopped; start it again with `{again}`"
     except Exception:  # the message must not fail: say the least
         pass
     return f"nothing was changed; run `{again}` again"

@@ -17,9 +17,11 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -311,7 +313,7 @@ def ask(url: str, config: Any, prompt: str, max_tokens: int) -> tuple[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cluster.cli import console
+    from cluster.console import console
     from cluster.local import ensure_ray
 
     config = config_from_args(args)
@@ -356,5 +358,7 @@ def _run(args: argparse.Namespace, config: Any, console: Any, log_file: Path) ->
         time.sleep(0)
     with console.status("shutting Serve down"):
         stop(config)
-    console.print("stopped")
-    return 0
+    # A stopped server has nothing to resume: what it served is in the YAML (and the registry file).
+    again = shlex.join(["fulcrum", *sys.argv[1:]])
+    console.print(f"interrupted: the server is stopped; start it again with `{again}`", soft_wrap=True)
+    return 130

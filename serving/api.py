@@ -31,6 +31,7 @@ from serving import metrics, registry
 from serving.config import adapter_roots, is_uri, valid_id
 from serving.constrained import GrammarError, parse_tool_calls, response_format_grammar, tools_grammar
 from serving.types import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS
+from trainers.validation import explain
 
 log = logging.getLogger(__name__)
 # How often an ingress re-reads the registry file for registrations made through another ingress replica
@@ -321,18 +322,10 @@ def _parse(model: type[BaseModel], data: Any) -> Any:
         raise ApiError("the request body must be a JSON object", 400)
     try:
         return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = _param(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown field `{param}`"
-        elif err["type"] == "missing":
-            msg = f"`{param}` is required"
-        else:
-            shown = repr(err.get("input"))
-            shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            msg = f"`{param}`: {err['msg'].removeprefix('Value error, ')} (got {shown})"
-        raise ApiError(msg, 400, param, code="invalid_value") from None
+    except ValidationError as e:  # one explanation for the spec, the serve YAML and the API
+        loc, msg = explain(e, model, data)
+        param = _param(loc)
+        raise ApiError(f"`{param}`: {msg}" if param else msg, 400, param, code="invalid_value") from None
 
 
 def _check_tree(data: Any) -> None:

@@ -296,9 +296,9 @@ class ModelReplica:
                 except AdapterError as e:
                     if e.status != 404 or engine_id is None:
                         raise
-                    # The engine dropped it on its own: attach it again and go on.
-                    local = self._local.get(engine_id) or await _local_copy(job["adapter_path"])
-                    await asyncio.to_thread(self.engine.add_adapter, engine_id, local)
+                    # Serve's multiplex evicted it (from its executor thread) right after handing it to us;
+                    # ask the multiplex again, so that it reloads it and keeps its own count of what is held.
+                    await self._get_adapter(engine_id)
                     events = self._events(prompt_ids, engine_id, params)
         except (ApiError, AdapterError) as e:
             if isinstance(e, ApiError) and e.status >= 500:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainers.errors import SpecError
 from trainers.spec import ModelSpec, located_error, read_yaml
+from trainers.validation import spec_error
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a name, never a path; see valid_id
 
@@ -262,17 +263,8 @@ def parse_serve_config(
         raise fail((), "the serve config must be a YAML mapping with at least `model` and `adapters`")
     try:
         config = ServeConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(err["loc"])
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown field `{loc[-1]}`"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        else:
-            msg = f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
-        more = len(e.errors()) - 1
-        raise fail(loc, msg + (f" (+{more} more)" if more else "")) from None
+    except ValidationError as e:  # one explanation for the spec, the serve YAML and the API
+        raise spec_error(e, source, text, model=ServeConfig, data=data) from None
 
     config_dir = config_dir or Path.cwd()
     for adapter_id, path in list(config.adapters.items()):

@@ -281,7 +281,8 @@ def build_trainer(
     from trainers.loop import train_loop_per_worker
 
     spec = prepared.spec
-    forget_stale_snapshot(run_dir)
+    latest = resume_point(run_dir)
+    forget_stale_snapshot(run_dir, latest)
     gpus = resolve_gpus(spec)
     resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     config = prepared.worker_config() | {
@@ -289,7 +290,7 @@ def build_trainer(
         "evaluate": evaluate,
         "run_dir": run_dir.location,
         "have_before": run_dir.exists("eval_before.json"),
-        "resume_from": run_dir / latest if (latest := run_dir.latest_checkpoint()) else None,
+        "resume_from": run_dir / latest if latest else None,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -311,22 +312,37 @@ def build_trainer(
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
 
 
-def forget_stale_snapshot(run_dir: RunDir) -> None:
+def resume_point(run_dir: RunDir) -> str | None:
+    """The checkpoint a run continues from: the newest complete one whose steps metrics.jsonl already holds.
+    On an object store the driver writes metrics in batches, so a driver killed between a checkpoint and its
+    next flush leaves steps that only the checkpoint knows; continuing from the one before replays them,
+    so every step is in the metrics once. (No checkpoint that old: the newest, and the gap stays.)"""
+    found = run_dir.checkpoints()
+    steps = [r["step"] for r in read_metrics(run_dir) if r.get("event") == "step"]
+    if not found or not steps:
+        return found[-1] if found else None
+    recorded = [name for name in found if int(name.removeprefix("checkpoint_") or 0) <= max(steps)]
+    return recorded[-1] if recorded else found[-1]
+
+
+def forget_stale_snapshot(run_dir: RunDir, resume: str | None = None) -> None:
     """Ray Train refuses to start in a run directory whose snapshot names a checkpoint that is gone (deleted,
-    cut short, or `final` removed by hand). fulcrum resumes from its own latest complete checkpoint
-    (`resume_from`) anyway, so such a snapshot is dropped rather than ending the run."""
+    cut short, or `final` removed by hand), and it restores its own latest checkpoint before fulcrum's
+    `resume_from`. When the snapshot names a missing checkpoint, or a latest one other than `resume`, it is
+    dropped: the run continues from fulcrum's choice."""
     if not run_dir.exists(RAY_SNAPSHOT):
         return
     try:
         snapshot = json.loads(run_dir.read_text(RAY_SNAPSHOT))
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
         results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {}]
         named = {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
     except Exception:  # unreadable, or another Ray version's shape: Ray could not use it either
-        named = {"?"}
+        latest, named = None, {"?"}
     complete = set(run_dir.checkpoints())
     if run_dir.exists("final/trainer_state.json"):
         complete.add("final")
-    if named - complete:
+    if named - complete or (resume is not None and latest not in (None, resume, "final")):
         storage.remove(run_dir / RAY_SNAPSHOT)
 
 
@@ -642,7 +658,7 @@ def train_run(
     """Train one prepared job into an existing run directory and finish it. A Tune trial calls this with
     its own spec (`dataclasses.replace(prepared, spec=...)`) and Tune's report callback."""
     wall_start = wall_start or time.time()
-    latest = run_dir.latest_checkpoint()
+    latest = resume_point(run_dir)
     start_step = run_dir.read_json(f"{latest}/trainer_state.json")["step"] if latest else 0
     if resume:
         console.print(

@@ -71,7 +71,13 @@ def _explain_one(
         return (*loc, "kind"), f"unknown kind {tag!r}; choose one of {err['ctx']['expected_tags']}"
     if kind == "union_tag_not_found":
         return (*loc, "kind"), "`kind` is missing"
-    return loc, f"{text} (got {err.get('input')!r})"
+    return loc, f"{text} (got {_shown(err.get('input'))})"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """The offending value, cut short: a 1 MB string does not belong in an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...], data: Any = None) -> list[str] | None:

@@ -56,7 +56,7 @@ def test_check_cluster_paths(tmp_path: Path) -> None:
     assert message.count("\n") == 0
     assert message.startswith(f"{tmp_path / 'spec.yaml'}:")
     assert f"output: {tmp_path / 'runs' / 'x'} is a local path, but the Ray cluster has 3 nodes" in message
-    assert "URI (s3://bucket/...)" in message and "storage: {mount_path" in message
+    assert "URI (s3://bucket/...)" in message and "declared as storage.mount_path" in message
 
     shared = tiny_spec(tmp_path, output=str(tmp_path / "runs" / "x"), storage={"mount_path": str(tmp_path)})
     spec = load_spec(write_spec(tmp_path, shared))

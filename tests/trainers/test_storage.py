@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainers import storage
-from trainers.run import RAY_SNAPSHOT, forget_stale_snapshot
+from trainers.run import RAY_SNAPSHOT, forget_stale_snapshot, resume_point
 from trainers.storage import RunDir
 
 
@@ -52,3 +52,22 @@ def test_a_snapshot_naming_a_missing_checkpoint_is_dropped(tmp_path: Path) -> No
     forget_stale_snapshot(run)
     assert not run.exists(RAY_SNAPSHOT)
     assert json.loads(run.read_text("checkpoint_000002/trainer_state.json")) == {"step": 2}
+
+
+def test_a_resume_continues_from_the_newest_checkpoint_the_metrics_cover(tmp_path: Path) -> None:
+    """On an object store a killed driver may lose its last unflushed steps: the resume starts where the
+    metrics still cover, so each step is recorded once and none is missing."""
+    run = RunDir(str(tmp_path / "run"))
+    assert resume_point(run) is None
+    for step in (2, 4):
+        storage.write_json(run / f"checkpoint_{step:06d}/trainer_state.json", {"step": step})
+    assert resume_point(run) == "checkpoint_000004"  # no metrics at all: the newest
+    storage.append_text(
+        run / "metrics.jsonl", "".join(json.dumps({"event": "step", "step": s}) + "\n" for s in (1, 2, 3))
+    )
+    assert resume_point(run) == "checkpoint_000002"
+    _snapshot(run, "checkpoint_000002", "checkpoint_000004")  # Ray would restore checkpoint 4 first
+    forget_stale_snapshot(run, "checkpoint_000002")
+    assert not run.exists(RAY_SNAPSHOT)
+    storage.append_text(run / "metrics.jsonl", json.dumps({"event": "step", "step": 4}) + "\n")
+    assert resume_point(run) == "checkpoint_000004"
