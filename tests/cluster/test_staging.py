@@ -69,7 +69,7 @@ def test_several_nodes_refuse_paths_they_cannot_share(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path, output="/home/me/runs/tiny")
     workload = load_workload(write_spec(tmp_path, spec))
     message = r"spec.yaml:\d+: output: /home/me/runs/tiny is a local path, but the Ray cluster has 3 nodes"
-    with pytest.raises(SpecError, match=message + r".*storage: \{mount_path"):
+    with pytest.raises(SpecError, match=message + r".*declared as storage.mount_path"):
         stage(workload, tmp_path / "j", address=REMOTE, nodes=3)
     # under the declared shared mount it goes, and so does a URI
     spec = tiny_spec(tmp_path, output="/mnt/shared/runs/tiny", storage={"mount_path": "/mnt/shared"})
