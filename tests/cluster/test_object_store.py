@@ -81,3 +81,43 @@ def test_the_per_node_cache_downloads_once_per_version(s3: Any, tmp_path: Path) 
     assert single.read_text() == "changed, and longer"
     with pytest.raises(storage.FulcrumError, match="not found"):
         storage.cached_local(s3.unique_uri("missing"))
+
+
+def test_one_writer_per_run_on_s3_through_a_lease(s3: Any) -> None:
+    """The run lock on an object store: a lease object with the holder's host, pid and start; a second
+    writer is refused naming it; an expired lease (a dead driver elsewhere) is taken over with a note."""
+    import os
+    import socket
+    import time
+
+    run = s3.unique_uri("locked")
+    first = storage.RunLock(run, command="fulcrum train a.yaml")
+    first.acquire()
+    try:
+        with pytest.raises(storage.RunBusy) as refused:
+            storage.RunLock(run, command="fulcrum train --resume").acquire()
+        message = str(refused.value)
+        assert f"pid {os.getpid()}" in message and socket.gethostname() in message, message
+        assert "fulcrum train a.yaml" in message
+    finally:
+        first.release()
+    assert not storage.exists(storage.join(run, storage.HOLDER))
+
+    # A lease last renewed long ago by a process on another machine: stale, taken over.
+    storage.write_json(
+        storage.join(run, storage.HOLDER),
+        {
+            "command": "fulcrum train",
+            "host": "gone-node",
+            "pid": 1,
+            "started": "x",
+            "token": "t",
+            "expires": time.time() - 1,
+        },
+    )
+    taker = storage.RunLock(run)
+    taker.acquire()
+    try:
+        assert taker.note is not None and "gone-node" in taker.note
+    finally:
+        taker.release()
