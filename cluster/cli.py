@@ -30,7 +30,7 @@ def _note(text: str | None) -> None:
 def _train(args: argparse.Namespace) -> int:
     from cluster.local import check_cluster_paths, ensure_ray, preflight, run_log
     from trainers import storage
-    from trainers.run import check_output, is_retry_of, refuse_overlap, resume_job, run_job
+    from trainers.run import check_output, is_retry_of, refuse_overlap, resume_job, resume_point, run_job
     from trainers.spec import load_spec
     from trainers.storage import RunDir, RunLock
 
@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
             run.remove_run()  # only a marked run, and only while we hold its lock: never a live one
         retry = not args.overwrite and is_retry_of(spec, run)
         if retry:
-            latest = run.latest_checkpoint()
+            latest = resume_point(run)  # the checkpoint run_job continues from, not merely the newest
             console.print(
                 f"{run} holds a run of this same spec: continuing it "
                 + (f"from {latest}" if latest else "(no checkpoint yet: from step 0)")

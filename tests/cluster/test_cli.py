@@ -334,3 +334,22 @@ def test_sigint_mid_training_exits_130_with_the_resume_command(
     assert last.startswith(f"interrupted: {run} has checkpoint_"), last
     assert last.endswith(f"continue with `fulcrum train --resume {run}`"), last
     assert not (run / "summary.json").exists() and not (run / HOLDER).exists()
+
+
+def test_sigterm_while_eval_starts_ray_exits_130(tmp_path: Path) -> None:
+    """`fulcrum eval` interrupted while it starts Ray: exit 130, eval.json untouched, the command again."""
+    spec = tiny_spec(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(write_spec(tmp_path, spec).read_text())
+    (run / ".fulcrum-run").write_text("{}")
+    (run / "eval.json").write_text('{"kept": true}')
+    log = tmp_path / "log"
+    proc = _start(["eval", str(run)], log)
+    _wait(lambda: (run / HOLDER).exists(), proc, log)  # the lock is held: Ray is starting
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    last = _last_line(log)
+    assert last.startswith("interrupted:") and f"fulcrum eval {run}" in last, last
+    assert (run / "eval.json").read_text() == '{"kept": true}'
+    assert not (run / HOLDER).exists()
