@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from trainers.errors import FulcrumError
+
 
 def uses_deepspeed(spec: Any, stage: int) -> bool:
     """DeepSpeed earns its keep where it shards or offloads. At stage 0 it would only replicate what DDP
@@ -28,8 +30,6 @@ def check_checkpoint_engine(directory: Path, engine: str) -> None:
     """Refuse, with the fix, a checkpoint the other engine wrote: each reads only its own layout. A `full`
     run at ZeRO stage 0 stepped through DeepSpeed until issue 15 and steps with plain PyTorch since, so a
     `--resume` of such a run lands here."""
-    from trainers.errors import FulcrumError
-
     by_deepspeed = (directory / DEEPSPEED_TAG).is_dir()
     by_torch = (directory / TORCH_WEIGHTS).is_file()
     if engine == "torch" and by_deepspeed and not by_torch:
@@ -99,8 +99,6 @@ def optimizer_for(params: list[torch.Tensor], spec: Any, device: torch.device) -
 def cpu_adam(params: list[torch.Tensor], spec: Any) -> torch.optim.Optimizer:
     """DeepSpeed's vectorised CPU AdamW: in place (torch's CPU AdamW makes full-size temporaries, which an
     8B model's host memory has no room for) and several times faster. Built on first use."""
-    from trainers.errors import FulcrumError
-
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -151,8 +149,6 @@ class DeepSpeedEngine:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from trainers.errors import FulcrumError
-
         if dtype == torch.float16 and not get_accelerator().is_fp16_supported():
             where = get_accelerator().device_name()
             raise FulcrumError(
@@ -182,6 +178,7 @@ class DeepSpeedEngine:
             dist_init_required=False,  # Ray Train already set up torch.distributed
         )
         self.module = self.engine.module
+        load_weights_only(self.engine)
 
     def forward_model(self) -> Any:
         return self.engine
@@ -231,6 +228,47 @@ class DeepSpeedEngine:
         if self.stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.module.state_dict() if torch.distributed.get_rank() == 0 else None
+
+
+class RefusedFile(FulcrumError):
+    """A checkpoint file that would run code when loaded."""
+
+
+def load_plain(path: str | Path, map_location: Any = "cpu", allowed: tuple[type, ...] = ()) -> Any:
+    """torch.load with weights_only=True: tensors and plain values only (and the `allowed` classes). A file
+    that names anything else to call (a planted pickle that would run code) is refused with an error that
+    names it; a merely damaged one raises the loader's own error (its checkpoint is then skipped)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = next((x.strip() for x in str(e).splitlines() if "Unsupported global" in x), None)
+        if named is None:
+            raise
+        what = named.split("Unsupported global:")[-1].split(" was not")[0].strip()
+        raise RefusedFile(
+            f"refusing {Path(path).name}: it names code to call ({what}), not only tensors and plain values, "
+            "so loading it could run code; fulcrum never writes such a file. Delete that checkpoint folder "
+            "(a resume then continues from the one before it) and check who can write to the run directory"
+        ) from None
+
+
+def load_weights_only(engine: Any) -> None:
+    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False), which runs whatever a planted
+    file holds. Its loader is replaced by one that reads with weights_only=True, allowing only the plain
+    DeepSpeed classes its files hold (a loss scaler, the ZeRO stage, fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return load_plain(path, map_location, allowed)
+
+    engine.checkpoint_engine.load = load  # the engine's own instance: DeepSpeed reads every file through it
 
 
 def draws_random_numbers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> bool:
@@ -436,7 +474,7 @@ class TorchEngine:
                 params[name].copy_(value)
                 if id(params[name]) in master_of:
                     master_of[id(params[name])].copy_(value)
-        state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+        state = load_plain(directory / "optimizer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:  # checkpoints written before the scaler was saved have none

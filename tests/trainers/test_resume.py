@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,3 +162,35 @@ def test_resume_of_a_stage0_deepspeed_checkpoint_names_the_engine_to_set(
     summary = resume_job(run, console=Console(file=io.StringIO()), evaluate=False)
     assert summary["engine"] == "deepspeed-zero0" and summary["steps"] == 30
     assert records(run, "start")[-1]["start_step"] > 0
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_continues_from_the_one_before(
+    tmp_path: Path, ray_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newest checkpoint whose weights file was cut short is skipped with a warning that names it; the
+    run continues from the checkpoint before it and replays the same losses (no advice that loops)."""
+    from trainers.run import run_job
+    from trainers.spec import load_spec
+
+    run = tmp_path / "run"
+    train = {"max_steps": 12, "checkpoint_every": 4, "keep_checkpoints": 10, "lr": 1.0e-3}
+    spec = write_spec(tmp_path, tiny_spec(tmp_path, method={"kind": "lora", "dropout": 0.1}, train=train))
+    run_job(load_spec(spec), console=Console(file=io.StringIO()), evaluate=False)
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_000004", "checkpoint_000008"]
+    # As if it had stopped after its second checkpoint, whose weights file was then cut short.
+    for done in ("summary.json", "final", "adapter"):
+        path = run / done
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    weights = run / "checkpoint_000008" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    out = io.StringIO()
+    with caplog.at_level("WARNING", logger="trainers.storage"):
+        summary = resume_job(run, console=Console(file=out, width=200), evaluate=False)
+    warned = [r.getMessage() for r in caplog.records if "checkpoint_000008" in r.getMessage()]
+    assert warned and "trainable.safetensors" in warned[0] and "skipping" in warned[0]
+    assert "from checkpoint_000004 (step 4)" in out.getvalue()
+    start = records(run, "start")[-1]
+    assert start["start_step"] == 4 and start["resumed_from"].endswith("checkpoint_000004")
+    assert summary["steps"] == 12
+    assert summary["replayed_steps"]["count"] == 8 and summary["replayed_steps"]["max_rel_diff"] < 1e-5
