@@ -421,6 +421,8 @@ class _Follower:
                     self.next_plain = r["step"] + max(1, self.total // 10)
             elif event == "eval":
                 self.console.print(f"step {r['step']}: eval loss {r['eval_loss']:.4f}")
+            elif event == "warning":  # a worker skipped a damaged checkpoint, say
+                self.console.print(f"[yellow]warning:[/] {r.get('message')}", highlight=False)
             elif event == "end":
                 self.end = r
         self.pending += lines

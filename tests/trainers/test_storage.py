@@ -71,3 +71,27 @@ def test_a_resume_continues_from_the_newest_checkpoint_the_metrics_cover(tmp_pat
     assert not run.exists(RAY_SNAPSHOT)
     storage.append_text(run / "metrics.jsonl", json.dumps({"event": "step", "step": 4}) + "\n")
     assert resume_point(run) == "checkpoint_000004"
+
+
+def test_a_disk_too_small_for_the_final_artifact_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from trainers.errors import FulcrumError
+    from trainers.run import check_free_space
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"\0" * 200_000)
+    run = RunDir(str(tmp_path / "run"))
+    full = SimpleNamespace(base_source=str(base), spec=SimpleNamespace(is_peft=False))
+    check_free_space(full, run)  # this disk has room
+    monkeypatch.setattr(storage, "free_bytes", lambda location: 150_000)  # our own probe of the disk
+    with pytest.raises(
+        FulcrumError, match=r"disk full: .* the final model needs about .*Nothing was written"
+    ):
+        check_free_space(full, run)
+    adapter = SimpleNamespace(base_source=str(base), spec=SimpleNamespace(is_peft=True))
+    check_free_space(adapter, run)  # an adapter is a small part of the base
+    assert not run.exists()
