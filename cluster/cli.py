@@ -12,6 +12,8 @@ import os
 import shlex
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -267,12 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from cluster.local import interrupt_on_sigterm
+INTERRUPT_DEADLINE_S = 8.0  # an interrupted command ends within this, cleanly or not
 
-    interrupt_on_sigterm()
+
+def _arm_deadline(args: argparse.Namespace, argv: list[str]) -> None:
+    """After an interrupt, give the clean stop INTERRUPT_DEADLINE_S; if it has not ended the process by then
+    (the interrupt landed in a library that swallowed it, or a thread holds a lock forever), say what is
+    complete and leave. Checkpoints and finished files are whole either way: every write is atomic."""
+
+    def fire() -> None:
+        time.sleep(INTERRUPT_DEADLINE_S)
+        try:
+            message = _interrupted(args, argv)
+        except BaseException:
+            message = f"run `{shlex.join(['fulcrum', *argv])}` again"
+        err_console.print(f"interrupted: {message}", highlight=False, soft_wrap=True)
+        os._exit(130)
+
+    threading.Thread(target=fire, name="fulcrum-interrupt-deadline", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster import local
+
+    command_line = argv is None  # the `fulcrum` process itself, not a caller's (a test's) process
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if command_line:
+        local.on_interrupt = lambda: _arm_deadline(args, argv)
+    local.interrupt_on_sigint()
+    local.interrupt_on_sigterm()
     debug = args.debug or os.environ.get("FULCRUM_DEBUG") == "1"
     try:
         return args.func(args)

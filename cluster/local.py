@@ -55,11 +55,35 @@ def ensure_ray(
     return ray.cluster_resources()
 
 
+# Called (once) when a SIGINT or SIGTERM arrives: the CLI arms a deadline there, because an interrupt that
+# lands inside a library that swallows it (or while a lock is held) must still end the command in seconds.
+on_interrupt: Any = None
+
+
+def _interrupted_now() -> None:
+    global on_interrupt
+    hook, on_interrupt = on_interrupt, None
+    if hook is not None:
+        hook()
+
+
+def interrupt_on_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual, after arming the CLI's deadline."""
+
+    def handler(signum: int, frame: Any) -> None:
+        _interrupted_now()
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, handler)
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM does what SIGINT does now (KeyboardInterrupt, or Tune's graceful stop while a sweep runs), so
     that `kill`, a closed terminal or a pod's termination ends a command as cleanly as Ctrl-C."""
 
     def handler(signum: int, frame: Any) -> None:
+        _interrupted_now()
         current = signal.getsignal(signal.SIGINT)
         if callable(current) and current is not handler:
             current(signal.SIGINT, frame)
