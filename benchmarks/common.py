@@ -38,6 +38,16 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192,
     "rope_theta": 500000.0,
 }
+SMOLLM2_135M = {  # SmolLM2-135M's shape (vocabulary: the byte tokenizer's, unless a caller sets its own)
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
 SHAPES = {"0.95b": LLAMA_095B, "8b": LLAMA3_8B}
 # A 2-layer Llama for the tests and the benchmarks' dry runs on a CPU.
 TINY_LLAMA = {

@@ -31,19 +31,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from benchmarks.common import print_table
+from benchmarks.common import SMOLLM2_135M, print_table
 
-SMOLLM2_135M = {
-    "model_type": "llama",
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "vocab_size": 49152,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": True,
-}
 BUCKET = "bench"
 
 
@@ -84,7 +73,9 @@ def make_checkpoint(root: Path, dtype: torch.dtype) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     target = root / "model"
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**SMOLLM2_135M), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(**SMOLLM2_135M, vocab_size=49152), dtype=dtype
+    )
     model.save_pretrained(target, max_shard_size="100MB")
     (target / "trainer_state.json").write_text(json.dumps({"step": 1000, "tokens_seen": 1 << 30}))
     return target

@@ -23,21 +23,11 @@ from typing import Any
 import ray
 from rich.console import Console
 
-from benchmarks.common import TINY_LLAMA, print_table, random_text, steady_tokens_per_s
+from benchmarks.common import SMOLLM2_135M, TINY_LLAMA, print_table, random_text, steady_tokens_per_s
 from cluster.local import ensure_ray
 from trainers.spec import parse_spec
 from tuning.sweep import run_sweep
 
-SMOLLM2_135M = {  # SmolLM2-135M's shape (vocabulary: the byte tokenizer's)
-    "model_type": "llama",
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": True,
-}
 TINY = TINY_LLAMA
 TRIALS = 4
 LRS = [1e-4, 2e-4, 3e-4, 5e-4]  # the swept field: one grid value per trial

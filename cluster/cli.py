@@ -279,11 +279,17 @@ def _arm_deadline(args: argparse.Namespace, argv: list[str]) -> None:
 
     def fire() -> None:
         time.sleep(INTERRUPT_DEADLINE_S)
-        try:
-            message = _interrupted(args, argv)
-        except BaseException:
-            message = f"run `{shlex.join(['fulcrum', *argv])}` again"
+        # The state is read in a thread of its own, with a bound: whatever held the main thread may hold
+        # what reading it needs too.
+        found: list[str] = []
+        reader = threading.Thread(target=lambda: found.append(_interrupted(args, argv)), daemon=True)
+        reader.start()
+        reader.join(1.5)
+        message = found[0] if found else f"run `{shlex.join(['fulcrum', *argv])}` again"
         err_console.print(f"interrupted: {message}", highlight=False, soft_wrap=True)
+        from trainers.storage import release_held_locks
+
+        release_held_locks()
         os._exit(130)
 
     threading.Thread(target=fire, name="fulcrum-interrupt-deadline", daemon=True).start()
@@ -305,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except FulcrumError as e:
         if debug:
             raise
+        if local.interrupted:  # what the interrupt raised was swallowed somewhere, and this followed
+            err_console.print(f"interrupted: {_interrupted(args, argv)}", highlight=False, soft_wrap=True)
+            return 130
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:

@@ -76,13 +76,7 @@ def _write_output(out: Path, text: str) -> Path:
 
     from trainers.storage import write_error
 
-    if out.is_dir():
-        raise FulcrumError(f"--output {out}: is a directory; give a file name, e.g. {out / 'job.yaml'}")
-    if not out.parent.is_dir():
-        what = "is a file" if out.parent.exists() else "does not exist"
-        raise FulcrumError(
-            f"--output {out}: the folder {out.parent} {what}; create it or choose another path"
-        )
+    _check_output(out)  # again: the folder may have changed while rendering
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     except OSError as e:

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -28,31 +29,51 @@ def ensure_ray(
     """Initialise Ray once; returns the cluster's resources. `min_cpus` raises the embedded Ray's logical
     CPUs above the machine's (the test suite packs more workers than a 2-core machine has)."""
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        common: dict[str, Any] = {
-            "logging_level": logging.WARNING,
-            "configure_logging": True,
-            "runtime_env": runtime_env,
-        }
-        if address:
-            ray.init(address=address, **common)
-        else:
-            cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-            # "local": always a new instance here, even when another Ray runs on this machine. Ray's own
-            # helper processes (Train's placement-group cleaner uses the state API) look Ray up again by
-            # RAY_ADDRESS, else by scanning the machine; fix the GCS port first so they find this one.
-            from ray._private.services import get_node_ip_address
-
-            port = _free_port()
-            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
-            try:
-                ray.init(address="local", num_cpus=cpus, dashboard_port=_free_port(), **common)
-            finally:
-                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        with _keep_our_sigterm_handler():
+            _init_ray(address, min_cpus, runtime_env)
     _route_worker_lines()
-    interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler (sys.exit): ours again
+    interrupt_on_sigterm()
     return ray.cluster_resources()
+
+
+@contextmanager
+def _keep_our_sigterm_handler() -> Iterator[None]:
+    """ray.init installs a SIGTERM handler that calls sys.exit: raised inside logging's lock release (as
+    seen under load), that exit is swallowed and leaves the lock held, so the command went on, or hung.
+    Ours (KeyboardInterrupt, a deadline, exit 130) stays in place while Ray starts instead."""
+    from ray._private import utils as ray_utils
+
+    original = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
+def _init_ray(address: str | None, min_cpus: float, runtime_env: dict[str, Any] | None) -> None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    common: dict[str, Any] = {
+        "logging_level": logging.WARNING,
+        "configure_logging": True,
+        "runtime_env": runtime_env,
+    }
+    if address:
+        ray.init(address=address, **common)
+    else:
+        cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
+        # "local": always a new instance here, even when another Ray runs on this machine. Ray's own
+        # helper processes (Train's placement-group cleaner uses the state API) look Ray up again by
+        # RAY_ADDRESS, else by scanning the machine; fix the GCS port first so they find this one.
+        from ray._private.services import get_node_ip_address
+
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+        try:
+            ray.init(address="local", num_cpus=cpus, dashboard_port=_free_port(), **common)
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 # Called (once) when a SIGINT or SIGTERM arrives: the CLI arms a deadline there, because an interrupt that
@@ -60,8 +81,12 @@ def ensure_ray(
 on_interrupt: Any = None
 
 
+interrupted = False  # a SIGINT or SIGTERM arrived (even if a library swallowed what it raised)
+
+
 def _interrupted_now() -> None:
-    global on_interrupt
+    global on_interrupt, interrupted
+    interrupted = True
     hook, on_interrupt = on_interrupt, None
     if hook is not None:
         hook()
@@ -165,31 +190,29 @@ def _free_port() -> int:
 
 
 @contextmanager
-def run_log(run_location: str) -> Iterator[None]:
-    """Ray's lines go to a file while the block runs; at the end it is appended to RUN/ray.log (when the run
-    directory exists by then). Errors still reach the console as fulcrum's own one-line messages."""
+def ray_lines_to(path: str | Path) -> Iterator[None]:
+    """Ray's lines (what workers, actors and Serve's replicas print; the driver's `ray` logger) go to `path`
+    while the block runs; fulcrum's own lines stay on the console."""
     from ray._private import worker as ray_worker
 
-    fd, tmp = tempfile.mkstemp(prefix="fulcrum-ray-", suffix=".log")
-    os.close(fd)
-    log_file = open(tmp, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
 
     def to_file(data: dict[str, Any]) -> None:
         prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
         for line in data.get("lines", []):
-            log_file.write(f"{prefix} {line}\n")
-        log_file.flush()
+            out.write(f"{prefix} {line}\n")
+        out.flush()
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     saved_handlers = list(dispatcher.handlers)
     dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("fulcrum_run_log", to_file)
-    handler = logging.FileHandler(tmp)
+    dispatcher.add_handler("fulcrum_run_log", to_file)  # the name _route_worker_lines looks for
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ray_logger = logging.getLogger("ray")
     saved = (list(ray_logger.handlers), ray_logger.propagate)
-    ray_logger.handlers = [handler]
-    ray_logger.propagate = False
+    ray_logger.handlers, ray_logger.propagate = [handler], False
     try:
         yield
     finally:
@@ -197,7 +220,19 @@ def run_log(run_location: str) -> Iterator[None]:
         dispatcher.handlers = saved_handlers
         ray_logger.handlers, ray_logger.propagate = saved
         handler.close()
-        log_file.close()
+        out.close()
+
+
+@contextmanager
+def run_log(run_location: str) -> Iterator[None]:
+    """Ray's lines go to a file while the block runs; at the end it is appended to RUN/ray.log (when the run
+    directory exists by then). Errors still reach the console as fulcrum's own one-line messages."""
+    fd, tmp = tempfile.mkstemp(prefix="fulcrum-ray-", suffix=".log")
+    os.close(fd)
+    try:
+        with ray_lines_to(tmp):
+            yield
+    finally:
         _keep_log(tmp, run_location)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import shlex
 import shutil
 import signal
@@ -25,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,39 +183,6 @@ def _serve_running() -> bool:
 
 
 # --------------------------------------------------------------------------- Ray's lines to a file
-@contextlib.contextmanager
-def ray_lines_to(path: Path) -> Iterator[None]:
-    """Ray's lines (Serve's per-request INFO lines from the replicas and the proxy, the controller's, the
-    driver's `ray` logger) go to `path` while the block runs; fulcrum's own lines stay on the console."""
-    from ray._private import worker as ray_worker
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
-
-    def to_file(data: dict[str, Any]) -> None:
-        prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
-        for line in data.get("lines", []):
-            out.write(f"{prefix} {line}\n")
-        out.flush()
-
-    dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    saved_handlers = list(dispatcher.handlers)
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("fulcrum_serve_log", to_file)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ray_logger = logging.getLogger("ray")
-    saved = (list(ray_logger.handlers), ray_logger.propagate)
-    ray_logger.handlers, ray_logger.propagate = [handler], False
-    try:
-        yield
-    finally:
-        dispatcher.handlers = saved_handlers
-        ray_logger.handlers, ray_logger.propagate = saved
-        handler.close()
-        out.close()
-
-
 def log_path(app_name: str) -> Path:
     """Where `fulcrum serve` writes Ray's lines: beside Ray's own logs of this session."""
     import ray
@@ -314,7 +279,7 @@ def ask(url: str, config: Any, prompt: str, max_tokens: int) -> tuple[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     from cluster.console import console
-    from cluster.local import ensure_ray
+    from cluster.local import ensure_ray, ray_lines_to
 
     config = config_from_args(args)
     ensure_ray(args.address, min_cpus=config.replicas * config.resources.cpus + 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,31 @@ def write_spec(tmp_path: Path, spec: dict[str, Any], name: str = "spec.yaml") ->
     path = tmp_path / name
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """`fulcrum ARGV` in this process: (exit code, stderr, stdout)."""
+    from cluster.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.err.strip(), out.out
+
+
+def files_under(path: Path) -> set[Path]:
+    return set(path.rglob("*"))
+
+
+def wait_for(condition: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> None:
+    """Poll `condition` while a `fulcrum` subprocess runs; its log's tail when it exits early or times out."""
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"fulcrum exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)

@@ -13,6 +13,7 @@ and only such a directory may be removed (`--overwrite`). One process writes a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -610,6 +611,20 @@ def _alive_here(holder: dict[str, Any]) -> bool | None:
     return True
 
 
+HELD_LOCKS: set[RunLock] = set()  # this process's run locks (released on a forced exit too)
+
+
+def release_held_locks() -> None:
+    """For an exit that skips the normal unwinding (os._exit after an interrupt): drop this process's
+    holder records and the folders its locks made. Nothing here may log: the interrupt can have left
+    logging's module lock held (filelock's own release logs, so the kernel frees the file locks instead, as
+    it does for any process that ends)."""
+    for lock in list(HELD_LOCKS):
+        with contextlib.suppress(Exception):  # leaving anyway; a lock left behind is taken over later
+            lock.drop_record()
+            lock._cleanup_created()
+
+
 class RunLock:
     """One writer per run directory. Local disks (and shared mounts): a `filelock` on RUN/.fulcrum-lock,
     which the kernel releases when its process dies, so a dead holder's lock is free at once. Object stores:
@@ -682,6 +697,7 @@ class RunLock:
                 self._cleanup_created()
                 raise self._refuse(_read_holder(holder_at)) from None
             self._file_lock = lock
+            HELD_LOCKS.add(self)
             previous = _read_holder(holder_at)
             if previous:  # a holder that ended without releasing: killed, or its machine went away
                 self.note = (
@@ -721,6 +737,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, args=(holder_at,), daemon=True)
         self._thread.start()
+        HELD_LOCKS.add(self)
 
     def _heartbeat(self, holder_at: str) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -733,7 +750,8 @@ class RunLock:
             except Exception:  # a store hiccup: try again at the next beat, well within LEASE_S
                 continue
 
-    def release(self) -> None:
+    def drop_record(self) -> None:
+        """Remove the holder record (the lease, on object stores) if it is still ours."""
         holder_at = join(self.location, HOLDER)
         if self._stop is not None:
             self._stop.set()
@@ -743,6 +761,10 @@ class RunLock:
                 remove(holder_at)
         except Exception:
             pass
+
+    def release(self) -> None:
+        HELD_LOCKS.discard(self)
+        self.drop_record()
         if self._file_lock is not None:
             self._file_lock.release()
             self._file_lock = None

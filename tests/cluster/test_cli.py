@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,26 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.cli import main
-from tests.helpers import tiny_spec, write_spec
+from tests.helpers import files_under, run_cli, tiny_spec, wait_for, write_spec
 from tests.tuning.helpers import sweep_spec
 from trainers.errors import FulcrumError
 from trainers.storage import HOLDER, RunBusy, RunLock
 
 FULCRUM = str(Path(sys.executable).with_name("fulcrum"))
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.err.strip(), out.out
-
-
-def files_under(path: Path) -> set[Path]:
-    return set(path.rglob("*"))
 
 
 def one_line_error(code: int, err: str, expected_code: int, *parts: str) -> None:
@@ -286,17 +271,6 @@ def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> sub
     )
 
 
-def _wait(condition: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"fulcrum exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
 def _last_line(log: Path) -> str:
     return [line for line in log.read_text().splitlines() if line.strip()][-1]
 
@@ -305,7 +279,7 @@ def test_sigterm_before_training_exits_130_leaving_nothing(tmp_path: Path) -> No
     spec = write_spec(tmp_path, tiny_spec(tmp_path))
     log = tmp_path / "log"
     proc = _start(["train", str(spec)], log)
-    _wait(lambda: (tmp_path / "run" / HOLDER).exists(), proc, log)  # checks done; Ray is starting
+    wait_for(lambda: (tmp_path / "run" / HOLDER).exists(), proc, log)  # checks done; Ray is starting
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
     last = _last_line(log)
@@ -324,7 +298,7 @@ def test_sigint_mid_training_exits_130_with_the_resume_command(
     log = tmp_path / "log"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = _start(["train", str(spec_path), "--no-eval"], log, env)
-    _wait(lambda: any(run.glob("checkpoint_*/trainer_state.json")), proc, log)
+    wait_for(lambda: any(run.glob("checkpoint_*/trainer_state.json")), proc, log)
     # While it lives, a second writer is refused (here: the same spec again, which would be a retry).
     code, err, _ = run_cli(["train", str(spec_path), "--no-eval"], capsys)
     one_line_error(code, err, 3, f"pid {proc.pid}")
@@ -346,7 +320,7 @@ def test_sigterm_while_eval_starts_ray_exits_130(tmp_path: Path) -> None:
     (run / "eval.json").write_text('{"kept": true}')
     log = tmp_path / "log"
     proc = _start(["eval", str(run)], log)
-    _wait(lambda: (run / HOLDER).exists(), proc, log)  # the lock is held: Ray is starting
+    wait_for(lambda: (run / HOLDER).exists(), proc, log)  # the lock is held: Ray is starting
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
     last = _last_line(log)

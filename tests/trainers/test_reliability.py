@@ -17,23 +17,18 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.cli import main
-from tests.helpers import TINY_LLAMA, alpaca_rows, text_rows, tiny_spec, write_jsonl, write_spec
+from tests.helpers import (
+    TINY_LLAMA,
+    alpaca_rows,
+    files_under,
+    run_cli,
+    text_rows,
+    tiny_spec,
+    write_jsonl,
+    write_spec,
+)
 
 Case = Callable[[Path], tuple[list[str], list[str]]]  # tmp_path -> (argv, substrings the error must hold)
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.err.strip(), out.out
-
-
-def files_under(path: Path) -> set[Path]:
-    return set(path.rglob("*"))
 
 
 # --------------------------------------------------------------------------- spec cases

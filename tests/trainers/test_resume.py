@@ -19,7 +19,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from tests.helpers import tiny_spec, write_spec
+from tests.helpers import tiny_spec, wait_for, write_spec
 from trainers.errors import FulcrumError
 from trainers.run import resume_job
 
@@ -46,17 +46,6 @@ def records(run: Path, event: str) -> list[dict[str, Any]]:
         if r["event"] == event:
             out.append(r)
     return out
-
-
-def wait_for(condition: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"fulcrum exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
 
 
 def long_spec(tmp_path: Path, **extra: Any) -> Path:
