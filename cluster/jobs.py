@@ -209,6 +209,7 @@ def _write(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- retries
 RETRY_ATTEMPTS = 4
 RETRY_DELAY_S = 0.5  # doubled after each attempt: 0.5, 1, 2 s
+AGENT_EXTRA_ATTEMPTS = 5  # "No available agent": 4 s, then 8 s each, about 40 s in all
 # The Jobs API answers 500 with a traceback for real failures; only these are worth another try.
 TRANSIENT_TEXT = (
     "No available agent",  # the head's job agent is (re)starting: Ray says "please try again later"
@@ -248,20 +249,24 @@ def retrying(
     attempts = attempts or RETRY_ATTEMPTS
     delay = RETRY_DELAY_S if delay_s is None else delay_s
     err = err or sys.stderr
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except Exception as e:
-            if attempt == attempts or not is_transient(e):
+            # A job agent that is (re)starting takes tens of seconds on a busy head: a longer budget there.
+            budget = attempts + AGENT_EXTRA_ATTEMPTS if "No available agent" in str(e) else attempts
+            if attempt >= budget or not is_transient(e):
                 raise
+            attempts = budget
             reason = " ".join(str(e).split())[:160] or type(e).__name__
             err.write(
                 f"retrying: {what} failed ({reason}); attempt {attempt + 1}/{attempts} in {delay:g} s\n"
             )
             err.flush()
             time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+            delay = min(delay * 2, 8.0)
 
 
 def submit(client: Any, submission: Submission, job_id: str | None = None) -> str:

@@ -260,6 +260,7 @@ def test_sweep_on_two_nodes_collects_best_and_results(
         "metric": "eval_loss",
         "mode": "min",
         "max_concurrent": 2,
+        "evals": 1,
     }
     spec_file = write_spec(tmp_path, spec, "sweep.yaml")
     done = cluster_box.run(["tune", str(spec_file), "--address", cluster_box.address, "--no-eval"])
