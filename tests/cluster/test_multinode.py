@@ -261,6 +261,7 @@ def test_sweep_on_two_nodes_collects_best_and_results(
         "mode": "min",
         "max_concurrent": 2,
         "evals": 1,
+        "scheduler": {"kind": "none"},  # two trials of two steps: nothing to stop early
     }
     spec_file = write_spec(tmp_path, spec, "sweep.yaml")
     done = cluster_box.run(["tune", str(spec_file), "--address", cluster_box.address, "--no-eval"])
