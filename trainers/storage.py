@@ -198,10 +198,7 @@ def check_writable(location: str) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        err = write_error(location, e)
-        raise (
-            err if isinstance(err, FulcrumError) else FulcrumError(f"cannot write {location}: {e}")
-        ) from None
+        raise _plain_write_error(location, e) from None
 
 
 def write_text(location: str, text: str) -> None:
