@@ -49,11 +49,18 @@ def job_client(address: str | None, hint: str | None = None) -> Any:
     by RAY_AUTH_TOKEN_PATH, or (for a head on this machine only) ~/.ray/auth_token."""
     from ray.job_submission import JobSubmissionClient
 
+    given = address
     address = resolve_address(address)
     token = auth_token(address)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return retrying(f"connecting to {address}", lambda: JobSubmissionClient(address, headers=headers))
+        # With no address, Ray resolves RAY_ADDRESS itself (a GCS address becomes its dashboard's).
+        make = (
+            (lambda: JobSubmissionClient(None, headers=headers))
+            if given is None
+            else (lambda: _explicit_client(JobSubmissionClient, address, headers))
+        )
+        return retrying(f"connecting to {address}", make)
     except Exception as e:  # ConnectionError, requests' errors, RuntimeError for a non-Ray server
         reason = str(e).splitlines()[0][:200]
         if type(e).__name__ == "AuthenticationError" or "Unauthorized" in str(e):
@@ -65,6 +72,22 @@ def job_client(address: str | None, hint: str | None = None) -> Any:
             f"cannot reach a Ray dashboard at {address} ({reason}); "
             + (hint or "check --address (http://HEAD:8265) and that the head runs with the dashboard")
         ) from None
+
+
+# Ray lets these override the address a client is given (ray.dashboard.utils); fulcrum reads them itself.
+_RAY_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+def _explicit_client(cls: Any, address: str, headers: dict[str, str] | None) -> Any:
+    """A client of exactly `address`: Ray's JobSubmissionClient prefers RAY_ADDRESS (which an embedded Ray in
+    this process sets for its own helpers) over the address it is given, so `--address` was ignored there."""
+    import os
+
+    saved = {k: os.environ.pop(k) for k in _RAY_ADDRESS_VARIABLES if k in os.environ}
+    try:
+        return cls(address, headers=headers)
+    finally:
+        os.environ.update(saved)
 
 
 def auth_token(address: str) -> str | None:
@@ -85,7 +108,8 @@ def auth_token(address: str) -> str | None:
 def resolve_address(address: str | None) -> str:
     import os
 
-    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    from_env = (os.environ[k] for k in _RAY_ADDRESS_VARIABLES if os.environ.get(k))
+    address = address or next(from_env, DEFAULT_ADDRESS)
     if "://" not in address:
         address = f"http://{address}"
     return address

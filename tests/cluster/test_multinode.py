@@ -199,14 +199,14 @@ def test_killed_driver_then_resubmitted_job_resumes(
     """A retried job (here: the same spec submitted again after its driver was killed) continues from the
     last complete checkpoint: same final step, every step once in metrics.jsonl."""
     _s3_env(cluster_box, monkeypatch)
-    from ray.job_submission import JobSubmissionClient
+    from cluster.jobs import job_client
 
     output = cluster_box.uri("runs/retry")
     spec_file = _lora_spec(tmp_path, remote_inputs, output, max_steps=10, checkpoint_every=2)
     first = cluster_box.run(["submit", str(spec_file), "--address", cluster_box.dashboard])
     assert first.returncode == 0, first.stdout + first.stderr
     job_id = _job_id(first.stdout)
-    client = JobSubmissionClient(cluster_box.dashboard)
+    client = job_client(cluster_box.dashboard)  # not RAY_ADDRESS: an embedded Ray of this process sets it
     deadline = time.monotonic() + 300
     while not RunDirLike(output).checkpoints():
         assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]

@@ -183,8 +183,12 @@ def test_stop_a_running_job(ray_head: str, tmp_path: Path, capsys: pytest.Captur
 
 
 def test_submit_errors_are_one_clear_line(
-    ray_head: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_head: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Ray's client prefers RAY_ADDRESS to the address it is given (an embedded Ray in this process sets it):
+    # `--address` must win all the same.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
     rel = write_spec(tmp_path, tiny_spec(tmp_path, output="runs/tiny"), name="rel.yaml")
     assert main(["submit", str(rel), "--address", ray_head]) == 2
     err = " ".join(capsys.readouterr().err.split())
