@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from cluster import options
 from cluster.console import console, err_console  # re-exported: cluster.serve_cmd imports them from here
 from trainers.errors import FulcrumError, SpecError
@@ -26,13 +28,13 @@ __all__ = ["build_parser", "console", "err_console", "main"]
 
 def _note(text: str | None) -> None:
     if text:
-        err_console.print(f"note: {text}", highlight=False, soft_wrap=True)
+        err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _train(args: argparse.Namespace) -> int:
     from cluster.local import check_cluster_paths, ensure_ray, preflight, run_log
     from trainers import storage
-    from trainers.run import check_output, is_retry_of, refuse_overlap, resume_job, resume_point, run_job
+    from trainers.outputs import check_output, is_retry_of, refuse_overlap
     from trainers.spec import load_spec
     from trainers.storage import RunDir, RunLock
 
@@ -44,10 +46,12 @@ def _train(args: argparse.Namespace) -> int:
             raise SpecError(
                 f"--resume {args.resume}: not a fulcrum run directory (no {storage.MARKER} in it)"
             )
-        from trainers.export import load_run
+        from trainers.outputs import load_run
 
         spec = load_run(run)
         preflight(spec, args.address, writes=run.location)
+        from trainers.run import resume_job  # training's imports (seconds): only once the checks passed
+
         with RunLock(run.location, "fulcrum train --resume") as lock, run_log(run.location):
             _note(lock.note)
             ensure_ray(args.address, runtime_env=args.runtime_env)
@@ -62,6 +66,8 @@ def _train(args: argparse.Namespace) -> int:
     run = RunDir(str(spec.output))
     refuse_overlap(spec, run)  # never write among, or delete, the user's own files
     preflight(spec, args.address, writes=run.location)
+    from trainers.run import resume_point, run_job  # training's imports: only once the checks passed
+
     # A retried job (a new driver for the same spec) may find the old driver's lease still running on an
     # object store: it waits for the lease to run out; a live first driver keeps renewing it and wins.
     retry_wait = storage.LEASE_S + storage.HEARTBEAT_S if not storage.is_local(run.location) else 0.0
@@ -89,12 +95,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from cluster.local import ensure_ray, preflight, run_log
-    from trainers.export import load_run
-    from trainers.run import evaluate_run
+    from trainers.outputs import load_run
     from trainers.storage import RunLock, join
 
     spec = load_run(args.run_dir)
     preflight(spec, args.address, writes=args.run_dir)
+    from trainers.run import evaluate_run  # training's imports: only once the checks passed
+
     # eval.json and summary.json are the run's: not while a `train` or another `eval` writes it.
     with RunLock(args.run_dir, "fulcrum eval") as lock, run_log(args.run_dir):
         _note(lock.note)
@@ -106,10 +113,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from trainers import storage
-    from trainers.export import export_run
+    from trainers.outputs import load_run
     from trainers.report import human_bytes
 
     run_dir = args.run_dir
+    load_run(run_dir)  # not a run: one line now, before torch and transformers load
+    from trainers.export import export_run
+
     suffix = "merged" if args.merge else "adapter"
     if args.output:
         output = storage.normalize(args.output)
@@ -161,7 +171,8 @@ def say(line: str) -> None:
     """`field: ok: what` as `ok field: what`; `field: not checked ...` as `? field: not checked ...`."""
     field, _, result = line.partition(": ")
     mark = "[yellow]?[/]" if result.startswith("not checked") else "[green]ok[/]"
-    console.print(f"{mark} {field}: {result.removeprefix('ok: ')}", highlight=False, soft_wrap=True)
+    text = escape(f"{field}: {result.removeprefix('ok: ')}")
+    console.print(f"{mark} {text}", highlight=False, soft_wrap=True)
 
 
 def _validate_serve(args: argparse.Namespace) -> int:
@@ -286,7 +297,7 @@ def _arm_deadline(args: argparse.Namespace, argv: list[str]) -> None:
         reader.start()
         reader.join(1.5)
         message = found[0] if found else f"run `{shlex.join(['fulcrum', *argv])}` again"
-        err_console.print(f"interrupted: {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"interrupted: {escape(message)}", highlight=False, soft_wrap=True)
         from trainers.storage import release_held_locks
 
         release_held_locks()
@@ -312,18 +323,19 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if local.interrupted:  # what the interrupt raised was swallowed somewhere, and this followed
-            err_console.print(f"interrupted: {_interrupted(args, argv)}", highlight=False, soft_wrap=True)
+            message = escape(_interrupted(args, argv))
+            err_console.print(f"interrupted: {message}", highlight=False, soft_wrap=True)
             return 130
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: {_interrupted(args, argv)}", highlight=False, soft_wrap=True)
+        err_console.print(f"interrupted: {escape(_interrupted(args, argv))}", highlight=False, soft_wrap=True)
         return 130
     except SystemExit as e:
         # While ray.init runs, Ray's own SIGTERM handler is in place: it exits with the signal's number.
         if e.code != signal.SIGTERM:
             raise
-        err_console.print(f"interrupted: {_interrupted(args, argv)}", highlight=False, soft_wrap=True)
+        err_console.print(f"interrupted: {escape(_interrupted(args, argv))}", highlight=False, soft_wrap=True)
         return 130
 
 
@@ -350,7 +362,7 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
 
 def _train_state(args: argparse.Namespace, again: str) -> str:
     from trainers import storage
-    from trainers.run import run_state
+    from trainers.outputs import run_state
     from trainers.storage import RunDir
 
     if args.resume:

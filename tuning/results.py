@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trainers import storage
@@ -197,7 +198,7 @@ def finish_sweep(
         }
     for row in rows:
         if row["error"]:
-            console.print(f"[red]trial {row['trial']} failed:[/] {row['error']}")
+            console.print(f"[red]trial {row['trial']} failed:[/] {escape(str(row['error']))}")
     plots = [
         p for p in (plot_metric_vs_lr(rows, spec, tune_spec, sweep), plot_curves(rows, tune_spec, sweep)) if p
     ]

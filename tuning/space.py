@@ -59,6 +59,8 @@ class TuneSpec(_Strict):
                     f"{key}: give exactly one sampler of {', '.join(SAMPLERS)} (got {sorted(sampler)})"
                 )
             kind, args = next(iter(sampler.items()))
+            if kind in ("uniform", "loguniform") and isinstance(args, list):
+                args = sampler[kind] = [_yaml_float(a) for a in args]
             problem = _sampler_problem(kind, args)
             if problem:
                 raise ValueError(f"{key}: {kind}: {problem}")
@@ -74,6 +76,16 @@ class TuneSpec(_Strict):
             if others:
                 raise ValueError(f"grid search needs choice or grid values; {', '.join(others)} are ranges")
         return self
+
+
+def _yaml_float(x: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; as a range bound it can only mean the number."""
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return x
+    return x
 
 
 def _number(x: Any) -> bool:

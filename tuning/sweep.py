@@ -25,10 +25,11 @@ from rich.table import Table
 from trainers import storage
 from trainers.data import total_steps
 from trainers.errors import FulcrumError
-from trainers.run import PreparedJob, check_resources, prepare_job, resolve_gpus, run_state
+from trainers.outputs import run_state
+from trainers.run import PreparedJob, check_resources, prepare_job, resolve_gpus
 from trainers.spec import JobSpec, load_spec
 from trainers.storage import RunDir
-from tuning.layout import SWEEP_MARKER, TIME_ATTR, TRIALS_DIR, TUNE_DIR
+from tuning.layout import SWEEP_MARKER, TIME_ATTR, TRIALS_DIR, TUNE_DIR, sweep_location
 from tuning.results import finish_sweep
 from tuning.space import (
     TuneSpec,
@@ -180,12 +181,6 @@ class TrialFeed(Callback):
 
 
 # --------------------------------------------------------------------------- the sweep
-def sweep_location(spec: JobSpec) -> str:
-    """`output` of the spec, or runs/<name>-sweep when the spec leaves it at its default."""
-    default = storage.normalize(f"runs/{spec.name}")
-    return storage.normalize(f"runs/{spec.name}-sweep") if spec.output == default else str(spec.output)
-
-
 def default_concurrency(spec: JobSpec) -> int:
     """As many trials as the cluster holds at once (CPUs, or GPUs with fractional gpus_per_worker)."""
     total = ray.cluster_resources()
@@ -410,4 +405,4 @@ class _NoLive:
         return None
 
 
-__all__ = ["TrialFeed", "resume_sweep", "run_sweep", "run_trial", "sweep_location"]
+__all__ = ["TrialFeed", "resume_sweep", "run_sweep", "run_trial"]

@@ -224,6 +224,55 @@ def test_offline_hub_base_fails_at_once(
     assert files_under(tmp_path) - before <= {tmp_path / "hf"}
 
 
+HEAVY = ("torch", "transformers", "datasets", "ray", "deepspeed", "peft")
+_PROBE = f"""
+import json, sys
+from cluster.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({{"code": code, "loaded": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+
+
+def test_refusals_before_ray_load_none_of_trainings_imports(tmp_path: Path) -> None:
+    """Everything a command refuses before Ray, it refuses without importing torch, transformers, Ray and
+    the rest (seconds on a loaded machine): benchmarks/refusal_times.py measures the time itself."""
+    import json
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    hub = {
+        "name": "t",
+        "model": {"base": "HuggingFaceTB/SmolLM2-135M"},
+        "method": {"kind": "lora"},
+        "objective": {"kind": "cpt"},
+        "data": {"train": str(data)},
+        "output": str(tmp_path / "out"),
+    }
+    spec = write_spec(tmp_path, hub, name="hub.yaml")
+    missing = write_spec(tmp_path, {**hub, "model": {"base": str(tmp_path / "no-model")}}, name="miss.yaml")
+    tune = write_spec(
+        tmp_path,
+        {**hub, "tune": {"metric": "eval_los", "space": {"train.lr": {"choice": [1]}}}},
+        name="tune.yaml",
+    )
+    (tmp_path / "notrun").mkdir()
+    cases = {
+        "train, a missing local base": (["train", str(missing)], 2),
+        "train, an offline hub base": (["train", str(spec)], 1),
+        "tune, a misspelt metric": (["tune", str(tune)], 2),
+        "tune --resume, not a sweep": (["tune", "--resume", str(tmp_path / "notrun")], 1),
+        "eval, not a run": (["eval", str(tmp_path / "notrun")], 1),
+        "export, not a run": (["export", str(tmp_path / "notrun")], 1),
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for what, (argv, want) in cases.items():
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result == {"code": want, "loaded": []}, (what, result, done.stderr[-1500:])
+
+
 @contextlib.contextmanager
 def small_mount(path: Path, *options: str) -> Iterator[Path]:
     """A tmpfs of its own (a full disk, a read-only mount); skipped where mounting is not allowed."""
