@@ -331,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print(f"interrupted: {escape(_interrupted(args, argv))}", highlight=False, soft_wrap=True)
         return 130
+    except OSError as e:  # a full or read-only disk met where no caller said which file: still one line
+        from trainers.storage import write_error
+
+        plain = write_error(e.filename or "a file", e)
+        if debug or not isinstance(plain, FulcrumError):
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(plain))}", highlight=False, soft_wrap=True)
+        return plain.exit_code
     except SystemExit as e:
         # While ray.init runs, Ray's own SIGTERM handler is in place: it exits with the signal's number.
         if e.code != signal.SIGTERM:

@@ -19,3 +19,8 @@ class DataError(FulcrumError):
     """A data file or row is unusable; the message names the file, the line or row and the field."""
 
     exit_code = 2
+
+
+class DiskFull(FulcrumError):
+    """A write found no space left; nothing half-written was kept. A run's driver turns it into its own
+    line (which names the resume command)."""

@@ -35,7 +35,7 @@ from rich.progress import (
 
 from trainers import storage
 from trainers.data import PreparedData, prepare, total_steps
-from trainers.errors import FulcrumError
+from trainers.errors import DiskFull, FulcrumError
 from trainers.evaluate import PROBE_FILE, sample_prompts
 from trainers.models import load_tokenizer, materialize_base, pack_directory, tokenizer_matches
 from trainers.models import tokenizer_source as tokenizer_source_for
@@ -539,6 +539,22 @@ def check_free_space(prepared: PreparedJob, run_dir: RunDir) -> None:
         )
 
 
+@contextlib.contextmanager
+def _disk_full_is_one_line(run_dir: RunDir) -> Any:
+    """The driver's own writes (metrics.jsonl, loss.png) on a full disk: the same one line as a worker's.
+    Leaving raises out of the command, which ends the run's workers with it; their checkpoints are kept."""
+    try:
+        yield
+    except (OSError, DiskFull) as e:
+        full = _disk_full_in(e, run_dir)
+        if full is None:
+            raise
+        raise full from None
+
+
+_DISK_FULL_TEXTS = ("No space left on device", "disk full: cannot")  # OSError's; storage.DiskFull's
+
+
 def _disk_full_in(err: BaseException, run_dir: RunDir) -> FulcrumError | None:
     """A worker that ran out of disk arrives as a wrapped OSError; say it as the one line it is."""
     seen: set[int] = set()
@@ -548,7 +564,7 @@ def _disk_full_in(err: BaseException, run_dir: RunDir) -> FulcrumError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if "No space left on device" in str(e):
+        if isinstance(e, DiskFull) or any(t in str(e) for t in _DISK_FULL_TEXTS):
             return FulcrumError(
                 f"disk full while writing {run_dir}: the run stopped; free some space (or move the run to a "
                 f"disk with room) and continue with `fulcrum train --resume {run_dir}`"
@@ -592,13 +608,13 @@ def train_run(
     trainer = build_trainer(prepared, run_dir, sink=sink, evaluate=evaluate, callbacks=callbacks)
     follower = _Follower(sink, run_dir, prepared.steps, console, start_step)
     thread, outcome = _fit_in_thread(trainer)
-    with follower.progress if console.is_terminal else nullcontext():
+    with _disk_full_is_one_line(run_dir), follower.progress if console.is_terminal else nullcontext():
         while thread.is_alive():
             follower.drain()
             thread.join(timeout=0.5)
         follower.drain()
         follower.flush()
-    plot_loss(run_dir)
+        plot_loss(run_dir)
     if "error" in outcome:
         err = outcome["error"]
         with contextlib.suppress(Exception):  # a full disk: the error itself is what matters

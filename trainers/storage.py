@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from trainers.errors import FulcrumError, SpecError
+from trainers.errors import DiskFull, FulcrumError, SpecError
 
 MARKER = ".fulcrum-run"
 PARTS = ".parts"  # beside an appended file on object stores (see append_text)
@@ -151,7 +151,7 @@ def write_error(location: str, e: OSError) -> FulcrumError | OSError:
     code = getattr(e, "errno", None)
     text = str(e)
     if code == errno.ENOSPC or "No space left" in text:
-        return FulcrumError(
+        return DiskFull(
             f"disk full: cannot write {location} (no space left on the device; nothing half-written was "
             "kept). Free some space, or point `output` at a disk with room, and run the command again"
         )

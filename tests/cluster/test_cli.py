@@ -5,6 +5,7 @@ errors that come before Ray starts. Every error case: one line, our own exit cod
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -311,6 +312,39 @@ def test_full_disk_write_leaves_no_partial_file(tmp_path: Path) -> None:
             storage.upload(source, str(full / "export"))
         assert [p for p in full.rglob("*") if p.is_file()] == []
         assert not (full / "export").exists()
+
+
+@pytest.mark.slow  # one real training run that fills its disk, then its resume
+def test_disk_full_mid_run_is_one_line_and_the_run_resumes(
+    tmp_path: Path, ray_cluster: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The final model fits the disk (the check before training passes), the run's checkpoints do not: one
+    line naming the run and the resume command. With room made, that command finishes the run, from a
+    checkpoint that passed the checks (none half-written)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.helpers import TINY_LLAMA
+    from trainers.storage import RunDir
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA, vocab_size=260)).save_pretrained(base)
+    base_kb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) // 1024
+    with small_mount(tmp_path / "small", f"size={base_kb * 2}k") as small:  # the model, not 3 checkpoints
+        run = small / "run"
+        spec = tiny_spec(tmp_path, train={"max_steps": 8, "checkpoint_every": 2}, output=str(run))
+        spec["model"] = {"base": str(base), "tokenizer": "bytes"}
+        code, err, _ = run_cli(["train", str(write_spec(tmp_path, spec)), "--no-eval"], capsys)
+        last = err.strip().splitlines()[-1]  # above it: the tokenizer's progress bars, in this process
+        assert code == 1 and last.startswith(f"error: disk full while writing {run}"), err[-2000:]
+        assert last.endswith(f"continue with `fulcrum train --resume {run}`"), last
+        assert not (run / "summary.json").exists()
+        kept = RunDir(str(run)).checkpoints()
+        subprocess.run(["mount", "-o", f"remount,size={base_kb * 40}k", str(small)], check=True)
+        code, err, out = run_cli(["train", "--resume", str(run), "--no-eval"], capsys)
+        assert code == 0, err[-2000:]
+        assert (f"from {kept[-1]}" in out) if kept else ("starting from step 0" in out), out[-2000:]
+        steps = [json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == 8 and (run / "summary.json").is_file()
 
 
 # --------------------------------------------------------------------------- interrupts (real processes)
