@@ -352,6 +352,7 @@ class StaticDecoder:
         buffers, so a CUDA graph of it replays correctly for new inputs."""
         tokens, positions, write_at = self.inputs[0, :width], self.inputs[1, :width], self.inputs[2, :width]
         rows = self.row_ids[:width]
+        self.slot_state.new_forward()  # (a graph's capture computes the row -> slot one-hot itself)
         hidden = self.inner.embed_tokens(tokens[:, None])  # [rows, 1, hidden]
         cos, sin = self.inner.rotary_emb(hidden, positions[:, None])
         visible = (self.columns[:span][None, :] <= write_at[:, None])[:, None, None, :]  # [rows, 1, 1, span]

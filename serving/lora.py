@@ -6,15 +6,21 @@ batched matmuls; there is no Python loop over adapters. Slot 0 is "no adapter" (
 scales), so base-model rows ride along in the same batch.
 
 - `SlotLinear` wraps a target `nn.Linear` and holds, lazily (only once some adapter needs them):
-  LoRA   A [slots, r_max, in], B [slots, out, r_max] (peft's scaling folded into B; ranks zero-padded),
+  LoRA   A [slots, r_max, in], B [out, slots, r_max] (peft's scaling folded into B; ranks zero-padded),
   DoRA   an output scale [slots, out] = magnitude / ||W + s·B·A||_row (peft's inference formula),
   IA3    an input scale [slots, in] (feed-forward modules) or output scale [slots, out] (the others).
 - `SlotBottleneck` wraps a sub-block (attention, MLP) for bottleneck adapters: h + s·up(act(down(h))),
   down [slots, b_max, hidden] + bias, up [slots, hidden, b_max] + bias; every supported activation maps
   0 -> 0, so zero padding is exact, and rows are split by activation kind (at most four), not by adapter.
 
-The seams for the performance work: `SlotState.index` is set once per forward (a CUDA graph captures it as
-a static buffer), and `_lora_delta` is the one place a gather-matmul kernel (Punica's bgmv/sgmv) goes.
+A batch whose rows use different adapters applies them one of two ways (`_lora_delta`), both static in
+shape, so a CUDA graph of the step holds either:
+- `dense`: every slot at once, as two plain GEMMs over the slots laid side by side: x·[A_0;…;A_S]ᵀ gives
+  [rows, S·r]; a one-hot mask keeps each row's own slot's r columns; that times [B_0 … B_S] is the delta.
+  Each slot's weights are read once per step, like Punica's BGMV, and nothing is copied per row;
+- `gather`: each row's A and B copied out of the stack (index_select), then two batched matmuls. It reads
+  and writes each row's adapter again, but only the rows' own: better when slots far outnumber rows.
+`SlotState.lora_mode` picks (`auto`: dense unless the slots are over twice the rows).
 """
 
 from __future__ import annotations
@@ -38,14 +44,34 @@ class SlotState:
         # Bumped whenever a slot layer is installed or (re)allocates a tensor: captured CUDA graphs read
         # the old tensors and must be captured again. Writing into a slot in place needs no bump.
         self.version = 0
+        self.lora_mode = "auto"  # "dense", "gather" or "auto" (see the module docstring); ablations set it
+        self._onehot: dict[int, torch.Tensor] = {}  # slots -> [rows, slots], for this forward only
+
+    def new_forward(self) -> None:
+        """Called as a forward begins (and inside a CUDA graph's capture): what was derived from the index
+        for the previous forward is made again from the index buffer, inside the graph."""
+        self._onehot = {}
+
+    def onehot(self, slots: int) -> torch.Tensor:
+        """[rows, slots]: 1 at each row's slot. Made once per forward (the first layer asks; the others
+        reuse it), so a CUDA graph captures it as one small kernel."""
+        rows = self._onehot.get(slots)
+        if rows is None:
+            rows = self._onehot[slots] = F.one_hot(self.index, slots)
+        return rows
+
+    def dense(self, rows: int, slots: int) -> bool:
+        return self.lora_mode == "dense" or (self.lora_mode == "auto" and slots <= 2 * rows)
 
     def set(self, slots: list[int]) -> None:
         self.index = torch.tensor(slots, dtype=torch.long, device=self.index.device)
         self.uniform = slots[0] if len(set(slots)) == 1 else None
+        self.new_forward()
 
     def use_buffer(self, index: torch.Tensor, uniform: int | None) -> None:
         """Read the row -> slot index from a fixed buffer (the static decode step refills it in place)."""
         self.index, self.uniform = index, uniform
+        self.new_forward()
 
 
 def _grow(t: torch.Tensor | None, shape: tuple[int, ...], fill: float, like: torch.Tensor) -> torch.Tensor:
@@ -65,7 +91,7 @@ class SlotLinear(nn.Module):
         self.state = state
         self.num_slots = num_slots
         self.lora_a: torch.Tensor | None = None  # [slots, r_max, in]
-        self.lora_b: torch.Tensor | None = None  # [slots, out, r_max], scaling folded in
+        self.lora_b: torch.Tensor | None = None  # [out, slots, r_max], scaling folded in
         self.out_scale: torch.Tensor | None = None  # [slots, out]
         self.bias_scale: torch.Tensor | None = None  # [slots, out]: IA3 scales the bias, DoRA does not
         self.in_scale: torch.Tensor | None = None  # [slots, in]
@@ -89,13 +115,13 @@ class SlotLinear(nn.Module):
         r_max = 0 if self.lora_a is None else self.lora_a.shape[1]
         if r > r_max:
             self.lora_a = _grow(self.lora_a, (self.num_slots, r, self.in_features), 0.0, w)
-            self.lora_b = _grow(self.lora_b, (self.num_slots, self.out_features, r), 0.0, w)
+            self.lora_b = _grow(self.lora_b, (self.out_features, self.num_slots, r), 0.0, w)
             self.state.version += 1
         assert self.lora_a is not None and self.lora_b is not None
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_b[:, slot].zero_()
         self.lora_a[slot, :r] = a.to(w.dtype)
-        self.lora_b[slot, :, :r] = (b.float() * scaling).to(w.dtype)
+        self.lora_b[:, slot, :r] = (b.float() * scaling).to(w.dtype)
 
     def set_out_scale(self, slot: int, scale: torch.Tensor, scales_bias: bool) -> None:
         w = self.base_layer.weight
@@ -117,9 +143,9 @@ class SlotLinear(nn.Module):
 
     def clear(self, slot: int) -> None:
         """Back to "no adapter" for this slot."""
-        for t in (self.lora_a, self.lora_b):
-            if t is not None:
-                t[slot].zero_()
+        if self.lora_a is not None and self.lora_b is not None:
+            self.lora_a[slot].zero_()
+            self.lora_b[:, slot].zero_()
         for t in (self.out_scale, self.bias_scale, self.in_scale):
             if t is not None:
                 t[slot].fill_(1.0)
@@ -134,13 +160,20 @@ class SlotLinear(nn.Module):
 
     # ------------------------------------------------------------------ the hot path
     def _lora_delta(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x [rows, T, in] -> [rows, T, out]: each row through its own slot's B·A (two batched matmuls)."""
-        assert self.lora_a is not None and self.lora_b is not None
+        """x [rows, T, in] -> [rows, T, out]: each row through its own slot's B·A."""
+        a_all, b_all = self.lora_a, self.lora_b
+        assert a_all is not None and b_all is not None
         slot = self.state.uniform
-        if slot is not None:  # one adapter for the whole batch: no gather
-            return F.linear(F.linear(x, self.lora_a[slot]), self.lora_b[slot])
-        a = self.lora_a.index_select(0, index)  # [rows, r, in]
-        b = self.lora_b.index_select(0, index)  # [rows, out, r]
+        if slot is not None:  # one adapter for the whole batch
+            return F.linear(F.linear(x, a_all[slot]), b_all[:, slot])
+        slots, r = a_all.shape[0], a_all.shape[1]
+        rows, steps = x.shape[0], x.shape[1]
+        if self.state.dense(rows, slots):
+            h = F.linear(x, a_all.view(slots * r, -1)).view(rows, steps, slots, r)
+            h = h * self.state.onehot(slots).to(h.dtype)[:, None, :, None]  # only each row's own slot
+            return F.linear(h.view(rows, steps, slots * r), b_all.view(-1, slots * r))
+        a = a_all.index_select(0, index)  # [rows, r, in]
+        b = b_all.index_select(1, index).transpose(0, 1)  # [rows, out, r]
         return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

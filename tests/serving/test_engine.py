@@ -184,10 +184,15 @@ def prompts(tokenizer: Any, n: int) -> list[list[int]]:
     return [tokenizer.encode(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(n)]
 
 
-@pytest.mark.parametrize("static", [True, False], ids=["static-cache", "transformers-cache"])
-def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any], static: bool) -> None:
+@pytest.mark.parametrize(
+    "static,lora_mode",
+    [(True, "dense"), (True, "gather"), (False, "auto")],
+    ids=["static-cache-dense-lora", "static-cache-gathered-lora", "transformers-cache"],
+)
+def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any], static: bool, lora_mode: str) -> None:
     spec, paths = setup["spec"], setup["paths"]
     engine = new_engine(spec, static_decode=static)
+    engine.slot_state.lora_mode = lora_mode  # both ways of applying a mixed batch's adapters
     assert engine.decode_mode == ("static" if static else "dynamic")  # no GPU here: no CUDA graphs
     for aid, path in paths.items():
         info = engine.add_adapter(aid, str(path))
