@@ -137,10 +137,11 @@ def summarize(wall: float, latencies: list[float], ttfts: list[float] | None, to
     }
 
 
-DECODE_MODES = {  # --decode name -> (engine arguments, table label)
-    "graphs": ({"cuda_graphs": True}, "fulcrum engine"),
-    "static": ({"cuda_graphs": False}, "fulcrum engine: static cache, no graphs"),
-    "dynamic": ({"static_decode": False}, "fulcrum engine: transformers cache"),
+DECODE_MODES = {  # --decode name -> (engine arguments, table label, serving/lora.py's lora_mode)
+    "graphs": ({"cuda_graphs": True}, "fulcrum engine", "auto"),
+    "gather": ({"cuda_graphs": True}, "fulcrum engine: gathered LoRA (ablation)", "gather"),
+    "static": ({"cuda_graphs": False}, "fulcrum engine: static cache, no graphs", "auto"),
+    "dynamic": ({"static_decode": False}, "fulcrum engine: transformers cache", "auto"),
 }
 
 
@@ -150,7 +151,7 @@ def bench_engine(
     """The engine in one decode mode; each row keeps its requests' tokens (`_tokens`) for the agreement
     check between modes."""
     model, tokenizer = load_base(spec, args.device)
-    options, label = DECODE_MODES[mode]
+    options, label, lora_mode = DECODE_MODES[mode]
     engine = BatchEngine(
         model,
         tokenizer,
@@ -161,6 +162,7 @@ def bench_engine(
         **options,
     )
     engine.eos_ids = set()  # every request generates exactly --new-tokens, as peft's runs below
+    engine.slot_state.lora_mode = lora_mode
     loads = []
     for i, path in enumerate(adapters[: max(counts)]):
         engine.add_adapter(f"lora-{i}", str(path))
@@ -169,12 +171,12 @@ def bench_engine(
     prompts = [tokenizer.encode(t) for t in prompt_texts(args.prompts, args.prompt_tokens)]
     asyncio.run(engine_run(engine, prompts[:2], ["lora-0"] * 2, 2))  # warm-up
     rows = []
-    for n in counts:
-        ids = [f"lora-{i % n}" for i in range(args.prompts)]
+    for n in ([0] if mode == "graphs" else []) + counts:  # 0: base rows only, the ratio users quote
+        ids = [f"lora-{i % n}" if n else None for i in range(args.prompts)]
         result = best(
             args, lambda ids=ids, e=engine: asyncio.run(engine_run(e, prompts, ids, args.new_tokens))
         )
-        rows.append({"system": label, "adapters": n, **result, "cold load ms": f"{cold:.1f}"})
+        rows.append({"system": label, "adapters": n, **result, "cold load ms": f"{cold:.1f}" if n else ""})
     print(f"{label}: decode step ran as `{engine.decode_mode}`")
     del engine, model
     if args.device == "cuda":
@@ -372,6 +374,60 @@ def bench_peft(
     return rows
 
 
+# --------------------------------------------------------------------------- one merged model
+def bench_merged(args: argparse.Namespace, spec: ModelSpec, adapter: Path) -> list[dict]:
+    """One fine-tune merged into the base (peft's merge_and_unload), served by transformers `generate`:
+    with its default cache, and with a static cache and `torch.compile` (transformers' documented fast
+    path). What a user who needs one adapter would run instead of a multi-adapter server."""
+    from peft import PeftModel
+
+    model, tokenizer = load_base(spec, args.device)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    texts = prompt_texts(args.prompts, args.prompt_tokens)
+    batch = torch.tensor([tokenizer.encode(t) for t in texts], device=merged.device)
+    pad = {"pad_token_id": tokenizer.pad_token_id}
+    peft_generate(merged, batch[:2], 2, **pad)  # warm-up
+    rows = [
+        {
+            "system": "merged model: generate",
+            "adapters": 1,
+            **best(args, lambda: peft_generate(merged, batch, args.new_tokens, **pad)),
+        }
+    ]
+    if args.device == "cuda":
+        merged.forward = torch.compile(merged.forward, mode="reduce-overhead", fullgraph=True)
+        static = {"cache_implementation": "static", **pad}
+        start = time.perf_counter()
+        peft_generate(merged, batch, args.new_tokens, **static)  # compiles (and captures) for this shape
+        compile_s = time.perf_counter() - start
+        result = best(args, lambda: peft_generate(merged, batch, args.new_tokens, **static))
+        label = f"merged model: static cache + torch.compile (compile {compile_s:.0f} s)"
+        rows.append({"system": label, "adapters": 1, **result})
+    return rows  # (the models go with this frame; the caller empties the CUDA cache)
+
+
+def bandwidth_bound(args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], n: int) -> float:
+    """Tokens/s if every decode step only read, at the device's peak bandwidth, the base's weights, the
+    KV cache of every row at the run's mean length, and the distinct adapters in the batch."""
+    from safetensors import safe_open
+
+    config = SMALL if args.shape == "small" else SHAPES[args.shape]
+    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    vocab, heads, kv = 260, config["num_attention_heads"], config["num_key_value_heads"]
+    bytes_per = 4 if args.dtype == "float32" or args.device == "cpu" else 2
+    params = layers * (2 * h * h + 2 * h * h * kv // heads + 3 * h * inter) + 2 * vocab * h
+    kv_per_token = layers * 2 * h * kv // heads * bytes_per
+    mean_length = args.prompt_tokens + args.new_tokens / 2
+    adapter_bytes = 0
+    if n:
+        with safe_open(str(adapters[0] / "adapter_model.safetensors"), "pt") as f:
+            adapter_bytes = sum(f.get_tensor(k).numel() for k in f.keys()) * bytes_per  # noqa: SIM118
+    step = (
+        params * bytes_per + args.prompts * mean_length * kv_per_token + min(n, args.prompts) * adapter_bytes
+    )
+    return args.prompts / (step / (args.peak_tb_s * 1e12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -393,6 +449,8 @@ def main() -> None:
     parser.add_argument("--api-key", help="an admin key of that server")
     parser.add_argument("--peft-mixed-max", type=int, default=8, help="skip peft's mixed batch above this")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--merged", action="store_true", help="also the merged-model peers (GPU: compiled)")
+    parser.add_argument("--peak-tb-s", type=float, default=4.8, help="the device's memory bandwidth (H200)")
     parser.add_argument("--repeats", type=int, default=3, help="report the fastest of this many runs")
     parser.add_argument(
         "--decode",
@@ -427,15 +485,23 @@ def main() -> None:
         for ingress in [int(n) for n in args.ingress.split(",")]:
             with fulcrum_serve(args, spec, ingress) as args.url:
                 rows += bench_http(args, adapters, counts, f"fulcrum http ({ingress} ingress)")
+    if args.merged:
+        rows += bench_merged(args, spec, adapters[0])
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     if not args.skip_peft:
         rows += bench_peft(args, spec, adapters, counts)
+    for row in rows:
+        if args.device == "cuda" and row["system"] == DECODE_MODES[modes[0]][1] and row.get("_rate"):
+            bound = bandwidth_bound(args, spec, adapters, row["adapters"])
+            row["% of bound"] = f"{row['_rate'] / bound:.0%} of {bound:.0f}"
     print(
         f"\n{args.shape} Llama on {args.device}, {args.prompts} prompts x {args.prompt_tokens} tokens, "
         f"{args.new_tokens} new tokens, greedy, LoRA r{args.rank} on all linear layers"
         + (f", {torch.get_num_threads()} CPU thread(s)" if args.device == "cpu" else "")
         + "\n"
     )
-    print_table(rows, COLUMNS)
+    print_table(rows, [*COLUMNS, "% of bound"])
     agreement(rows, modes, counts)
     rate = {(r["system"], r["adapters"]): r.get("_rate") for r in rows}
     peft_one = rate.get(("peft: one adapter", 1))
@@ -449,6 +515,12 @@ def main() -> None:
         for n in counts:
             if n != 1 and rate.get((system, n)):
                 print(f"{system}, {n} distinct adapters: {rate[(system, n)] / single:.0%} of its single rate")
+            if rate.get((system, 0)) and rate.get((system, n)):
+                share = rate[(system, n)] / rate[(system, 0)]
+                print(f"{system}, {n} distinct adapters: {share:.0%} of its no-adapter rate")
+            for peer in [r["system"] for r in rows if r["system"].startswith("merged model")]:
+                if rate.get((system, n)) and rate.get((peer, 1)):
+                    print(f"{system}, {n} adapters vs {peer}: {rate[(system, n)] / rate[(peer, 1)]:.2f}x")
         if peft_one:
             print(f"{system}, single adapter vs peft one adapter: {single / peft_one:.2f}x")
 
