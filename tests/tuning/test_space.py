@@ -111,3 +111,19 @@ def test_optuna_search_without_the_extra_says_what_to_install(tmp_path: Path) ->
     )
     with pytest.raises(FulcrumError, match=r"pip install 'fulcrum\[optuna\]'"):
         _search(load_tune(spec))
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """YAML 1.1 reads `1e-4` as a string; in a range it can only be the number. A wrong range's message keeps
+    its `[low, high]` on the console (rich's markup used to eat it)."""
+    from tests.helpers import run_cli
+
+    text = write_spec(tmp_path, sweep_spec(tmp_path, {"space": {"train.lr": {"choice": [1]}}})).read_text()
+    good = tmp_path / "good.yaml"
+    good.write_text(text.replace("choice:\n      - 1", "loguniform: [1e-4, 1e-2]"))
+    assert "loguniform: [1e-4, 1e-2]" in good.read_text()
+    assert load_tune(load_spec(good)).space == {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("choice:\n      - 1", "uniform: [1e-4]"))
+    code, err, _ = run_cli(["validate", str(bad)], capsys)
+    assert code == 2 and "uniform: give [low, high] as two numbers" in err, err
