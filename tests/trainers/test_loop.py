@@ -43,7 +43,7 @@ class FolderSession(Session):
         return {r["step"]: r["loss"] for r in self.records if r["event"] == "step"}
 
 
-def worker_config(tmp_path: Path, **train: Any) -> dict[str, Any]:
+def worker_config(tmp_path: Path, overrides: dict[str, Any] | None = None, **train: Any) -> dict[str, Any]:
     """What the driver hands each worker (PreparedJob.worker_config), with the tables themselves."""
     spec = load_spec(
         write_spec(
@@ -52,18 +52,22 @@ def worker_config(tmp_path: Path, **train: Any) -> dict[str, Any]:
                 tmp_path,
                 method={"kind": "lora", "rank": 4, "dropout": 0.1},  # dropout: resume must restore the RNG
                 train={"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "lr": 3.0e-3, **train},
+                **(overrides or {}),
             ),
         )
     )
     base = materialize_base(spec.model)
     tok_source = tokenizer_source(spec.model, base)
     data = prepare(spec, load_tokenizer(tok_source))
+    frozen = {"base": base}
+    if spec.objective.kind == "distill":
+        frozen["teacher"] = materialize_base(spec.objective.teacher)  # type: ignore[union-attr]
     return {
         "spec": spec.model_dump(mode="json"),
         "total_steps": total_steps(spec, data.train.table.num_rows),
         "base_source": base,
         "tokenizer_source": tok_source,
-        "frozen_sources": {"base": base},
+        "frozen_sources": frozen,
         "train_ref": data.train.table,
         "eval_ref": data.eval.table if data.eval else None,
         "run_dir": str(tmp_path / "run"),
@@ -192,3 +196,30 @@ def test_prefetch_keeps_order_and_raises_the_sources_error() -> None:
     assert seen == [0, 1, 2, 3, 4]
     with Prefetch(iter(range(3)), depth=0) as inline:
         assert list(inline) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("objective", ["cpt", "sft", "dpo", "distill"])
+def test_tune_metric_names_are_what_a_trial_reports(tmp_path: Path, objective: str) -> None:
+    """`fulcrum tune` checks `tune.metric` against a table (tuning/space.py); the table must be what the
+    recipe really reports to Ray at an evaluation, objective by objective, neither more nor less."""
+    from tests.helpers import TINY_LLAMA, alpaca_rows, write_jsonl
+    from tests.trainers.test_objectives import preference_rows
+    from tuning.space import reported_metrics
+
+    overrides: dict[str, Any] = {"objective": {"kind": objective}}
+    if objective in ("sft", "distill"):
+        write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(40))
+        overrides["data"] = {"train": str(tmp_path / "sft.jsonl")}
+    if objective == "dpo":
+        write_jsonl(tmp_path / "pairs.jsonl", preference_rows(40))
+        overrides["data"] = {"train": str(tmp_path / "pairs.jsonl")}
+    if objective == "distill":
+        teacher = {"config": dict(TINY_LLAMA), "tokenizer": "bytes"}
+        overrides["objective"] = {"kind": "distill", "teacher": teacher}
+    config = worker_config(tmp_path, overrides)
+    recipe, _ = recipe_for(config)
+    assert recipe.restore()
+    recipe.step(next(recipe.batches()))
+    assert recipe.evaluate() is not None
+    reported = {k for k in recipe._metrics() if k not in ("step", "tokens_seen")}
+    assert reported == set(reported_metrics(load_spec(tmp_path / "spec.yaml")))
