@@ -261,6 +261,12 @@ def parse_serve_config(
 
     if not isinstance(data, dict):
         raise fail((), "the serve config must be a YAML mapping with at least `model` and `adapters`")
+    if {"method", "objective"} <= set(data):  # the most likely mix-up: a training spec
+        raise fail(
+            (),
+            "this is a training spec, not a serve config; serve what it trained with `fulcrum serve "
+            "--adapter NAME=RUN_DIR` (RUN_DIR: its `output`), or write a serve YAML (docs/serving.md)",
+        )
     try:
         config = ServeConfig.model_validate(data)
     except ValidationError as e:  # one explanation for the spec, the serve YAML and the API

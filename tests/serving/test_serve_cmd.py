@@ -56,6 +56,10 @@ def test_yaml_errors_name_file_line_and_field(tmp_path: Path) -> None:
         (head + "host: 0.0.0.0\n", ":4: host: 0.0.0.0 is reachable from other machines"),
         (head + "host: '::'\n", ":4: host: :: is reachable"),
         (head + "registry: s3://bucket/serve/\n", ":4: registry: give a file"),
+        (
+            "name: t\nmethod: {kind: lora}\nobjective: {kind: sft}\n",
+            "this is a training spec, not a serve config",
+        ),
     ]
     for text, expected in cases:
         with pytest.raises(SpecError) as err:
