@@ -44,6 +44,16 @@ def _bucket(n: int, cap: int, smallest: int = 1) -> int:
     return min(b, cap)
 
 
+def _span(n: int, cap: int) -> int:
+    """Cache columns a step reads: n rounded up to an eighth of the power of two at or above it (at least
+    64), at most `cap`. Attention reads every row's cache up to this span: powers of two alone read up to
+    twice the columns needed, eighths at most a quarter more, for at most eight graphs per doubling."""
+    if n <= 64:
+        return min(64, cap)
+    eighth = 1 << (n - 1).bit_length() - 3
+    return min(-(-n // eighth) * eighth, cap)
+
+
 def static_decode_unsupported(model: nn.Module, context_length: int) -> str | None:
     """Why the static decoder cannot run this base (None: it can)."""
     config = model.config.get_text_config()
@@ -236,8 +246,14 @@ class StaticDecoder:
         self.device, self.dtype = weight.device, weight.dtype
         self.graphs = graphs and self.device.type == "cuda"
         # Inputs of a step, indexed by cache row: token, position id, write column (= the row's length),
-        # adapter slot. One host->device copy a step fills all four.
+        # adapter slot. One host->device copy a step fills all four, from pinned memory without waiting
+        # for the GPU (two buffers, alternating: the engine may launch a step while the previous one runs,
+        # so the copy out of one buffer can still be pending while the other is filled).
         self.inputs = torch.zeros(4, max_rows, dtype=torch.long, device=self.device)
+        pinned = self.device.type == "cuda"
+        self._host = [torch.zeros(4, max_rows, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._flip = 0
+        self._row_index: torch.Tensor | None = None  # row_of on the device, made again when rows change
         self.columns = torch.arange(context_length, device=self.device)
         self.row_ids = torch.arange(max_rows, device=self.device)
         self.k: list[torch.Tensor] = []
@@ -284,6 +300,7 @@ class StaticDecoder:
             cache_k[dest, :, :width] = k.gather(2, index).to(self.dtype)
             cache_v[dest, :, :width] = v.gather(2, index).to(self.dtype)
         self.row_of.extend(rows)
+        self._row_index = None
 
     def keep(self, rows: list[int]) -> None:
         kept = set(rows)
@@ -291,26 +308,43 @@ class StaticDecoder:
             if i not in kept:
                 heapq.heappush(self._free, row)
         self.row_of = [self.row_of[i] for i in rows]
+        self._row_index = None
+
+    def _rows_on_device(self) -> torch.Tensor:
+        if self._row_index is None:  # only when rows joined or left (a copy that waits for the GPU)
+            self._row_index = torch.tensor(self.row_of, dtype=torch.long, device=self.device)
+        return self._row_index
 
     # ------------------------------------------------------------------ one step
     def step(
-        self, tokens: list[int], positions: list[int], lengths: list[int], slots: list[int]
+        self,
+        tokens: list[int] | torch.Tensor,
+        positions: list[int],
+        lengths: list[int],
+        slots: list[int],
     ) -> torch.Tensor:
         """Feed each running row its next token -> logits [rows, vocab] (rows in the engine's order; each
-        row's `lengths` entry is the tokens already in its cache, where the new one is written)."""
+        row's `lengths` entry is the tokens already in its cache, where the new one is written). `tokens`
+        may be a tensor on the device (the previous step's choices): then nothing waits for the GPU."""
         if not self.row_of:
             raise RuntimeError("no running rows")
         width = _bucket(max(self.row_of) + 1, self.rows_cap, 8)
-        span = _bucket(max(lengths) + 1, self.len_cap, 64)
-        host = torch.zeros(4, width, dtype=torch.long)
-        host[:, self.row_of] = torch.tensor([tokens, positions, lengths, slots], dtype=torch.long)
-        self.inputs[:, :width].copy_(host)
+        span = _span(max(lengths) + 1, self.len_cap)
+        host = self._host[self._flip]
+        self._flip ^= 1
+        host[:, :width].zero_()
+        on_device = isinstance(tokens, torch.Tensor)
+        given = [positions, lengths, slots] if on_device else [tokens, positions, lengths, slots]
+        host[4 - len(given) :, self.row_of] = torch.tensor(given, dtype=torch.long)
+        self.inputs[:, :width].copy_(host[:, :width], non_blocking=True)
+        if on_device:
+            self.inputs[0].index_copy_(0, self._rows_on_device(), tokens)
         base_only = not any(slots)
         # A captured graph must not depend on which adapters the rows use: every mixed batch gathers.
         single = slots[0] if not self.graphs and len(set(slots)) == 1 else None
         self.slot_state.use_buffer(self.inputs[3, :width], uniform=0 if base_only else single)
         logits = self._replay(width, span, base_only) if self.graphs else self._forward(width, span)
-        return logits.index_select(0, torch.tensor(self.row_of, device=self.device))
+        return logits.index_select(0, self._rows_on_device())
 
     def _replay(self, width: int, span: int, base_only: bool) -> torch.Tensor:
         if self._layout != self.slot_state.version:  # an adapter layer was added or reallocated
