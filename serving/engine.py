@@ -26,6 +26,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,6 +89,28 @@ def load_base(model_spec: Any, device: str | torch.device) -> tuple[Any, Any]:
         trust_remote_code=model_spec.trust_remote_code,
     )
     return model, tokenizer
+
+
+@dataclass
+class _InFlight:
+    """A launched decode step: its rows (in the order launched), its greedy tokens on the device (for the
+    next step's input) and in host memory (filled once `ready` has passed; the CPU needs no event)."""
+
+    rows: list[Request]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
+def _device_only(req: Request) -> bool:
+    p = req.params
+    return (
+        p.temperature == 0
+        and p.constraint is None
+        and p.logprobs is None
+        and not (p.presence_penalty or p.frequency_penalty or p.logit_bias)
+        and not (req.done or req.cancelled)
+    )
 
 
 class BatchEngine:
@@ -153,6 +176,11 @@ class BatchEngine:
         # took about 3x as long on an H200 (61-67 ms against 21-23 ms; 0.95B, 64 rows; docs/benchmarks.md).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulcrum-step")
         self.steps = 0
+        # Launch step t+1 before step t's tokens are turned into text (see `_pipelined_step`): on a GPU,
+        # where the host work of a step otherwise leaves the device idle. Tests turn it on for the CPU.
+        self.pipeline = self.device.type == "cuda"
+        self._in_flight: _InFlight | None = None
+        self.steps_ahead = 0  # steps launched before the previous one's tokens were emitted
 
     def _new_decoder(self) -> StaticDecoder | DynamicDecoder:
         if self.static_unsupported is not None:
@@ -361,22 +389,95 @@ class BatchEngine:
                     self.scheduler.fail_all(e)
                     self._decoder.keep([])
                     self._outbox = []
+                    self._in_flight = None
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def _step(self) -> None:
         with self._device_lock:
             self.steps += 1
+            if self._in_flight is not None:
+                if self._pipelined_step():
+                    return
+                self._finish(self._in_flight)  # drained: rows join or leave in an ordinary step
+                self._in_flight = None
             self._leave()
             for batch in self.scheduler.admit():
                 self._admit(batch)
             self._flush()  # first tokens go out before the decode step
             rows = self.scheduler.running
-            if rows:
+            if rows and self._may_pipeline(rows):
+                self._in_flight = self._launch(rows, [r.generated[-1] for r in rows])
+            elif rows:
                 logits = self._decode_forward(rows)
                 self._advance(rows, logits)
                 self._leave()
             self._flush()
+
+    # ------------------------------------------------------------------ one step ahead
+    def _may_pipeline(self, rows: list[Request]) -> bool:
+        """Rows whose next token the device can choose alone (greedy, nothing the host adds to the
+        logits), in the static decoder, with nobody waiting to join."""
+        if not (self.pipeline and isinstance(self._decoder, StaticDecoder)) or self.scheduler.waiting:
+            return False
+        return all(_device_only(r) for r in rows)
+
+    def _launch(self, rows: list[Request], tokens: list[int] | torch.Tensor) -> _InFlight:
+        """Enqueue a decode step and its greedy choice; the chosen tokens come back to pinned memory
+        behind an event, so the host can do other work while the device runs."""
+        logits = self._decoder.step(
+            tokens, [r.position for r in rows], [r.length for r in rows], [r.lease.slot for r in rows]
+        )
+        for r in rows:
+            r.position += 1
+            r.length += 1
+        chosen = logits.argmax(dim=-1)
+        if self.device.type != "cuda":
+            return _InFlight(rows, chosen, chosen, None)
+        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host.copy_(chosen, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(rows, chosen, host, ready)
+
+    def _pipelined_step(self) -> bool:
+        """Launch step t+1 from step t's tokens still on the device, then emit step t's tokens while it
+        runs. False (launch nothing) when the in-flight rows cannot go on unchanged: one was cancelled,
+        or failed, or somebody waits to join; the caller drains the pipeline with an ordinary step."""
+        current = self._in_flight
+        assert current is not None
+        if not self._may_pipeline(current.rows):
+            return False
+        if any(r.length + 1 >= self.context_length for r in current.rows):
+            return False  # a row at the end of its context stops now; one more step would overrun it
+        self._in_flight = self._launch(current.rows, current.tokens)
+        self.steps_ahead += 1
+        finished = self._finish(current)
+        self._flush()
+        if finished:  # step t+1 computed finished rows as well: drain it before they leave
+            self._finish(self._in_flight)
+            self._in_flight = None
+            self._leave()
+            self._flush()
+        return True
+
+    def _finish(self, step: _InFlight) -> bool:
+        """Emit an in-flight step's tokens for the rows still going -> whether any row ended."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.host.tolist()
+        ended = False
+        for req, token in zip(step.rows, tokens, strict=True):
+            if req.done or req.cancelled:
+                ended = True
+                continue
+            try:
+                self._emit(req, token, None, None)
+            except Exception as e:  # the row's detokenizer: that row fails, alone
+                log.warning("a request failed: %s: %s", type(e).__name__, e)
+                req.fail(e)
+            ended = ended or req.done
+        return ended
 
     def _leave(self) -> None:
         before = len(self.scheduler.running)

@@ -185,14 +185,17 @@ def prompts(tokenizer: Any, n: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    "static,lora_mode",
-    [(True, "dense"), (True, "gather"), (False, "auto")],
-    ids=["static-cache-dense-lora", "static-cache-gathered-lora", "transformers-cache"],
+    "static,lora_mode,pipeline",
+    [(True, "dense", False), (True, "gather", False), (True, "dense", True), (False, "auto", False)],
+    ids=["static-cache-dense-lora", "static-cache-gathered-lora", "one-step-ahead", "transformers-cache"],
 )
-def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any], static: bool, lora_mode: str) -> None:
+def test_mixed_batch_equals_peft_per_adapter(
+    setup: dict[str, Any], static: bool, lora_mode: str, pipeline: bool
+) -> None:
     spec, paths = setup["spec"], setup["paths"]
     engine = new_engine(spec, static_decode=static)
     engine.slot_state.lora_mode = lora_mode  # both ways of applying a mixed batch's adapters
+    engine.pipeline = pipeline  # step t+1 launched before step t's tokens are emitted (GPUs do this)
     assert engine.decode_mode == ("static" if static else "dynamic")  # no GPU here: no CUDA graphs
     for aid, path in paths.items():
         info = engine.add_adapter(aid, str(path))
@@ -211,6 +214,7 @@ def test_mixed_batch_equals_peft_per_adapter(setup: dict[str, Any], static: bool
 
     results = asyncio.run(run_all())
     assert engine.steps < NEW_TOKENS * 2  # the requests really shared decode steps
+    assert (engine.steps_ahead > NEW_TOKENS // 2) == pipeline, engine.steps_ahead
     changed = []
     for prompt, aid, events in zip(batch, ids, results, strict=True):
         got = [e.token_id for e in events]
@@ -462,6 +466,7 @@ def test_hot_swaps_and_unloads_under_load_equal_peft(setup: dict[str, Any]) -> N
 
     spec, paths = setup["spec"], setup["paths"]
     engine = new_engine(spec)
+    engine.pipeline = True  # as on a GPU: swaps land between steps launched one ahead
     versions = {None: [None], "x": ["lora4", "dora"], "y": ["ia3", "lora8"]}
     texts = prompts(engine.tokenizer, 2)
     eos = engine.tokenizer.eos_token_id
