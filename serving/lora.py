@@ -45,19 +45,20 @@ class SlotState:
         # the old tensors and must be captured again. Writing into a slot in place needs no bump.
         self.version = 0
         self.lora_mode = "auto"  # "dense", "gather" or "auto" (see the module docstring); ablations set it
-        self._onehot: dict[int, torch.Tensor] = {}  # slots -> [rows, slots], for this forward only
+        self._onehot: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # [rows, slots], this forward only
 
     def new_forward(self) -> None:
         """Called as a forward begins (and inside a CUDA graph's capture): what was derived from the index
         for the previous forward is made again from the index buffer, inside the graph."""
         self._onehot = {}
 
-    def onehot(self, slots: int) -> torch.Tensor:
-        """[rows, slots]: 1 at each row's slot. Made once per forward (the first layer asks; the others
-        reuse it), so a CUDA graph captures it as one small kernel."""
-        rows = self._onehot.get(slots)
+    def onehot(self, slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, 1, slots, 1] in `dtype`: 1 at each row's slot. Made once per forward (the first layer
+        asks; the others reuse it): two small kernels in a CUDA graph, not two per projection."""
+        key = (slots, dtype)
+        rows = self._onehot.get(key)
         if rows is None:
-            rows = self._onehot[slots] = F.one_hot(self.index, slots)
+            rows = self._onehot[key] = F.one_hot(self.index, slots).to(dtype)[:, None, :, None]
         return rows
 
     def dense(self, rows: int, slots: int) -> bool:
@@ -170,7 +171,7 @@ class SlotLinear(nn.Module):
         rows, steps = x.shape[0], x.shape[1]
         if self.state.dense(rows, slots):
             h = F.linear(x, a_all.view(slots * r, -1)).view(rows, steps, slots, r)
-            h = h * self.state.onehot(slots).to(h.dtype)[:, None, :, None]  # only each row's own slot
+            h = h * self.state.onehot(slots, h.dtype)  # only each row's own slot
             return F.linear(h.view(rows, steps, slots * r), b_all.view(-1, slots * r))
         a = a_all.index_select(0, index)  # [rows, r, in]
         b = b_all.index_select(1, index).transpose(0, 1)  # [rows, out, r]
