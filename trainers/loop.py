@@ -67,6 +67,9 @@ PROBE_ROWS, PROBE_TOKENS = 2, 32
 RNG_FILE = "rng_state.safetensors"  # rank{r}_rng_state.safetensors: tensors, and JSON in its metadata
 LEGACY_RNG_FILE = "rng_state.pt"  # written (pickled) before issue 23; read only with weights_only=True
 STATE_FILE = "trainer_state.json"
+# Rank 0's records since the previous checkpoint, kept in the checkpoint: the driver writes metrics.jsonl in
+# batches, so a driver killed before its next flush would leave these steps only in the checkpoint's state.
+RECORDS_FILE = "records.jsonl"
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
 
@@ -181,6 +184,7 @@ class Recipe:
         self.prefetch = prefetch  # groups collated ahead of the step that runs (0: collate inline)
         self.global_step, self.tokens_seen = 0, 0
         self.latest_eval: dict[str, float] = {}
+        self._since_checkpoint: list[dict[str, Any]] = []  # rank 0's records not yet in a checkpoint
         self.resumed_from: str | None = None
         self.skipped_checkpoints: list[str] = []
         self.last_loss = math.nan
@@ -529,6 +533,9 @@ class Recipe:
                 storage.write_json(
                     str(d / STATE_FILE), {"step": self.global_step, "tokens_seen": self.tokens_seen}
                 )
+                lines = "".join(json.dumps(r) + "\n" for r in self._since_checkpoint)
+                (d / RECORDS_FILE).write_text(lines, encoding="utf-8")
+                self._since_checkpoint = []
             self.session.report(self._metrics(), tmp, f"checkpoint_{self.global_step:06d}")
             # Ray registers reports asynchronously; wait until it has, so that a worker failure right
             # after this point restarts from this checkpoint rather than an older one (or none).
@@ -602,6 +609,7 @@ class Recipe:
         """Rank 0's records (the others' are the same numbers)."""
         if self.rank == 0:
             self.session.record(record)
+            self._since_checkpoint.append(record)
 
     def warn(self, message: str) -> None:
         """A warning in the worker's log and, from rank 0, in metrics.jsonl."""

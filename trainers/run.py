@@ -232,14 +232,33 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the r
 def resume_point(run_dir: RunDir) -> str | None:
     """The checkpoint a run continues from: the newest complete one whose steps metrics.jsonl already holds.
     On an object store the driver writes metrics in batches, so a driver killed between a checkpoint and its
-    next flush leaves steps that only the checkpoint knows; continuing from the one before replays them,
-    so every step is in the metrics once. (No checkpoint that old: the newest, and the gap stays.)"""
+    next flush leaves steps that only the checkpoint knows: each checkpoint carries rank 0's records since
+    the one before, and those missing from metrics.jsonl are appended first (`fill_metrics_gap`). Where a
+    gap remains (a rotated-out checkpoint), the one before is taken, so every step is in the metrics once."""
+    fill_metrics_gap(run_dir)
     found = run_dir.checkpoints()
     steps = [r["step"] for r in read_metrics(run_dir) if r.get("event") == "step"]
     if not found or not steps:
         return found[-1] if found else None
     recorded = [name for name in found if int(name.removeprefix("checkpoint_") or 0) <= max(steps)]
     return recorded[-1] if recorded else found[-1]
+
+
+def fill_metrics_gap(run_dir: RunDir) -> None:
+    """Append to metrics.jsonl the records the checkpoints hold and it lacks (see `resume_point`)."""
+    from trainers.loop import RECORDS_FILE
+
+    have = {(r.get("event"), r.get("step")) for r in read_metrics(run_dir)}
+    missing: list[dict[str, Any]] = []
+    for name in run_dir.checkpoints():
+        if not run_dir.exists(f"{name}/{RECORDS_FILE}"):
+            continue  # a checkpoint from before records were kept
+        for line in run_dir.read_text(f"{name}/{RECORDS_FILE}").splitlines():
+            record = json.loads(line)
+            if (record.get("event"), record.get("step")) not in have:
+                missing.append(record)
+    if missing:
+        storage.append_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in missing))
 
 
 def forget_stale_snapshot(run_dir: RunDir, resume: str | None = None) -> None:

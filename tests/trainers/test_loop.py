@@ -6,6 +6,7 @@ The recipe's pieces are built for a 2-layer Llama on the CPU; a `Session` that k
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -19,7 +20,16 @@ from tests.helpers import tiny_spec, write_spec
 from trainers import storage
 from trainers.data import IGNORE, prepare, total_steps
 from trainers.engine import RefusedFile
-from trainers.loop import LEGACY_RNG_FILE, RNG_FILE, Prefetch, Recipe, Session, read_rng_state, restore_rng
+from trainers.loop import (
+    LEGACY_RNG_FILE,
+    RECORDS_FILE,
+    RNG_FILE,
+    Prefetch,
+    Recipe,
+    Session,
+    read_rng_state,
+    restore_rng,
+)
 from trainers.models import load_tokenizer, materialize_base, tokenizer_source
 from trainers.spec import load_spec
 
@@ -115,6 +125,9 @@ def test_resume_replays_the_same_losses_past_a_corrupt_checkpoint(
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_000002", "checkpoint_000004"]
     assert sorted(session.losses()) == [1, 2, 3, 4, 5, 6]
     assert (run / "checkpoint_000004" / f"rank0_{RNG_FILE}").is_file()
+    # Each checkpoint keeps rank 0's records since the one before (for a driver killed before its flush).
+    kept = [json.loads(line) for line in (run / "checkpoint_000004" / RECORDS_FILE).read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in kept] == [("checkpoint", 2), ("step", 3), ("step", 4)]
 
     # The newest checkpoint's weights overwritten with zeros.
     weights = run / "checkpoint_000004" / "trainable.safetensors"

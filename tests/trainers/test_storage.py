@@ -73,6 +73,34 @@ def test_a_resume_continues_from_the_newest_checkpoint_the_metrics_cover(tmp_pat
     assert resume_point(run) == "checkpoint_000004"
 
 
+def test_steps_only_a_checkpoint_knows_are_written_back_to_the_metrics(tmp_path: Path) -> None:
+    """A driver killed before its first metrics flush: the checkpoint's own records fill metrics.jsonl,
+    and the run continues from that checkpoint with every step recorded once."""
+    from trainers.loop import RECORDS_FILE
+    from trainers.report import read_metrics
+
+    run = RunDir(str(tmp_path / "run"))
+    for step in (2, 4):
+        storage.write_json(run / f"checkpoint_{step:06d}/trainer_state.json", {"step": step})
+        records = [{"event": "step", "step": s, "loss": 1.0 / s} for s in (step - 1, step)]
+        if step == 4:
+            records.append({"event": "eval", "step": 4, "eval_loss": 0.5})
+        storage.write_text(
+            run / f"checkpoint_{step:06d}/{RECORDS_FILE}", "".join(json.dumps(r) + "\n" for r in records)
+        )
+    storage.append_text(run / "metrics.jsonl", json.dumps({"event": "step", "step": 1, "loss": 1.0}) + "\n")
+    assert resume_point(run) == "checkpoint_000004"
+    assert resume_point(run) == "checkpoint_000004"  # again: nothing is appended twice
+    metrics = read_metrics(run)
+    assert [(r["event"], r["step"]) for r in metrics] == [
+        ("step", 1),
+        ("step", 2),
+        ("step", 3),
+        ("step", 4),
+        ("eval", 4),
+    ]
+
+
 def test_a_disk_too_small_for_the_final_artifact_is_refused_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
