@@ -149,8 +149,8 @@ def located(source: str, text: str | None, loc: tuple[str | int, ...], msg: str)
     """`source:line: field.path: msg`, the line found from the YAML text when there is one."""
     line = line_for(key_lines(text), loc) if text else None
     where = f"{source}:{line}" if line else source
-    field = ".".join(str(p) for p in loc) or "(top level)"
-    return f"{where}: {field}: {msg}"
+    field = ".".join(str(p) for p in loc)
+    return f"{where}: {field}: {msg}" if field else f"{where}: {msg}"  # (the whole file: no field)
 
 
 def one_line(
