@@ -340,33 +340,53 @@ def test_lru_eviction_reloads_on_demand(served: Any) -> None:
 
 
 def test_hot_swap_under_concurrent_load(served: Any) -> None:
+    """A live server hammered over HTTP: clients on the base and on four adapters at once (more than the
+    replica holds, so the LRU unloads and reloads under load), while one adapter is hot-swapped and another
+    registered, deleted and registered again. Every answer is its adapter's own peft greedy answer (the
+    swapped one: either version's), and no request fails."""
     url, paths, refs = served["url"], served["paths"], served["refs"]
     status, body = call(url, "POST", "/v1/adapters", {"id": "swap", "path": str(paths["lora-a"])})
     assert status == 200 and body["parent"] == BASE_NAME and body["replaced"] is False
-    answers: list[tuple[int, str]] = []
+    answers: list[tuple[str, int, str]] = []
     stop = threading.Event()
+    allowed = {
+        "swap": {refs["lora-a"][0], refs["swap-v2"][0]},
+        BASE_NAME: {refs[BASE_NAME][0]},
+        "lora-b": {refs["lora-b"][0]},
+        "ia3": {refs["ia3"][0]},
+        "dora": {refs["dora"][0]},
+    }
 
-    def keep_asking() -> None:
+    def keep_asking(model: str) -> None:
         while not stop.is_set():
-            status, body = complete(url, "swap")
-            answers.append((status, body["choices"][0]["text"] if status == 200 else json.dumps(body)))
+            status, body = complete(url, model)
+            text = body["choices"][0]["text"] if status == 200 else json.dumps(body)
+            answers.append((model, status, text))
 
-    workers = [threading.Thread(target=keep_asking) for _ in range(3)]
+    workers = [threading.Thread(target=keep_asking, args=(m,)) for m in ["swap", "swap", *allowed]]
     for w in workers:
         w.start()
     time.sleep(1.5)
     # A relative path is looked up under the adapter roots.
     status, body = call(url, "POST", "/v1/adapters", {"id": "swap", "path": "swap-v2"})
     assert status == 200 and body["replaced"] is True
-    swapped_at = len(answers)
+    swapped_at = len([a for a in answers if a[0] == "swap"])
+    for _ in range(2):  # registered, answering, deleted: twice, beside the others' traffic
+        assert call(url, "POST", "/v1/adapters", {"id": "late-x", "path": str(paths["late"])})[0] == 200
+        status, body = complete(url, "late-x")
+        assert status == 200 and body["choices"][0]["text"] == refs["late"][0]
+        assert call(url, "DELETE", "/v1/adapters/late-x")[1]["deleted"] is True
     time.sleep(1.5)
     stop.set()
     for w in workers:
         w.join()
-    assert [a for a in answers if a[0] != 200] == []  # zero failed requests
-    assert {text for _, text in answers} <= {refs["lora-a"][0], refs["swap-v2"][0]}
-    assert answers[0][1] == refs["lora-a"][0] and answers[-1][1] == refs["swap-v2"][0]
-    assert len(answers) > swapped_at + 2
+    assert [a for a in answers if a[1] != 200] == []  # zero failed requests
+    for model, _, text in answers:
+        assert text in allowed[model], (model, text)
+    swaps = [text for model, _, text in answers if model == "swap"]
+    assert swaps[0] == refs["lora-a"][0] and swaps[-1] == refs["swap-v2"][0]
+    assert len(swaps) > swapped_at + 2
+    assert {model for model, _, _ in answers} == set(allowed)
     assert call(url, "DELETE", "/v1/adapters/swap")[1]["deleted"] is True
     status, body = complete(url, "swap")
     assert status == 404 and "swap" not in body["error"]["message"].split("known:")[1]
