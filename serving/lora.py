@@ -13,7 +13,7 @@ scales), so base-model rows ride along in the same batch.
   down [slots, b_max, hidden] + bias, up [slots, hidden, b_max] + bias; every supported activation maps
   0 -> 0, so zero padding is exact, and rows are split by activation kind (at most four), not by adapter.
 
-A batch whose rows use different adapters applies them one of two ways (`_lora_delta`), both static in
+A batch whose rows use different adapters applies them one of two ways (`_add_lora`), both static in
 shape, so a CUDA graph of the step holds either:
 - `dense`: every slot at once, as two plain GEMMs over the slots laid side by side: x·[A_0;…;A_S]ᵀ gives
   [rows, S·r]; a one-hot mask keeps each row's own slot's r columns; that times [B_0 … B_S] is the delta.
@@ -160,22 +160,28 @@ class SlotLinear(nn.Module):
         return magnitude.float().to(w.device) / merged.norm(p=2, dim=1)
 
     # ------------------------------------------------------------------ the hot path
-    def _lora_delta(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x [rows, T, in] -> [rows, T, out]: each row through its own slot's B·A."""
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """y + each row's own slot's B·A·x, for x [rows, T, in] and y [rows, T, out]. The expand GEMM adds
+        into y itself (addmm): one kernel fewer per projection in the decode step's graph."""
         a_all, b_all = self.lora_a, self.lora_b
         assert a_all is not None and b_all is not None
         slot = self.state.uniform
+        out = y.shape[-1]
         if slot is not None:  # one adapter for the whole batch
-            return F.linear(F.linear(x, a_all[slot]), b_all[:, slot])
+            h = F.linear(x, a_all[slot])
+            return torch.addmm(y.reshape(-1, out), h.reshape(-1, h.shape[-1]), b_all[:, slot].t()).view(
+                y.shape
+            )
         slots, r = a_all.shape[0], a_all.shape[1]
         rows, steps = x.shape[0], x.shape[1]
         if self.state.dense(rows, slots):
             h = F.linear(x, a_all.view(slots * r, -1)).view(rows, steps, slots, r)
             h = h * self.state.onehot(slots, h.dtype)  # only each row's own slot
-            return F.linear(h.view(rows, steps, slots * r), b_all.view(-1, slots * r))
+            b_flat = b_all.view(out, slots * r).t()
+            return torch.addmm(y.reshape(-1, out), h.view(rows * steps, slots * r), b_flat).view(y.shape)
         a = a_all.index_select(0, index)  # [rows, r, in]
         b = b_all.index_select(1, index).transpose(0, 1)  # [rows, out, r]
-        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.state.uniform
@@ -192,7 +198,7 @@ class SlotLinear(nn.Module):
         base = self.base_layer
         y = F.linear(x_in, base.weight)
         if self.lora_a is not None:
-            y = y + self._lora_delta(x3, index)
+            y = self._add_lora(y, x3, index)
         if self.out_scale is not None:
             y = y * per_row(self.out_scale)
         if base.bias is not None:
