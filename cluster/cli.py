@@ -307,6 +307,21 @@ def _arm_deadline(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and code == 130:
+        # An interrupted `fulcrum` process ends here, its line printed and its locks released: interpreter
+        # teardown would join what the interrupt left running (Ray's threads, a training thread) and was
+        # seen to crash there (SIGSEGV after the line). Ray's own processes go with this one (fate-sharing).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        from trainers.storage import release_held_locks
+
+        release_held_locks()
+        os._exit(130)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from cluster import local
 
     command_line = argv is None  # the `fulcrum` process itself, not a caller's (a test's) process
