@@ -363,21 +363,32 @@ def test_hot_swap_under_concurrent_load(served: Any) -> None:
             text = body["choices"][0]["text"] if status == 200 else json.dumps(body)
             answers.append((model, status, text))
 
+    def answered(model: str) -> int:
+        return sum(1 for a in answers if a[0] == model)
+
+    def wait_until(condition: Any) -> None:  # polls, not fixed sleeps: a loaded machine answers slower
+        deadline = time.monotonic() + 180
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out; answers so far: {answers[-5:]}"
+            time.sleep(0.1)
+
     workers = [threading.Thread(target=keep_asking, args=(m,)) for m in ["swap", "swap", *allowed]]
     for w in workers:
         w.start()
-    time.sleep(1.5)
-    # A relative path is looked up under the adapter roots.
-    status, body = call(url, "POST", "/v1/adapters", {"id": "swap", "path": "swap-v2"})
-    assert status == 200 and body["replaced"] is True
-    swapped_at = len([a for a in answers if a[0] == "swap"])
-    for _ in range(2):  # registered, answering, deleted: twice, beside the others' traffic
-        assert call(url, "POST", "/v1/adapters", {"id": "late-x", "path": str(paths["late"])})[0] == 200
-        status, body = complete(url, "late-x")
-        assert status == 200 and body["choices"][0]["text"] == refs["late"][0]
-        assert call(url, "DELETE", "/v1/adapters/late-x")[1]["deleted"] is True
-    time.sleep(1.5)
-    stop.set()
+    try:
+        wait_until(lambda: all(answered(m) >= 1 for m in allowed))  # every client is in the batch
+        # A relative path is looked up under the adapter roots.
+        status, body = call(url, "POST", "/v1/adapters", {"id": "swap", "path": "swap-v2"})
+        assert status == 200 and body["replaced"] is True
+        swapped_at = answered("swap")
+        for _ in range(2):  # registered, answering, deleted: twice, beside the others' traffic
+            assert call(url, "POST", "/v1/adapters", {"id": "late-x", "path": str(paths["late"])})[0] == 200
+            status, body = complete(url, "late-x")
+            assert status == 200 and body["choices"][0]["text"] == refs["late"][0]
+            assert call(url, "DELETE", "/v1/adapters/late-x")[1]["deleted"] is True
+        wait_until(lambda: answered("swap") > swapped_at + 4)
+    finally:
+        stop.set()
     for w in workers:
         w.join()
     assert [a for a in answers if a[1] != 200] == []  # zero failed requests
@@ -385,8 +396,6 @@ def test_hot_swap_under_concurrent_load(served: Any) -> None:
         assert text in allowed[model], (model, text)
     swaps = [text for model, _, text in answers if model == "swap"]
     assert swaps[0] == refs["lora-a"][0] and swaps[-1] == refs["swap-v2"][0]
-    assert len(swaps) > swapped_at + 2
-    assert {model for model, _, _ in answers} == set(allowed)
     assert call(url, "DELETE", "/v1/adapters/swap")[1]["deleted"] is True
     status, body = complete(url, "swap")
     assert status == 404 and "swap" not in body["error"]["message"].split("known:")[1]
