@@ -187,18 +187,19 @@ def build_trainer(
     prepared: PreparedJob,
     run_dir: RunDir,
     *,
+    latest: str | None,
     sink: Any = None,
     evaluate: bool = True,
     callbacks: list[Any] | None = None,
 ) -> Any:
-    """The TorchTrainer of one run; Ray Train's storage is the run directory itself."""
+    """The TorchTrainer of one run, continuing from checkpoint `latest` (`resume_point`) if any; Ray Train's
+    storage is the run directory itself."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainers.loop import train_loop_per_worker
 
     spec = prepared.spec
-    latest = resume_point(run_dir)
     forget_stale_snapshot(run_dir, latest)
     gpus = resolve_gpus(spec)
     resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
@@ -235,30 +236,40 @@ def resume_point(run_dir: RunDir) -> str | None:
     next flush leaves steps that only the checkpoint knows: each checkpoint carries rank 0's records since
     the one before, and those missing from metrics.jsonl are appended first (`fill_metrics_gap`). Where a
     gap remains (a rotated-out checkpoint), the one before is taken, so every step is in the metrics once."""
-    fill_metrics_gap(run_dir)
     found = run_dir.checkpoints()
-    steps = [r["step"] for r in read_metrics(run_dir) if r.get("event") == "step"]
+    records = read_metrics(run_dir)
+    records += fill_metrics_gap(run_dir, found, records)
+    steps = [r["step"] for r in records if r.get("event") == "step"]
     if not found or not steps:
         return found[-1] if found else None
-    recorded = [name for name in found if int(name.removeprefix("checkpoint_") or 0) <= max(steps)]
+    recorded = [name for name in found if _step_of(name) <= max(steps)]
     return recorded[-1] if recorded else found[-1]
 
 
-def fill_metrics_gap(run_dir: RunDir) -> None:
-    """Append to metrics.jsonl the records the checkpoints hold and it lacks (see `resume_point`)."""
+def _step_of(checkpoint: str) -> int:
+    return int(checkpoint.removeprefix("checkpoint_") or 0)
+
+
+def fill_metrics_gap(
+    run_dir: RunDir, found: list[str], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Append to metrics.jsonl the records the checkpoints `found` hold and `records` (what it holds now)
+    lack -> those appended. Metrics are flushed in order, so only checkpoints past its last step are read."""
     from trainers.loop import RECORDS_FILE
 
-    have = {(r.get("event"), r.get("step")) for r in read_metrics(run_dir)}
+    have = {(r.get("event"), r.get("step")) for r in records}
+    last = max((r["step"] for r in records if r.get("event") == "step"), default=0)
     missing: list[dict[str, Any]] = []
-    for name in run_dir.checkpoints():
-        if not run_dir.exists(f"{name}/{RECORDS_FILE}"):
-            continue  # a checkpoint from before records were kept
+    for name in found:
+        if _step_of(name) <= last or not run_dir.exists(f"{name}/{RECORDS_FILE}"):
+            continue  # already in metrics.jsonl, or a checkpoint from before records were kept
         for line in run_dir.read_text(f"{name}/{RECORDS_FILE}").splitlines():
             record = json.loads(line)
             if (record.get("event"), record.get("step")) not in have:
                 missing.append(record)
     if missing:
         storage.append_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in missing))
+    return missing
 
 
 def forget_stale_snapshot(run_dir: RunDir, resume: str | None = None) -> None:
@@ -624,7 +635,9 @@ def train_run(
     sink = MetricsSink.options(
         scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=False)
     ).remote()
-    trainer = build_trainer(prepared, run_dir, sink=sink, evaluate=evaluate, callbacks=callbacks)
+    trainer = build_trainer(
+        prepared, run_dir, latest=latest, sink=sink, evaluate=evaluate, callbacks=callbacks
+    )
     follower = _Follower(sink, run_dir, prepared.steps, console, start_step)
     thread, outcome = _fit_in_thread(trainer)
     with _disk_full_is_one_line(run_dir), follower.progress if console.is_terminal else nullcontext():
