@@ -407,7 +407,7 @@ class BatchEngine:
             self._flush()  # first tokens go out before the decode step
             rows = self.scheduler.running
             if rows and self._may_pipeline(rows):
-                self._in_flight = self._launch(rows, [r.generated[-1] for r in rows])
+                self._in_flight = self._launch(rows)
             elif rows:
                 logits = self._decode_forward(rows)
                 self._advance(rows, logits)
@@ -422,16 +422,10 @@ class BatchEngine:
             return False
         return all(_device_only(r) for r in rows)
 
-    def _launch(self, rows: list[Request], tokens: list[int] | torch.Tensor) -> _InFlight:
+    def _launch(self, rows: list[Request], tokens: torch.Tensor | None = None) -> _InFlight:
         """Enqueue a decode step and its greedy choice; the chosen tokens come back to pinned memory
         behind an event, so the host can do other work while the device runs."""
-        logits = self._decoder.step(
-            tokens, [r.position for r in rows], [r.length for r in rows], [r.lease.slot for r in rows]
-        )
-        for r in rows:
-            r.position += 1
-            r.length += 1
-        chosen = logits.argmax(dim=-1)
+        chosen = self._decode_forward(rows, tokens).argmax(dim=-1)
         if self.device.type != "cuda":
             return _InFlight(rows, chosen, chosen, None)
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
@@ -590,10 +584,13 @@ class BatchEngine:
                 self._logits_to_keep = False
         return self.model(**inputs)
 
-    def _decode_forward(self, rows: list[Request]) -> torch.Tensor:
-        """One batched forward over every row's last token -> logits [rows, vocab]."""
+    def _decode_forward(
+        self, rows: list[Request], tokens: list[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One batched forward over every row's next token (default: its last generated one; a tensor on the
+        device when the step is launched one ahead) -> logits [rows, vocab]."""
         logits = self._decoder.step(
-            [r.generated[-1] for r in rows],
+            [r.generated[-1] for r in rows] if tokens is None else tokens,
             [r.position for r in rows],
             [r.length for r in rows],
             [r.lease.slot for r in rows],
