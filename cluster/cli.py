@@ -20,15 +20,10 @@ from typing import Any
 from rich.markup import escape
 
 from cluster import options
-from cluster.console import console, err_console  # re-exported: cluster.serve_cmd imports them from here
+from cluster.console import console, err_console, err_line, note  # (console, err_console: re-exported)
 from trainers.errors import FulcrumError, SpecError
 
 __all__ = ["build_parser", "console", "err_console", "main"]
-
-
-def _note(text: str | None) -> None:
-    if text:
-        err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         from trainers.run import resume_job  # training's imports (seconds): only once the checks passed
 
         with RunLock(run.location, "fulcrum train --resume") as lock, run_log(run.location):
-            _note(lock.note)
+            note(lock.note)
             ensure_ray(args.address, runtime_env=args.runtime_env)
             check_cluster_paths(spec)  # several nodes: the run must be where all of them see it
             resume_job(run.location, console=console, evaluate=not args.no_eval)
@@ -72,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     # object store: it waits for the lease to run out; a live first driver keeps renewing it and wins.
     retry_wait = storage.LEASE_S + storage.HEARTBEAT_S if not storage.is_local(run.location) else 0.0
     with RunLock(run.location, "fulcrum train", wait_s=retry_wait if is_retry_of(spec, run) else 0) as lock:
-        _note(lock.note)
+        note(lock.note)
         if args.overwrite and run.exists():
             run.remove_run()  # only a marked run, and only while we hold its lock: never a live one
         retry = not args.overwrite and is_retry_of(spec, run)
@@ -104,7 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     # eval.json and summary.json are the run's: not while a `train` or another `eval` writes it.
     with RunLock(args.run_dir, "fulcrum eval") as lock, run_log(args.run_dir):
-        _note(lock.note)
+        note(lock.note)
         ensure_ray(args.address)
         evaluate_run(args.run_dir, console, samples=args.samples, max_new_tokens=args.max_new_tokens)
     console.print(f"wrote {join(args.run_dir, 'eval.json')} ({spec.method.kind} / {spec.objective.kind})")
@@ -297,7 +292,7 @@ def _arm_deadline(args: argparse.Namespace, argv: list[str]) -> None:
         reader.start()
         reader.join(1.5)
         message = found[0] if found else f"run `{shlex.join(['fulcrum', *argv])}` again"
-        err_console.print(f"interrupted: {escape(message)}", highlight=False, soft_wrap=True)
+        err_line("interrupted:", message)
         from trainers.storage import release_held_locks
 
         release_held_locks()
@@ -338,13 +333,12 @@ def _main(argv: list[str] | None) -> int:
         if debug:
             raise
         if local.interrupted:  # what the interrupt raised was swallowed somewhere, and this followed
-            message = escape(_interrupted(args, argv))
-            err_console.print(f"interrupted: {message}", highlight=False, soft_wrap=True)
+            err_line("interrupted:", _interrupted(args, argv))
             return 130
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_line("[bold red]error:[/]", str(e))
         return e.exit_code
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: {escape(_interrupted(args, argv))}", highlight=False, soft_wrap=True)
+        err_line("interrupted:", _interrupted(args, argv))
         return 130
     except OSError as e:  # a full or read-only disk met where no caller said which file: still one line
         from trainers.storage import write_error
@@ -352,13 +346,13 @@ def _main(argv: list[str] | None) -> int:
         plain = write_error(e.filename or "a file", e)
         if debug or not isinstance(plain, FulcrumError):
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(plain))}", highlight=False, soft_wrap=True)
+        err_line("[bold red]error:[/]", str(plain))
         return plain.exit_code
     except SystemExit as e:
         # While ray.init runs, Ray's own SIGTERM handler is in place: it exits with the signal's number.
         if e.code != signal.SIGTERM:
             raise
-        err_console.print(f"interrupted: {escape(_interrupted(args, argv))}", highlight=False, soft_wrap=True)
+        err_line("interrupted:", _interrupted(args, argv))
         return 130
 
 

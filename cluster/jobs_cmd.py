@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cluster import options
+from cluster.console import note as console_note
 from trainers.errors import FulcrumError
 
 console = Console(soft_wrap=True)
@@ -42,7 +43,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             nodes=jobs.count_nodes(client),
         )
         for note in submission.notes:
-            err_console.print(f"note: {escape(note)}", highlight=False)
+            console_note(note)
         job_id = jobs.submit(client, submission, job_id=args.job_id)  # uploads before returning
     console.print(f"submitted [bold]{job_id}[/] ({workload.kind} {workload.name}) to {address}")
     if not args.follow:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from rich.markup import escape
-
 from cluster import options
-from cluster.console import console, err_console
+from cluster.console import console, err_line, note
 from trainers.errors import FulcrumError
 
 
@@ -34,7 +32,7 @@ def _tune(args: argparse.Namespace) -> int:
         from tuning.sweep import resume_sweep  # (training's imports: after the checks, which need none)
 
         with RunLock(location, "fulcrum tune --resume") as lock, run_log(location):
-            _note(lock.note)
+            note(lock.note)
             ensure_ray(args.address)
             check_cluster_paths(spec)
             outcome = resume_sweep(location, console=console)
@@ -51,17 +49,12 @@ def _tune(args: argparse.Namespace) -> int:
     from tuning.sweep import run_sweep  # (training's imports: after the checks, which need none)
 
     with RunLock(location, "fulcrum tune") as lock, run_log(location):
-        _note(lock.note)
+        note(lock.note)
         ensure_ray(args.address)
         # Several nodes: trials run wherever Ray puts them, and the driver collects their runs.
         check_cluster_paths(spec.model_copy(update={"output": location}))
         outcome = run_sweep(spec, console=console, overwrite=args.overwrite, evaluate=not args.no_eval)
     return _outcome(outcome, location)
-
-
-def _note(text: str | None) -> None:
-    if text:
-        err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _outcome(outcome: dict, location: str) -> int:  # type: ignore[type-arg]
@@ -71,11 +64,10 @@ def _outcome(outcome: dict, location: str) -> int:  # type: ignore[type-arg]
         return 0
     rows = outcome.get("rows", [])
     done = sum(r["status"] in ("completed", "stopped early") for r in rows)
-    err_console.print(
-        f"interrupted: {done} of {len(rows)} trials ended; {outcome['results_csv']} holds the results so far "
+    err_line(
+        "interrupted:",
+        f"{done} of {len(rows)} trials ended; {outcome['results_csv']} holds the results so far "
         f"(marked interrupted); continue with `fulcrum tune --resume {shlex.quote(location)}`",
-        highlight=False,
-        soft_wrap=True,
     )
     return 130
 
