@@ -329,16 +329,24 @@ def peft_generate(model: Any, batch: torch.Tensor, new: int, **kwargs: Any) -> d
     return summarize(wall, [wall] * batch.shape[0], None, tokens)
 
 
+def generate_inputs(
+    args: argparse.Namespace, model: Any, tokenizer: Any
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The benchmark's prompts as one batch for `generate`, and its pad argument; `generate` warmed up."""
+    texts = prompt_texts(args.prompts, args.prompt_tokens)
+    batch = torch.tensor([tokenizer.encode(t) for t in texts], device=model.device)
+    pad = {"pad_token_id": tokenizer.pad_token_id}
+    peft_generate(model, batch[:2], 2, **pad)  # warm-up
+    return batch, pad
+
+
 def bench_peft(
     args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], counts: list[int]
 ) -> list[dict]:
     from peft import PeftModel
 
     model, tokenizer = load_base(spec, args.device)
-    texts = prompt_texts(args.prompts, args.prompt_tokens)
-    batch = torch.tensor([tokenizer.encode(t) for t in texts], device=model.device)
-    pad = {"pad_token_id": tokenizer.pad_token_id}
-    peft_generate(model, batch[:2], 2, **pad)  # warm-up
+    batch, pad = generate_inputs(args, model, tokenizer)
     rows = [
         {
             "system": "peft: adapters off",
@@ -383,10 +391,7 @@ def bench_merged(args: argparse.Namespace, spec: ModelSpec, adapter: Path) -> li
 
     model, tokenizer = load_base(spec, args.device)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    texts = prompt_texts(args.prompts, args.prompt_tokens)
-    batch = torch.tensor([tokenizer.encode(t) for t in texts], device=merged.device)
-    pad = {"pad_token_id": tokenizer.pad_token_id}
-    peft_generate(merged, batch[:2], 2, **pad)  # warm-up
+    batch, pad = generate_inputs(args, merged, tokenizer)
     rows = [
         {
             "system": "merged model: generate",
