@@ -340,7 +340,8 @@ class StaticDecoder:
         if on_device:
             self.inputs[0].index_copy_(0, self._rows_on_device(), tokens)
         base_only = not any(slots)
-        # A captured graph must not depend on which adapters the rows use: every mixed batch gathers.
+        # A captured graph must not depend on which adapters the rows use: with graphs, every batch with
+        # adapters takes serving/lora.py's mixed path.
         single = slots[0] if not self.graphs and len(set(slots)) == 1 else None
         self.slot_state.use_buffer(self.inputs[3, :width], uniform=0 if base_only else single)
         logits = self._replay(width, span, base_only) if self.graphs else self._forward(width, span)

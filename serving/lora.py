@@ -71,8 +71,7 @@ class SlotState:
 
     def use_buffer(self, index: torch.Tensor, uniform: int | None) -> None:
         """Read the row -> slot index from a fixed buffer (the static decode step refills it in place)."""
-        self.index, self.uniform = index, uniform
-        self.new_forward()
+        self.index, self.uniform = index, uniform  # (the step's forward calls new_forward itself)
 
 
 def _grow(t: torch.Tensor | None, shape: tuple[int, ...], fill: float, like: torch.Tensor) -> torch.Tensor:
