@@ -137,11 +137,23 @@ def summarize(wall: float, latencies: list[float], ttfts: list[float] | None, to
     }
 
 
-DECODE_MODES = {  # --decode name -> (engine arguments, table label, serving/lora.py's lora_mode)
-    "graphs": ({"cuda_graphs": True}, "fulcrum engine", "auto"),
-    "gather": ({"cuda_graphs": True}, "fulcrum engine: gathered LoRA (ablation)", "gather"),
-    "static": ({"cuda_graphs": False}, "fulcrum engine: static cache, no graphs", "auto"),
-    "dynamic": ({"static_decode": False}, "fulcrum engine: transformers cache", "auto"),
+DECODE_MODES = {  # --decode name -> (engine arguments, table label, serving/lora.py's lora_mode, fused q/k/v)
+    "graphs": ({"cuda_graphs": True}, "fulcrum engine", "auto", True),
+    "uncompiled": (
+        {"cuda_graphs": True, "compile_decode": False},
+        "fulcrum engine: not compiled (ablation)",
+        "auto",
+        True,
+    ),
+    "unfused": (
+        {"cuda_graphs": True, "compile_decode": False},
+        "fulcrum engine: not compiled, projections one by one (ablation)",
+        "auto",
+        False,
+    ),
+    "gather": ({"cuda_graphs": True}, "fulcrum engine: gathered LoRA (ablation)", "gather", True),
+    "static": ({"cuda_graphs": False}, "fulcrum engine: static cache, no graphs", "auto", True),
+    "dynamic": ({"static_decode": False}, "fulcrum engine: transformers cache", "auto", True),
 }
 
 
@@ -151,7 +163,7 @@ def bench_engine(
     """The engine in one decode mode; each row keeps its requests' tokens (`_tokens`) for the agreement
     check between modes."""
     model, tokenizer = load_base(spec, args.device)
-    options, label, lora_mode = DECODE_MODES[mode]
+    options, label, lora_mode, fuse = DECODE_MODES[mode]
     engine = BatchEngine(
         model,
         tokenizer,
@@ -159,10 +171,13 @@ def bench_engine(
         max_adapters=max(counts),
         max_batch_rows=args.prompts,
         context_length=args.prompt_tokens + args.new_tokens + 8,
+        prefix_cache_bytes=0,  # the repeats send the same prompts: cached prefixes would skip their prefill
         **options,
     )
     engine.eos_ids = set()  # every request generates exactly --new-tokens, as peft's runs below
     engine.slot_state.lora_mode = lora_mode
+    for fused in getattr(engine._decoder, "qkv", []) + getattr(engine._decoder, "gate_up", []):
+        fused.enabled = fuse  # off: each projection its own GEMM (serving/fused.py's ablation)
     loads = []
     for i, path in enumerate(adapters[: max(counts)]):
         engine.add_adapter(f"lora-{i}", str(path))

@@ -57,6 +57,7 @@ def main() -> None:
         max_batch_rows=args.prompts,
         context_length=args.prompt_tokens + args.new_tokens + 8,
         cuda_graphs=not args.no_graphs,
+        prefix_cache_bytes=0,  # the warm-up sends the same prompts: cached prefixes would skip their prefill
     )
     engine.eos_ids = set()  # every request generates exactly --new-tokens
     for i, path in enumerate(adapters):

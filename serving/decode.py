@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.fused import FusedProjections
 from serving.lora import SlotBottleneck, SlotState
 from trainers.errors import FulcrumError
 
@@ -68,6 +69,9 @@ def static_decode_unsupported(model: nn.Module, context_length: int) -> str | No
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if inner is None or any(not hasattr(inner, n) for n in needed) or model.get_output_embeddings() is None:
         return "an unexpected module layout"
+    mlp = _block(inner.layers[0].mlp)
+    if any(not hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "an MLP that is not gated (gate_proj, up_proj, down_proj)"
     return None
 
 
@@ -226,7 +230,14 @@ class StaticDecoder:
     replayed as CUDA graphs on GPUs. The cache is allocated whole at start-up (`plan_kv_rows` sizes it)."""
 
     def __init__(
-        self, model: nn.Module, slot_state: SlotState, *, max_rows: int, context_length: int, graphs: bool
+        self,
+        model: nn.Module,
+        slot_state: SlotState,
+        *,
+        max_rows: int,
+        context_length: int,
+        graphs: bool,
+        compiled: bool = False,
     ) -> None:
         self.model = model
         self.inner: Any = model.model
@@ -245,6 +256,16 @@ class StaticDecoder:
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.graphs = graphs and self.device.type == "cuda"
+        # torch.compile (inductor) fuses the step's elementwise work (norms, rotary, residuals, the LoRA
+        # masks) into few kernels; the CUDA graphs then replay the compiled kernels. After the second
+        # shape the row and span sizes are dynamic: two compilations serve every (rows, span) graph.
+        self.compiled = compiled
+        # (dynamic=None: the first shapes compile static, the next compile makes only what changed
+        # dynamic. dynamic=True also made the module's plain int attributes symbolic, which miscompiled
+        # `in` over a list of them in torch 2.13.)
+        self._run: Callable[[int, int], torch.Tensor] = (
+            torch.compile(self._forward) if compiled else self._forward
+        )
         # Inputs of a step, indexed by cache row: token, position id, write column (= the row's length),
         # adapter slot. One host->device copy a step fills all four, from pinned memory without waiting
         # for the GPU (two buffers, alternating: the engine may launch a step while the previous one runs,
@@ -264,6 +285,15 @@ class StaticDecoder:
         self._captured: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self._layout = -1  # SlotState.version the captured graphs were made with
+        # q/k/v and gate/up of each layer as one GEMM each (serving/fused.py): fewer kernels per step.
+        self.qkv = [
+            FusedProjections(_attention_of(layer), ("q_proj", "k_proj", "v_proj"), slot_state)
+            for layer in self.inner.layers
+        ]
+        self.gate_up = [
+            FusedProjections(_block(layer.mlp), ("gate_proj", "up_proj"), slot_state)
+            for layer in self.inner.layers
+        ]
         self._allocate()
 
     # ------------------------------------------------------------------ the cache
@@ -344,7 +374,9 @@ class StaticDecoder:
         # adapters takes serving/lora.py's mixed path.
         single = slots[0] if not self.graphs and len(set(slots)) == 1 else None
         self.slot_state.use_buffer(self.inputs[3, :width], uniform=0 if base_only else single)
-        logits = self._replay(width, span, base_only) if self.graphs else self._forward(width, span)
+        for fused in (*self.qkv, *self.gate_up):  # adapter layers installed or grown since: fuse again
+            fused.refresh()
+        logits = self._replay(width, span, base_only) if self.graphs else self._run(width, span)
         return logits.index_select(0, self._rows_on_device())
 
     def _replay(self, width: int, span: int, base_only: bool) -> torch.Tensor:
@@ -371,14 +403,14 @@ class StaticDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._forward(width, span)
+            self._run(width, span)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: adapter loads may touch the GPU from other threads while this one captures.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._forward(width, span)
+            logits = self._run(width, span)
         log.debug("captured the decode step for %d rows x %d columns", width, span)
         return graph, logits
 
@@ -394,7 +426,7 @@ class StaticDecoder:
         for i, layer in enumerate(self.inner.layers):
             attn_in = layer.input_layernorm(hidden)
             hidden = hidden + self._attention(i, layer.self_attn, attn_in, cos, sin, visible, rows, write_at)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._mlp(i, layer.mlp, layer.post_attention_layernorm(hidden))
         return self.lm_head(self.inner.norm(hidden)[:, 0])
 
     def _attention(
@@ -408,11 +440,12 @@ class StaticDecoder:
         rows: torch.Tensor,
         write_at: torch.Tensor,
     ) -> torch.Tensor:
-        attn = module.base_layer if isinstance(module, SlotBottleneck) else module
+        attn = _block(module)
         width, dim = x.shape[0], self.head_dim
-        q = attn.q_proj(x).view(width, 1, self.heads, dim).transpose(1, 2)
-        k = attn.k_proj(x).view(width, 1, self.kv_heads, dim).transpose(1, 2)
-        v = attn.v_proj(x).view(width, 1, self.kv_heads, dim).transpose(1, 2)
+        q, k, v = self.qkv[i](x)
+        q = q.view(width, 1, self.heads, dim).transpose(1, 2)
+        k = k.view(width, 1, self.kv_heads, dim).transpose(1, 2)
+        v = v.view(width, 1, self.kv_heads, dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
         cache_k, cache_v = self.k[i], self.v[i]
         cache_k[rows, :, write_at] = k[:, :, 0]
@@ -425,9 +458,20 @@ class StaticDecoder:
             q, cache_k[:width, :, :span], cache_v[:width, :, :span], attn_mask=visible, scale=self.scaling
         )
         out = attn.o_proj(out.reshape(width, 1, self.heads * dim))
-        return module._adapt(out) if isinstance(module, SlotBottleneck) else out
+        return module.adapt(out) if isinstance(module, SlotBottleneck) else out
+
+    def _mlp(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """transformers' gated MLP (llama, mistral, qwen2): down(act(gate(x)) * up(x)), gate/up fused."""
+        mlp = _block(module)
+        gate, up = self.gate_up[i](x)
+        out = mlp.down_proj(mlp.act_fn(gate) * up)
+        return module.adapt(out) if isinstance(module, SlotBottleneck) else out
+
+
+def _block(module: nn.Module) -> nn.Module:
+    """An attention or MLP block under its bottleneck adapter layer, if it has one."""
+    return module.base_layer if isinstance(module, SlotBottleneck) else module
 
 
 def _attention_of(layer: nn.Module) -> nn.Module:
-    attn = layer.self_attn
-    return attn.base_layer if isinstance(attn, SlotBottleneck) else attn
+    return _block(layer.self_attn)

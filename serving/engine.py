@@ -2,16 +2,18 @@
 
 `BatchEngine` is the step loop plus the decoder; the rest lives along vLLM's seams:
   serving/slots.py      adapter versions in slots, and the leases requests hold on them (one lock);
-  serving/scheduler.py  waiting and running rows, admission, prefill batches;
+  serving/scheduler.py  waiting and running rows, admission, prefill batches, the request mid chunked prefill;
   serving/sampling.py   batched sampling on the device, detokenizing, stop strings;
   serving/decode.py     the KV cache (sized once at start-up) and the batched decode step;
+  serving/prefix_cache.py  the keys and values of prompt prefixes shared by many requests;
   serving/lora.py       the per-row adapter math.
 
 Each step of the loop runs on one long-lived worker thread, so the event loop keeps serving HTTP:
   1. rows that finished or whose client went away leave (their adapter leases go with them);
   2. waiting requests join up to `max_batch_rows`, prefilled in batches (a prompt-style adapter's request
-     alone, its virtual tokens first); each samples its first token. A failure here fails only the
-     requests of that prefill (each is retried alone first);
+     alone, its virtual tokens first); a prompt that starts with a cached prefix feeds only the rest. Each
+     samples its first token. A failure here fails only the requests of that prefill (each is retried alone
+     first). A prompt longer than `prefill_chunk_tokens` is prefilled instead one chunk per step, here;
   3. one batched forward over every running row's last token (serving/decode.py);
   4. one batched sampling pass, then per row: text, stop strings, EOS, max_tokens, the context limit.
 """
@@ -27,9 +29,10 @@ import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from serving.adapters import LoadedAdapter, read_adapter
@@ -37,11 +40,13 @@ from serving.decode import (
     DynamicDecoder,
     StaticDecoder,
     dynamic_cache,
+    kv_bytes_per_row,
     kv_of,
     plan_kv_rows,
     static_decode_unsupported,
 )
 from serving.lora import SlotBottleneck, SlotLinear, SlotState
+from serving.prefix_cache import PrefixCache, as_kv
 from serving.sampling import RowText, Sampler
 from serving.scheduler import Request, Scheduler
 from serving.slots import AdapterVersion, Lease, SlotTable, SlotWriter, install
@@ -131,6 +136,9 @@ class BatchEngine:
         context_length: int,
         cuda_graphs: bool = True,
         static_decode: bool = True,
+        compile_decode: bool | None = None,
+        prefix_cache_bytes: int | Literal["auto"] = "auto",
+        prefill_chunk_tokens: int | Literal["auto"] | None = "auto",
     ) -> None:
         if max_adapters < 1 or max_batch_rows < 1 or context_length < 2:
             raise ValueError("max_adapters and max_batch_rows must be >= 1, context_length >= 2")
@@ -159,12 +167,27 @@ class BatchEngine:
         self.slot_state = SlotState(self.device)
         self.slots = SlotTable(max_adapters, self.num_slots)
         self.cuda_graphs = cuda_graphs
+        # torch.compile of the static decode step (default: on GPUs, where the step is bound by its kernel
+        # count; on CPUs compiling costs more than it saves for the models served there).
+        self.compile_decode = self.device.type == "cuda" if compile_decode is None else compile_decode
         self.static_unsupported = (
             static_decode_unsupported(model, self.context_length) if static_decode else "turned off"
         )
         self._writer = SlotWriter(model, self.slot_state, self.num_slots, self.static_unsupported is not None)
         self._decoder = self._new_decoder()
-        self.scheduler = Scheduler(self.max_batch_rows, self.max_prefill_tokens)
+        # A prompt longer than this is prefilled over several steps, a chunk each, while the running rows
+        # go on decoding between them (0 or None: whole). On a GPU the transformers forward of a chunk is
+        # bound by its kernel launches up to a few thousand tokens, so smaller chunks would only add steps.
+        if prefill_chunk_tokens == "auto":
+            prefill_chunk_tokens = 2048 if self.device.type == "cuda" else 256
+        self.scheduler = Scheduler(self.max_batch_rows, self.max_prefill_tokens, prefill_chunk_tokens or 0)
+        # Shared prompt prefixes' keys and values (serving/prefix_cache.py), on this device. By default 5%
+        # of the KV cache's bytes: a few long prompts' worth, from the headroom the cache plan leaves.
+        if prefix_cache_bytes == "auto":
+            prefix_cache_bytes = self.max_batch_rows * kv_bytes_per_row(model, self.context_length) // 20
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        if self.prefix_cache is not None:
+            self.slots.on_retire = self.prefix_cache.drop  # a replaced or removed version's prefixes go
         self.sampler = Sampler(self.device)
         self._device_lock = threading.RLock()  # steps, slot writes and prompt scoring never interleave
         self._outbox: list[tuple[Request, TokenEvent]] = []  # events of the running step
@@ -191,6 +214,7 @@ class BatchEngine:
             max_rows=self.max_batch_rows,
             context_length=self.context_length,
             graphs=self.cuda_graphs,
+            compiled=self.compile_decode,
         )
 
     @torch.inference_mode()
@@ -206,7 +230,8 @@ class BatchEngine:
     def decode_mode(self) -> str:
         """How the decode step runs: `cuda graphs`, `static` (eager, e.g. on CPUs) or `dynamic`."""
         if isinstance(self._decoder, StaticDecoder):
-            return "cuda graphs" if self._decoder.graphs else "static"
+            mode = "cuda graphs" if self._decoder.graphs else "static"
+            return f"{mode}, compiled" if self._decoder.compiled else mode
         return "dynamic"
 
     # ------------------------------------------------------------------ adapters
@@ -404,6 +429,8 @@ class BatchEngine:
             self._leave()
             for batch in self.scheduler.admit():
                 self._admit(batch)
+            if self.scheduler.prefill_next() is not None:
+                self._prefill_chunk()  # one chunk of a long prompt per step, between decode steps
             self._flush()  # first tokens go out before the decode step
             rows = self.scheduler.running
             if rows and self._may_pipeline(rows):
@@ -417,8 +444,10 @@ class BatchEngine:
     # ------------------------------------------------------------------ one step ahead
     def _may_pipeline(self, rows: list[Request]) -> bool:
         """Rows whose next token the device can choose alone (greedy, nothing the host adds to the
-        logits), in the static decoder, with nobody waiting to join."""
+        logits), in the static decoder, with nobody waiting to join or mid-prefill."""
         if not (self.pipeline and isinstance(self._decoder, StaticDecoder)) or self.scheduler.waiting:
+            return False
+        if self.scheduler.prefilling is not None:
             return False
         return all(_device_only(r) for r in rows)
 
@@ -536,9 +565,8 @@ class BatchEngine:
     def _prefill(self, reqs: list[Request]) -> None:
         """Prefill requests in one forward (left-padded, each with its own positions and slot; a
         prompt-style adapter's request comes alone), sample their first tokens and move the rows that go on
-        into the decoder."""
-        from transformers import DynamicCache
-
+        into the decoder. A request whose prompt starts with a cached prefix feeds only the rest, over the
+        prefix's keys and values; its prompt's prefixes are kept for the requests after it."""
         self.slot_state.set([r.lease.slot for r in reqs])
         if reqs[0].virtual:
             (req,) = reqs
@@ -546,31 +574,144 @@ class BatchEngine:
             mask = inputs["attention_mask"]
             req.length = mask.shape[1]
             req.position = int(inputs["position_ids"][0, -1]) + 1
+            out = self._forward(**inputs)
+            kv = kv_of(out.past_key_values)
         else:
-            longest = max(len(r.prompt_ids) for r in reqs)
-            pad = self.tokenizer.pad_token_id or 0
-            ids = [[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in reqs]
-            mask = torch.tensor(
-                [[0] * (longest - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
-                device=self.device,
-            )
-            inputs = {
-                "input_ids": torch.tensor(ids, device=self.device),
-                "attention_mask": mask,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-                "past_key_values": DynamicCache(),
-                "use_cache": True,
-            }
+            inputs, mask, source = self._batch_inputs(reqs, [self._cached_prefix(r) for r in reqs])
             for r in reqs:
                 r.length = r.position = len(r.prompt_ids)
-        out = self._forward(**inputs)
+            out = self._forward(**inputs)
+            kv = kv_of(out.past_key_values)
+            if source is not None:  # move each row's prefix next to the rest of its prompt: left-padded again
+                n, width = source.shape
+                heads, dim = kv[0][0].shape[1], kv[0][0].shape[3]
+                index = source[:, None, :, None].expand(n, heads, width, dim)
+                kv = [(k.gather(2, index), v.gather(2, index)) for k, v in kv]
         self._advance(reqs, out.logits[:, -1])
         going = [i for i, r in enumerate(reqs) if not r.done]
         if going:
             index = torch.tensor(going, device=self.device)
-            kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv_of(out.past_key_values)]
-            self._decoder.add(kv, mask.index_select(0, index))
+            rows = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
+            self._decoder.add(rows, mask.index_select(0, index))
             self.scheduler.running.extend(reqs[i] for i in going)
+        self._remember(reqs, kv)
+
+    def _batch_inputs(
+        self, reqs: list[Request], cached: list[tuple[int, torch.Tensor | None]]
+    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
+        """One prefill forward's inputs for requests without virtual tokens, each prompt left-padded; a row
+        with a cached prefix (`cached`: its length and keys/values, from `_cached_prefix`) feeds only the
+        rest of its prompt, the prefixes (left-padded to the longest) going in as the past. -> (the inputs,
+        the rows' attention mask once their caches are left-padded, and for each row the column of the
+        forward's cache that each column of its left-padded cache comes from; None: it already is). Rows of
+        one prefix or none batch as well as rows of different prefixes: each has its own past."""
+        from transformers import DynamicCache
+
+        device = self.device
+        fed = [r.prompt_ids[p:] for r, (p, _) in zip(reqs, cached, strict=True)]
+        width = max(len(x) for x in fed)
+        pad = self.tokenizer.pad_token_id or 0
+        lengths = torch.tensor([len(x) for x in fed], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()
+        past = torch.tensor([p for p, _ in cached], device=device)
+        inputs: dict[str, Any] = {
+            "input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in fed], device=device),
+            "position_ids": past[:, None] + (mask.cumsum(-1) - 1).clamp(min=0),
+            "use_cache": True,
+        }
+        longest = int(past.max())
+        if not longest:
+            inputs.update(attention_mask=mask, past_key_values=DynamicCache())
+            return inputs, mask, None
+        # A row's columns in the forward: [padding][its cached prefix][padding][the rest of its prompt]. A
+        # row without a prefix has only (zero, masked) padding in the past.
+        some = next(kv for _, kv in cached if kv is not None)
+        empty = some.new_zeros(some.shape[0], some.shape[1], longest, some.shape[3])
+        prefixes = torch.stack(
+            [empty if kv is None else F.pad(kv, (0, 0, longest - p, 0)) for p, kv in cached]
+        )
+        before = (torch.arange(longest, device=device)[None, :] >= (longest - past)[:, None]).long()
+        inputs.update(
+            attention_mask=torch.cat([before, mask], dim=1),
+            past_key_values=dynamic_cache(as_kv(prefixes)),
+        )
+        # Left-padded again: [padding][prefix][rest]. The rest stays where it is; the prefix moves right,
+        # over the rest's padding (the padding columns read anything: they are masked). Every row then ends
+        # at the right edge, so only the longest prompt's width is kept (at most the context length).
+        prompt = max(len(r.prompt_ids) for r in reqs)
+        columns = torch.arange(longest + width - prompt, longest + width, device=device)[None, :]
+        start = (longest - past + width - lengths)[:, None]  # where the row's prefix starts
+        moved = (columns >= start) & (columns < start + past[:, None])
+        source = torch.where(moved, columns - start + (longest - past)[:, None], columns)
+        return inputs, (columns >= start).long(), source
+
+    def _cached_prefix(self, req: Request) -> tuple[int, torch.Tensor | None]:
+        """The longest cached prefix of a request's prompt (tokens, keys/values), or (0, None). Never for a
+        prompt-style or prefix-tuning adapter: its cache already starts with its virtual tokens."""
+        if self.prefix_cache is None or req.virtual:
+            return 0, None
+        return self.prefix_cache.lookup(req.lease.version, req.prompt_ids)
+
+    def _remember(self, reqs: list[Request], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the block-aligned prefixes of prefilled prompts for the requests after them. `kv`: the rows'
+        left-padded caches, each ending with its prompt. A failure here never fails a request: the cache
+        turns itself off (e.g. a model whose layers' caches differ in shape)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        for i, r in enumerate(reqs):
+            n = len(r.prompt_ids)
+            if r.virtual or n < cache.block:
+                continue
+            own = [(k[i : i + 1, :, -n:], v[i : i + 1, :, -n:]) for k, v in kv]  # its prompt's columns
+            try:
+                cache.insert(r.lease.version, r.prompt_ids, own)
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+                log.warning("the prefix cache is off: keeping a prompt's prefix failed: %s", why)
+                self.prefix_cache, self.slots.on_retire = None, None
+                return
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt mid-prefill (serving/scheduler.py): its cache carries over from
+        step to step and its positions go on. The last chunk samples the first token; the row then joins
+        the decoder like any prefilled row. A failure fails only this request."""
+        from transformers import DynamicCache
+
+        req = self.scheduler.prefilling
+        assert req is not None
+        ids = req.prompt_ids
+        try:
+            if req.kv is None:  # the first chunk: after the prompt's cached prefix, if there is one
+                req.prefilled, prefix = self._cached_prefix(req)
+                req.kv = DynamicCache() if prefix is None else dynamic_cache(as_kv(prefix))
+            start = req.prefilled
+            end = min(start + self.scheduler.chunk_tokens, len(ids))
+            self.slot_state.set([req.lease.slot])
+            out = self._forward(
+                input_ids=torch.tensor([ids[start:end]], device=self.device),
+                attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, end, device=self.device)[None],
+                past_key_values=req.kv,
+                use_cache=True,
+            )
+            req.prefilled = end
+            if end < len(ids):
+                return
+            kv = kv_of(req.kv)
+            req.length = req.position = len(ids)
+            self._advance([req], out.logits[:, -1])
+            if not req.done:
+                self._decoder.add(kv, torch.ones(1, len(ids), dtype=torch.long, device=self.device))
+            self.scheduler.prefilled(req)
+            self._remember([req], kv)
+        except Exception as e:
+            log.warning("prefilling a request failed: %s: %s", type(e).__name__, e)
+            if not req.done:
+                req.fail(e)
+            self.scheduler.prefilled(req)
+        if req.done:
+            req.lease.release()
 
     def _forward(self, **inputs: Any) -> Any:
         """The base's forward; only the last position's logits are needed (models that do not know
@@ -658,11 +799,15 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, Any]:
-        """The batch's state (for metrics): rows, queue, slots, and the KV cache's use in tokens."""
+        """The batch's state (for metrics): rows, queue, slots, the KV cache's use in tokens, and the prefix
+        cache's counters (prompt tokens looked up, and served from it, since start-up)."""
         running = list(self.scheduler.running)
+        cache = self.prefix_cache
         return {
             "active_rows": len(running),
             "waiting": len(self.scheduler.waiting),
+            "prefilling": int(self.scheduler.prefilling is not None),  # a long prompt, chunk by chunk
+            **(cache.stats() if cache is not None else {"prefix_cache_queries": 0, "prefix_cache_hits": 0}),
             "steps": self.steps,
             "slots_used": self.slots.slots_used(),
             "slots": self.num_slots - 1,

@@ -186,23 +186,28 @@ class SlotLinear(nn.Module):
         slot = self.state.uniform
         if slot == 0 or (self.lora_a is None and self.out_scale is None and self.in_scale is None):
             return self.base_layer(x)
-        index = self.state.index
-
-        def per_row(t: torch.Tensor) -> torch.Tensor:  # [slots, dim] -> broadcastable over [rows, T, dim]
-            return t[slot] if slot is not None else t.index_select(0, index)[:, None, :]
-
         shape = x.shape
         x3 = x.reshape(shape[0], -1, shape[-1])  # [rows, T, in]
-        x_in = x3 * per_row(self.in_scale) if self.in_scale is not None else x3
-        base = self.base_layer
-        y = F.linear(x_in, base.weight)
+        x_in = x3 * self._per_row(self.in_scale) if self.in_scale is not None else x3
+        y = F.linear(x_in, self.base_layer.weight)
         if self.lora_a is not None:
-            y = self._add_lora(y, x3, index)
+            y = self._add_lora(y, x3, self.state.index)
+        return self.scale_output(y).reshape(*shape[:-1], y.shape[-1])
+
+    def _per_row(self, t: torch.Tensor) -> torch.Tensor:
+        """[slots, dim] -> each row's own, broadcastable over [rows, T, dim]."""
+        slot = self.state.uniform
+        return t[slot] if slot is not None else t.index_select(0, self.state.index)[:, None, :]
+
+    def scale_output(self, y: torch.Tensor) -> torch.Tensor:
+        """y = W·x (+ LoRA), [rows, T, out] -> the layer's output: DoRA/IA3 output scales, then the bias
+        (which IA3 scales and DoRA does not)."""
+        bias = self.base_layer.bias
         if self.out_scale is not None:
-            y = y * per_row(self.out_scale)
-        if base.bias is not None:
-            y = y + (base.bias * per_row(self.bias_scale) if self.bias_scale is not None else base.bias)
-        return y.reshape(*shape[:-1], y.shape[-1])
+            y = y * self._per_row(self.out_scale)
+        if bias is not None:
+            y = y + (bias * self._per_row(self.bias_scale) if self.bias_scale is not None else bias)
+        return y
 
 
 class SlotBottleneck(nn.Module):
@@ -276,10 +281,13 @@ class SlotBottleneck(nn.Module):
         y = y + self.up_b.index_select(0, index)[:, None, :]
         return h + y.to(h.dtype)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        result = self.base_layer(*args, **kwargs)
+    def adapt(self, result: Any) -> Any:
+        """The wrapped block's output (a tensor, or attention's tuple) with each row's bottleneck added."""
         if self.down_w is None or not self._act_masks or self.state.uniform == 0:
             return result
         if isinstance(result, tuple):  # attention blocks return (hidden, attention weights, ...)
             return (self._adapt(result[0]), *result[1:])
         return self._adapt(result)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.adapt(self.base_layer(*args, **kwargs))

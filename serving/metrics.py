@@ -43,6 +43,7 @@ GAUGES = {
     "fulcrum_num_requests_running": "Requests decoding in the batch (running rows).",
     "fulcrum_kv_cache_usage_perc": "Fraction of the KV cache in use (0..1).",
     "fulcrum_adapters_loaded": "Adapter versions held by the replica's engine.",
+    "fulcrum_prefix_cache_hit_rate": "Prefix cache hits over queries, in prompt tokens (0..1).",
 }
 COUNTERS = {  # (description, tagged by adapter)
     "fulcrum_request_success_total": ("Requests finished, by adapter (the base: its served name).", True),
@@ -51,6 +52,13 @@ COUNTERS = {  # (description, tagged by adapter)
     "fulcrum_generation_tokens_total": ("Tokens generated, by adapter.", True),
     "fulcrum_adapter_loads_total": ("Adapter versions loaded into the engine.", False),
     "fulcrum_adapter_evictions_total": ("Adapter versions evicted from the engine (Serve's LRU).", False),
+    "fulcrum_prefix_cache_queries_total": ("Prompt tokens looked up in the prefix cache.", False),
+    "fulcrum_prefix_cache_hits_total": ("Prompt tokens served from the prefix cache (not prefilled).", False),
+}
+# Counters the engine keeps itself (totals since start-up in `BatchEngine.stats()`): name -> stats key.
+ENGINE_COUNTERS = {
+    "fulcrum_prefix_cache_queries_total": "prefix_cache_queries",
+    "fulcrum_prefix_cache_hits_total": "prefix_cache_hits",
 }
 
 
@@ -61,6 +69,7 @@ class ReplicaMetrics:
         self.hist = {n: {"counts": [0] * (len(b) + 1), "sum": 0.0} for n, (_, b) in HISTOGRAMS.items()}
         self.gauges: dict[str, float] = dict.fromkeys(GAUGES, 0.0)
         self.counters: dict[str, dict[str, float]] = {n: {} for n in COUNTERS}
+        self._engine_totals: dict[str, float] = {}  # ENGINE_COUNTERS' totals at the last `engine_stats`
         self._ray: dict[str, Any] = {}
         try:
             from ray.serve import metrics
@@ -99,7 +108,7 @@ class ReplicaMetrics:
             self._ray[name].set(float(value))
 
     def engine_stats(self, stats: dict[str, Any], max_rows: int) -> None:
-        """Gauges from `BatchEngine.stats()`."""
+        """Gauges (and the engine's own counters) from `BatchEngine.stats()`."""
         self.set_gauge("fulcrum_num_requests_waiting", stats.get("waiting", 0))
         running = stats.get("active_rows", stats.get("running", 0))
         self.set_gauge("fulcrum_num_requests_running", running)
@@ -109,6 +118,13 @@ class ReplicaMetrics:
             kv = running / max_rows if max_rows else 0.0
         self.set_gauge("fulcrum_kv_cache_usage_perc", kv)
         self.set_gauge("fulcrum_adapters_loaded", stats.get("adapters", 0))
+        for name, key in ENGINE_COUNTERS.items():  # totals since start-up: count what is new since last time
+            total = float(stats.get(key, 0))
+            self.inc(name, total - self._engine_totals.get(name, 0.0))
+            self._engine_totals[name] = total
+        queries = stats.get("prefix_cache_queries", 0)
+        rate = stats.get("prefix_cache_hits", 0) / queries if queries else 0.0
+        self.set_gauge("fulcrum_prefix_cache_hit_rate", rate)
 
     def snapshot(self) -> dict[str, Any]:
         return {"at": time.time(), "hist": self.hist, "gauges": self.gauges, "counters": self.counters}
@@ -147,6 +163,11 @@ def _labels(**labels: str) -> str:
     return "{" + inner + "}" if inner else ""
 
 
+def _total(snapshots: list[dict[str, Any]], counter: str) -> float:
+    """A counter summed over replicas and labels."""
+    return sum(sum((s["counters"].get(counter) or {}).values()) for s in snapshots)
+
+
 def render(snapshots: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
     """Prometheus text format (version 0.0.4) of the sum of `snapshots`."""
     lines: list[str] = []
@@ -169,6 +190,9 @@ def render(snapshots: list[dict[str, Any]], extra: dict[str, Any] | None = None)
         value = sum(s["gauges"].get(name, 0.0) for s in snapshots)
         if name == "fulcrum_kv_cache_usage_perc" and snapshots:
             value /= len(snapshots)  # a fraction: the replicas' mean
+        elif name == "fulcrum_prefix_cache_hit_rate":  # a ratio: of the summed counters
+            queries = _total(snapshots, "fulcrum_prefix_cache_queries_total")
+            value = _total(snapshots, "fulcrum_prefix_cache_hits_total") / queries if queries else 0.0
         lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge", f"{name} {value}"]
     for name, (doc, tagged) in COUNTERS.items():
         merged: dict[str, float] = {}

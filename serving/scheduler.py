@@ -5,6 +5,12 @@ waiting requests up to the free rows and groups them into prefill batches: a req
 adapter alone (its virtual tokens go first), the others by a budget of padded tokens per forward (similar
 lengths together: less padding). A request leaves the running rows when it finishes, its client goes away
 or it fails, and its adapter lease is released then: never while its row can still be decoded.
+
+Chunked prefill: a prompt longer than `chunk_tokens` is not prefilled in one forward (every running row would
+stall for its whole length) but one chunk per engine step, between decode steps, its cache carried on the
+request (`prefilled` tokens so far). One such request at a time (`prefilling`; it holds a row), the others
+keep their place in the queue while shorter ones go past them. Requests on prompt-style and prefix-tuning
+adapters are always prefilled whole: their virtual tokens go in with the prompt's first forward.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +40,8 @@ class Request:
     generated: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed
     length: int = 0  # tokens in this row's cache (virtual + prompt + fed)
+    prefilled: int = 0  # mid chunked prefill: prompt tokens in `kv` so far
+    kv: Any = None  # mid chunked prefill: its transformers cache, carried from one chunk to the next
     done: bool = False
     cancelled: bool = False
 
@@ -51,9 +60,11 @@ class Request:
 class Scheduler:
     """The waiting queue and the running rows (in the decoder's row order)."""
 
-    def __init__(self, max_rows: int, prefill_tokens: int) -> None:
+    def __init__(self, max_rows: int, prefill_tokens: int, chunk_tokens: int = 0) -> None:
         self.max_rows = max_rows
         self.prefill_tokens = prefill_tokens  # padded tokens in one prefill forward
+        self.chunk_tokens = chunk_tokens  # longer prompts are prefilled a chunk per step (0: never)
+        self.prefilling: Request | None = None  # the request mid chunked prefill (it holds a row)
         self.waiting: deque[Request] = deque()  # appended on the event loop, taken on the step thread
         self.running: list[Request] = []
         self._lock = threading.Lock()
@@ -63,18 +74,31 @@ class Scheduler:
             self.waiting.append(req)
 
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.prefilling)
+
+    def _chunked(self, req: Request) -> bool:
+        return 0 < self.chunk_tokens < len(req.prompt_ids) and not req.virtual
 
     def admit(self) -> list[list[Request]]:
-        """Waiting requests that fit in the free rows, as prefill batches (see the module docstring)."""
+        """Waiting requests that fit in the free rows, as prefill batches; a long prompt becomes the one
+        `prefilling` when none is (see the module docstring)."""
         taken: list[Request] = []
+        later: list[Request] = []  # long prompts behind the one mid-prefill: they keep their place
         with self._lock:
-            while self.waiting and len(self.running) + len(taken) < self.max_rows:
+            while (
+                self.waiting
+                and len(self.running) + len(taken) + (self.prefilling is not None) < self.max_rows
+            ):
                 req = self.waiting.popleft()
                 if req.cancelled:
                     req.lease.release()
-                else:
+                elif not self._chunked(req):
                     taken.append(req)
+                elif self.prefilling is None:
+                    self.prefilling = req
+                else:
+                    later.append(req)
+            self.waiting.extendleft(reversed(later))
         alone = [[r] for r in taken if r.virtual]
         plain = sorted((r for r in taken if not r.virtual), key=lambda r: len(r.prompt_ids))
         batches: list[list[Request]] = []
@@ -85,6 +109,23 @@ class Scheduler:
             else:
                 batch.append(req)
         return alone + batches
+
+    def prefill_next(self) -> Request | None:
+        """The request mid chunked prefill, if any: dropped here if its client went away (its lease and
+        cache go with it)."""
+        req = self.prefilling
+        if req is not None and (req.cancelled or req.done):
+            self.prefilling, req.kv = None, None
+            req.lease.release()
+            return None
+        return req
+
+    def prefilled(self, req: Request) -> None:
+        """`req`'s last chunk ran (or failed): it joins the running rows unless it ended (the decoder has
+        taken its cache)."""
+        self.prefilling, req.kv = None, None
+        if not req.done:
+            self.running.append(req)
 
     def leaving(self) -> list[int]:
         """Drop the running rows that are done or whose client went away (their leases go) -> the indices

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,9 @@ class SlotTable:
         self._lock = threading.Lock()
         self._current: dict[str, AdapterVersion] = {}
         self._owner: dict[int, AdapterVersion | None] = {}  # taken slots; None: reserved for a load
+        # Called (under the table's lock, so it must never take it) when a version stops being current: what
+        # was computed with it (the engine's cached prompt prefixes) goes, since no new request can lease it.
+        self.on_retire: Callable[[AdapterVersion], None] | None = None
 
     # ------------------------------------------------------------------ requests
     def lease(self, adapter_id: str | None) -> Lease:
@@ -137,6 +141,8 @@ class SlotTable:
 
     def _retire(self, version: AdapterVersion) -> None:  # under _lock
         version.live = False
+        if self.on_retire is not None:
+            self.on_retire(version)
         if version.refs == 0:
             self._free(version)
 

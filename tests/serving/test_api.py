@@ -808,3 +808,115 @@ def test_health_and_metrics_move(served: Any) -> None:
         assert after[name] >= before[name] + 3, name
         assert after[f'fulcrum_{hist}_seconds_bucket{{le="+Inf"}}'] == after[name]
     assert after["fulcrum_adapter_loads_total"] >= 1 and after["fulcrum_replicas_reporting"] == 1
+
+
+def ray_export(app: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Ray's own Prometheus export (each live node's metrics agent, on the node's metrics export port): each
+    of `names` summed over the series of application `app`'s replicas (0 where there is none yet)."""
+    import ray
+
+    totals = dict.fromkeys(names, 0.0)
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        address = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        with urllib.request.urlopen(address, timeout=60) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            name = series.split("{")[0]
+            if name in totals and f'application="{app}"' in series:
+                totals[name] += float(value)
+    return totals
+
+
+def test_ray_metrics_export_and_prefix_cache_counters_move(served: Any) -> None:
+    """What the replica records into ray.serve.metrics reaches Ray's metrics agent (names with Ray's `ray_`
+    prefix, tagged with the Serve application), and moves after requests; a prompt sent again is served
+    partly from the prefix cache, which both Ray's export and the API's /metrics count. Ray's agent takes
+    a few seconds to see new values: polled, with a deadline."""
+    url = served["url"]
+    names = tuple(
+        f"ray_fulcrum_{n}"
+        for n in ("request_success_total", "generation_tokens_total", "prompt_tokens_total",
+                  "time_to_first_token_seconds_count", "e2e_request_latency_seconds_count",
+                  "prefix_cache_queries_total", "prefix_cache_hits_total")
+    )  # fmt: skip
+    before, api_before = ray_export("fulcrum-test", names), scrape(url)
+    prompt = "the cat sat on the mat and the dog ran to the park while"  # 56 tokens: 3 blocks of 16
+    for _ in range(3):
+        status, body = complete(url, "lora-a", prompt=prompt)
+        assert status == 200, body
+    wanted = {"request_success_total": 3, "time_to_first_token_seconds_count": 3,
+              "e2e_request_latency_seconds_count": 3, "generation_tokens_total": 3,
+              "prompt_tokens_total": 3 * len(prompt), "prefix_cache_queries_total": 3 * len(prompt),
+              "prefix_cache_hits_total": 16}  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        after = ray_export("fulcrum-test", names)
+        moved = {n: after[f"ray_fulcrum_{n}"] - before[f"ray_fulcrum_{n}"] for n in wanted}
+        if all(moved[n] >= w for n, w in wanted.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(moved[n] >= w for n, w in wanted.items()), moved
+    api = scrape(url)
+    for name in ("fulcrum_prefix_cache_queries_total", "fulcrum_prefix_cache_hits_total"):
+        assert api[name] > api_before.get(name, 0), name
+    assert 0 < api["fulcrum_prefix_cache_hit_rate"] <= 1
+
+
+def test_health_is_503_until_a_model_replica_has_loaded_its_base(served: Any) -> None:
+    """GET /health of an application whose model replica cannot start yet (it asks for more CPUs than the
+    cluster has, as a replica waiting for a node to join would): the ingress answers 503 `loading`. The
+    same application applied again with resources that fit (as a RayService update does): 200 once its
+    model replica has loaded the base."""
+    import ray
+    from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from serving.app import service_application
+
+    app, prefix = "fulcrum-health", "/health-test"
+    rest = ServeSubmissionClient("http://" + ray._private.worker.get_dashboard_url())
+
+    def deploy(cpus: float) -> None:
+        args = {"model": {"config": TINY_LLAMA, "tokenizer": "bytes"}, "name": BASE_NAME, "max_batch_rows": 2,
+                "context_length": 96, "resources": {"cpus": cpus}}  # fmt: skip
+        entry = {**service_application(args, name=app), "route_prefix": prefix}
+        http = {"host": "127.0.0.1", "port": served["config"].port}
+        rest.deploy_applications({"http_options": http, "applications": [entry]})
+
+    def health() -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(served["url"] + prefix + "/health", timeout=60) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as e:  # our 503, or Serve's proxy before the ingress is routable
+            status, raw = e.code, e.read()
+        except OSError:
+            return 0, None
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw
+
+    def wait_for(status: int, state: str) -> tuple[int, Any]:
+        deadline = time.monotonic() + 180
+        while True:
+            got = health()
+            if (got[0] == status and isinstance(got[1], dict) and got[1].get("status") == state) or (
+                time.monotonic() > deadline
+            ):
+                return got
+            time.sleep(0.5)
+
+    try:
+        deploy(ray.cluster_resources()["CPU"] + 1)  # no node can hold the model replica
+        status, body = wait_for(503, "loading")
+        assert status == 503 and body["status"] == "loading" and "base is loading" in body["detail"], body
+        assert health()[0] == 503  # still not ready: no model replica exists
+        deploy(0.5)
+        status, body = wait_for(200, "ok")
+        assert (status, body) == (200, {"status": "ok"})
+    finally:
+        serve.delete(app)
+    assert call(served["url"], "GET", "/health", key=None) == (200, {"status": "ok"})  # the other app

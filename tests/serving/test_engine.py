@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from serving.decode import StaticDecoder
 from serving.engine import BatchEngine, load_base
 from serving.types import AdapterError, SamplingParams, TokenEvent
 from tests.helpers import TINY_LLAMA
@@ -185,18 +186,31 @@ def prompts(tokenizer: Any, n: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    "static,lora_mode,pipeline",
-    [(True, "dense", False), (True, "gather", False), (True, "dense", True), (False, "auto", False)],
-    ids=["static-cache-dense-lora", "static-cache-gathered-lora", "one-step-ahead", "transformers-cache"],
+    "static,lora_mode,pipeline,compiled",
+    [
+        (True, "dense", False, False),
+        (True, "gather", False, False),
+        (True, "dense", True, False),
+        (True, "dense", True, True),
+        (False, "auto", False, False),
+    ],
+    ids=[
+        "static-cache-dense-lora",
+        "static-cache-gathered-lora",
+        "one-step-ahead",
+        "compiled-step",
+        "transformers-cache",
+    ],
 )
 def test_mixed_batch_equals_peft_per_adapter(
-    setup: dict[str, Any], static: bool, lora_mode: str, pipeline: bool
+    setup: dict[str, Any], static: bool, lora_mode: str, pipeline: bool, compiled: bool
 ) -> None:
     spec, paths = setup["spec"], setup["paths"]
-    engine = new_engine(spec, static_decode=static)
+    engine = new_engine(spec, static_decode=static, compile_decode=compiled)
     engine.slot_state.lora_mode = lora_mode  # both ways of applying a mixed batch's adapters
     engine.pipeline = pipeline  # step t+1 launched before step t's tokens are emitted (GPUs do this)
-    assert engine.decode_mode == ("static" if static else "dynamic")  # no GPU here: no CUDA graphs
+    mode = "static" if static else "dynamic"  # no GPU here: no CUDA graphs
+    assert engine.decode_mode == (f"{mode}, compiled" if compiled else mode)
     for aid, path in paths.items():
         info = engine.add_adapter(aid, str(path))
         assert info.method == METHOD_OF.get(aid, aid)
@@ -214,6 +228,12 @@ def test_mixed_batch_equals_peft_per_adapter(
 
     results = asyncio.run(run_all())
     assert engine.steps < NEW_TOKENS * 2  # the requests really shared decode steps
+    if static:  # q/k/v and gate/up ran as one GEMM each, their LoRA A stacks fused (serving/fused.py)
+        decoder = engine._decoder
+        assert isinstance(decoder, StaticDecoder)
+        assert all(f.weight is not None for f in (*decoder.qkv, *decoder.gate_up))
+        assert all(f._lora_of == [0, 1, 2] for f in decoder.qkv)
+        assert all(f._lora_of == [0, 1] for f in decoder.gate_up)
     assert (engine.steps_ahead > NEW_TOKENS // 2) == pipeline, engine.steps_ahead
     changed = []
     for prompt, aid, events in zip(batch, ids, results, strict=True):
@@ -644,3 +664,200 @@ def test_kv_cache_that_cannot_fit_fails_at_start(setup: dict[str, Any]) -> None:
 
     with pytest.raises(FulcrumError, match="lower max_batch_rows or context_length"):
         new_engine(setup["spec"], max_batch_rows=10**6, context_length=256)
+
+
+# --------------------------------------------------------------------------- prefix caching, chunked prefill
+SYSTEM = "system: answer as the cat would. the cat sat on a mat and the dog ran to the park. user: "
+
+
+def shared_prompts(tokenizer: Any) -> list[list[int]]:
+    """Prompts that share a long head (a system prompt of 5 blocks of 16 tokens and more), and one that does
+    not."""
+    tails = ["where is the cat?", "where did the dog run to", "birds sang in tall green trees", "on a"]
+    return [tokenizer.encode(SYSTEM + t) for t in tails] + [tokenizer.encode("a dog ran to the park")]
+
+
+@pytest.mark.parametrize(
+    "adapter,static", [(None, True), ("lora8", True), ("lora8", False)], ids=["base", "lora", "lora-dynamic"]
+)
+def test_prefix_cache_answers_equal_uncached_and_peft(
+    setup: dict[str, Any], adapter: str | None, static: bool
+) -> None:
+    """Requests that share a prompt head prefill only the rest of their prompt over the cached head's keys
+    and values, alone and in one batch with rows of other cached lengths and rows with no cached prefix;
+    every answer equals the same engine's with the cache off and peft's greedy answer."""
+    spec, paths = setup["spec"], setup["paths"]
+    engines = [
+        new_engine(spec, static_decode=static, context_length=256, prefix_cache_bytes=b) for b in [1 << 20, 0]
+    ]
+    for engine in engines:
+        if adapter is not None:
+            engine.add_adapter(adapter, str(paths[adapter]))
+    on, off = engines
+    assert on.prefix_cache is not None and off.prefix_cache is None
+    batch = shared_prompts(on.tokenizer)
+    first, rest = batch[0], [*batch[1:], batch[0]]  # the first again: a longer hit than the others'
+    hits: list[int] = []
+
+    async def run(engine: BatchEngine) -> list[list[int]]:
+        alone = await collect(engine, first, adapter, max_tokens=NEW_TOKENS, temperature=0)
+        hits.append(engine.stats()["prefix_cache_hits"])
+        together = await asyncio.gather(
+            *(collect(engine, p, adapter, max_tokens=NEW_TOKENS, temperature=0) for p in rest)
+        )
+        return [[e.token_id for e in events] for events in [alone, *together]]
+
+    cached, uncached = asyncio.run(run(on)), asyncio.run(run(off))
+    eos = on.tokenizer.eos_token_id
+    refs = [peft_generate(spec, paths[adapter] if adapter else None, p, eos) for p in [first, *rest]]
+    assert cached == uncached == refs
+    stats = on.stats()
+    assert hits[0] == 0 and stats["prefix_cache_queries"] == sum(len(p) for p in [first, *rest])
+    # Three prompts hit the head's full blocks; the first again hits all but its last (partial) block.
+    head = len(on.tokenizer.encode(SYSTEM)) // 16 * 16
+    assert stats["prefix_cache_hits"] == 3 * head + (len(first) - 1) // 16 * 16, stats
+    assert stats["prefix_cache_blocks"] > 0 and 0 < stats["prefix_cache_bytes"] <= 1 << 20
+
+
+def test_prefix_cache_is_never_shared_across_adapter_versions(setup: dict[str, Any]) -> None:
+    """A hot-swapped adapter (the same id, new weights) does not reuse the old version's cached prefixes:
+    they are dropped when the old version retires, and its answer is the new weights' own; the base's and
+    other adapters' prefixes are not theirs either."""
+    spec, paths = setup["spec"], setup["paths"]
+    engine = new_engine(spec)
+    cache = engine.prefix_cache
+    assert cache is not None
+    engine.add_adapter("x", str(paths["lora4"]))
+    one, two = shared_prompts(engine.tokenizer)[:2]
+    eos = engine.tokenizer.eos_token_id
+
+    async def answer(prompt: list[int], adapter: str | None) -> list[int]:
+        events = await collect(engine, prompt, adapter, max_tokens=NEW_TOKENS, temperature=0)
+        return [e.token_id for e in events]
+
+    assert asyncio.run(answer(one, "x")) == peft_generate(spec, paths["lora4"], one, eos)
+    old = engine.slots.current()["x"]
+    assert any(key[0] is old for key in cache._blocks)
+    assert asyncio.run(answer(one, None)) == peft_generate(spec, None, one, eos)  # the base: no hit
+    assert engine.stats()["prefix_cache_hits"] == 0
+    engine.add_adapter("x", str(paths["dora"]))  # hot swap: the old version retires
+    assert not any(key[0] is old for key in cache._blocks)
+    assert asyncio.run(answer(two, "x")) == peft_generate(spec, paths["dora"], two, eos)
+    assert engine.stats()["prefix_cache_hits"] == 0  # nothing cached for the new version yet
+    assert asyncio.run(answer(one, "x")) == peft_generate(spec, paths["dora"], one, eos)
+    assert engine.stats()["prefix_cache_hits"] > 0  # the new version's own prefix, from the request before
+    engine.remove_adapter("x")
+    assert all(key[0] is None for key in cache._blocks)  # only the base's remain
+
+
+def test_prefix_cache_stays_within_its_byte_budget(setup: dict[str, Any]) -> None:
+    """With room for three blocks, prompts of more blocks evict the least recently used ones (never more
+    bytes than the budget); answers stay right, and the latest prompt's head is what remains."""
+    from serving.decode import kv_bytes_per_row
+
+    spec = setup["spec"]
+    model, _ = load_base(spec, "cpu")
+    block = kv_bytes_per_row(model, 16)  # one block of 16 tokens, every layer's keys and values
+    engine = new_engine(spec, prefix_cache_bytes=3 * block)
+    cache = engine.prefix_cache
+    assert cache is not None
+    words = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees ".split()
+    texts = [" ".join(words[i:] + words[:i]) for i in range(4)]  # ~80 tokens each, no shared head
+    eos = engine.tokenizer.eos_token_id
+    for text in texts:
+        prompt = engine.tokenizer.encode(text)
+        events = asyncio.run(collect(engine, prompt, None, max_tokens=4, temperature=0))
+        assert [e.token_id for e in events] == peft_generate(spec, None, prompt, eos, max_new_tokens=4)
+        assert len(cache) <= 3 and cache.bytes <= 3 * block
+    assert len(cache) == 3 and cache.evictions >= 3 * len(texts) - 3
+    last = engine.tokenizer.encode(texts[-1])
+    assert cache.lookup(None, last)[0] == 3 * 16  # the latest prompt's first three blocks
+    assert cache.lookup(None, engine.tokenizer.encode(texts[0]))[0] == 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(setup: dict[str, Any]) -> None:
+    """With a chunk of 8 tokens, a 150-token prompt is prefilled over 19 engine steps while a running row
+    gets a token at every one of them; its answer equals peft's. Sent again, its cached prefix leaves one
+    chunk to prefill."""
+    spec, paths = setup["spec"], setup["paths"]
+    engine = new_engine(spec, context_length=256, prefill_chunk_tokens=8)
+    engine.add_adapter("lora8", str(paths["lora8"]))
+    words = "the cat sat on a mat and the dog ran to the park "
+    long = engine.tokenizer.encode(words * 4)[:150]
+    short = engine.tokenizer.encode("birds")  # one chunk
+    eos = engine.tokenizer.eos_token_id
+    # What the step thread does, in order: each chunk with the running rows' tokens so far, each decode.
+    seen: list[tuple[str, list[int]]] = []
+    chunk, decode = engine._prefill_chunk, engine._decode_forward
+
+    def spy_chunk() -> None:
+        seen.append(("chunk", [len(r.generated) for r in engine.scheduler.running]))
+        chunk()
+
+    def spy_decode(rows: list[Any], tokens: Any = None) -> torch.Tensor:
+        seen.append(("decode", [len(r.generated) for r in rows]))
+        return decode(rows, tokens)
+
+    engine._prefill_chunk, engine._decode_forward = spy_chunk, spy_decode  # type: ignore[method-assign]
+
+    async def main() -> tuple[list[int], list[int]]:
+        running = engine.generate(short, None, SamplingParams(max_tokens=60, temperature=0))
+        first = await anext(running)  # decoding
+        rest = asyncio.create_task(collect_rest(running))
+        answer = await collect(engine, long, "lora8", max_tokens=NEW_TOKENS, temperature=0)
+        return [first.token_id] + await rest, [e.token_id for e in answer]
+
+    async def collect_rest(stream: Any) -> list[int]:
+        return [e.token_id async for e in stream]
+
+    short_tokens, long_tokens = asyncio.run(main())
+    assert long_tokens == peft_generate(spec, paths["lora8"], long, eos)
+    assert short_tokens == peft_generate(spec, None, short, eos, max_new_tokens=60)
+    chunks = [i for i, (what, _) in enumerate(seen) if what == "chunk"]
+    assert len(chunks) == -(-len(long) // 8) == 19
+    made = [seen[i][1][0] for i in chunks]  # the running row's tokens at each chunk
+    assert made == list(range(made[0], made[0] + 19)), made  # one more at every step of the prefill
+    assert [seen[i + 1] for i in chunks[:-1]] == [("decode", [n]) for n in made[:-1]]  # decoded alone
+    assert seen[chunks[-1] + 1][0] == "decode" and len(seen[chunks[-1] + 1][1]) == 2  # then together
+    # Again: all but the last partial block of the prompt comes from the prefix cache, one chunk runs.
+    hits = engine.stats()["prefix_cache_hits"]
+    seen.clear()
+    again = asyncio.run(collect(engine, long, "lora8", max_tokens=NEW_TOKENS, temperature=0))
+    assert [e.token_id for e in again] == long_tokens
+    assert engine.stats()["prefix_cache_hits"] - hits == 144 and [w for w, _ in seen].count("chunk") == 1
+
+
+def test_cancel_mid_chunked_prefill_releases_the_lease(setup: dict[str, Any]) -> None:
+    """A client that goes away while its long prompt is being prefilled chunk by chunk: the request is
+    dropped at the next step, its adapter lease released, and its row is free for the next request."""
+    spec, paths = setup["spec"], setup["paths"]
+    engine = new_engine(spec, context_length=256, prefill_chunk_tokens=4, max_batch_rows=1)
+    engine.add_adapter("a", str(paths["lora4"]))
+    long = engine.tokenizer.encode("the cat sat on a mat and the dog ran to the park " * 4)[:200]
+    short = prompts(engine.tokenizer, 1)[0]
+
+    async def main() -> int:
+        clock = asyncio.get_running_loop().time
+        task = asyncio.create_task(collect(engine, long, "a", max_tokens=4, temperature=0))
+        deadline = clock() + 60
+        while not (engine.scheduler.prefilling is not None and engine.scheduler.prefilling.prefilled >= 8):
+            assert clock() < deadline and not task.done()
+            await asyncio.sleep(0.001)
+        assert engine.slots.current()["a"].refs == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        prefilled = engine.scheduler.prefilling.prefilled if engine.scheduler.prefilling else 0
+        while engine.scheduler.busy():
+            assert clock() < deadline
+            await asyncio.sleep(0.001)
+        assert engine.slots.current()["a"].refs == 0 and engine.stats()["active_rows"] == 0
+        # The one row is free again: the next request (on the same adapter) is answered.
+        events = await collect(engine, short, "a", max_tokens=3, temperature=0)
+        assert [e.token_id for e in events] == peft_generate(
+            spec, paths["lora4"], short, engine.tokenizer.eos_token_id, max_new_tokens=3
+        )
+        return prefilled
+
+    assert asyncio.run(main()) < len(long)  # it was cancelled mid-prefill
+    assert engine.slots.current()["a"].refs == 0
