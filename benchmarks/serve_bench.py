@@ -61,6 +61,7 @@ COLUMNS = [
     "p50 ms",
     "p99 ms",
     "ttft p50 ms",
+    "ttft p99 ms",
     "cold load ms",
 ]
 
@@ -98,6 +99,34 @@ def prompt_texts(n: int, length: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- fulcrum, in process
+async def engine_poisson(
+    engine: BatchEngine, prompts: list[list[int]], ids: list[str | None], new: int, rate: float, count: int
+) -> dict[str, Any]:
+    """An open loop: `count` requests arriving at `rate` per second (Poisson: exponential gaps, seeded), each
+    timed from its own arrival; the latency users see at a given load, not only the throughput."""
+    gaps = random.Random(0)
+    arrivals = [0.0]
+    for _ in range(count - 1):
+        arrivals.append(arrivals[-1] + gaps.expovariate(rate))
+    params = SamplingParams(max_tokens=new, temperature=0)
+
+    async def one(at: float, prompt: list[int], aid: str | None) -> tuple[float, float, int]:
+        await asyncio.sleep(at)
+        start = time.perf_counter()
+        first, tokens = None, 0
+        async for _ in engine.generate(prompt, aid, params):
+            first = first or time.perf_counter() - start
+            tokens += 1
+        return first or 0.0, time.perf_counter() - start, tokens
+
+    start = time.perf_counter()
+    results = await asyncio.gather(
+        *(one(at, prompts[i % len(prompts)], ids[i % len(ids)]) for i, at in enumerate(arrivals))
+    )
+    wall = time.perf_counter() - start
+    return summarize(wall, [r[1] for r in results], [r[0] for r in results], sum(r[2] for r in results))
+
+
 async def engine_run(
     engine: BatchEngine, prompts: list[list[int]], ids: list[str], new: int
 ) -> dict[str, Any]:
@@ -133,6 +162,7 @@ def summarize(wall: float, latencies: list[float], ttfts: list[float] | None, to
         "p50 ms": f"{percentile(latencies, 0.5) * 1e3:.0f}",
         "p99 ms": f"{percentile(latencies, 0.99) * 1e3:.0f}",
         "ttft p50 ms": f"{percentile(ttfts, 0.5) * 1e3:.0f}" if ttfts else "-",
+        "ttft p99 ms": f"{percentile(ttfts, 0.99) * 1e3:.0f}" if ttfts else "-",
         "_rate": tokens / wall,
     }
 
@@ -151,6 +181,7 @@ DECODE_MODES = {  # --decode name -> (engine arguments, table label, serving/lor
         "auto",
         False,
     ),
+    "dense": ({"cuda_graphs": True}, "fulcrum engine: dense LoRA GEMMs (ablation)", "dense", True),
     "gather": ({"cuda_graphs": True}, "fulcrum engine: gathered LoRA (ablation)", "gather", True),
     "static": ({"cuda_graphs": False}, "fulcrum engine: static cache, no graphs", "auto", True),
     "dynamic": ({"static_decode": False}, "fulcrum engine: transformers cache", "auto", True),
@@ -176,7 +207,7 @@ def bench_engine(
     )
     engine.eos_ids = set()  # every request generates exactly --new-tokens, as peft's runs below
     engine.slot_state.lora_mode = lora_mode
-    for fused in getattr(engine._decoder, "qkv", []) + getattr(engine._decoder, "gate_up", []):
+    for fused in getattr(engine._decoder, "projections", []):
         fused.enabled = fuse  # off: each projection its own GEMM (serving/fused.py's ablation)
     loads = []
     for i, path in enumerate(adapters[: max(counts)]):
@@ -192,6 +223,15 @@ def bench_engine(
             args, lambda ids=ids, e=engine: asyncio.run(engine_run(e, prompts, ids, args.new_tokens))
         )
         rows.append({"system": label, "adapters": n, **result, "cold load ms": f"{cold:.1f}" if n else ""})
+    if args.poisson and mode == args.decode.split(",")[0]:
+        n = max(counts)
+        ids = [f"lora-{i % n}" for i in range(args.prompts)]
+        peak = rows[-1]["_rate"] / args.new_tokens  # requests per second with the batch full
+        rate = args.poisson * peak
+        count = 3 * args.prompts
+        result = asyncio.run(engine_poisson(engine, prompts, ids, args.new_tokens, rate, count))
+        system = f"{label}: Poisson arrivals, {args.poisson:.0%} of peak ({rate:.1f} req/s)"
+        rows.append({"system": system, "adapters": n, **result})
     print(f"{label}: decode step ran as `{engine.decode_mode}`")
     del engine, model
     if args.device == "cuda":
@@ -474,6 +514,12 @@ def main() -> None:
     parser.add_argument("--peft-mixed-max", type=int, default=8, help="skip peft's mixed batch above this")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--merged", action="store_true", help="also the merged-model peers (GPU: compiled)")
+    parser.add_argument(
+        "--poisson",
+        type=float,
+        default=0.0,
+        help="also an open loop of Poisson arrivals at this share of the peak request rate (e.g. 0.5)",
+    )
     parser.add_argument("--peak-tb-s", type=float, default=4.8, help="the device's memory bandwidth (H200)")
     parser.add_argument("--repeats", type=int, default=3, help="report the fastest of this many runs")
     parser.add_argument(

@@ -78,6 +78,11 @@ class ModelReplica:
             max_batch_rows=config.max_batch_rows,
             context_length=config.context_length or 4096,  # the engine caps it at the base's own
             cuda_graphs=config.cuda_graphs,
+            compile_decode=config.compile_decode and device == "cuda",
+            prefix_cache_bytes=(
+                "auto" if config.prefix_cache_mb == "auto" else int(config.prefix_cache_mb * 2**20)
+            ),
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
         )
         self.max_rows = config.max_batch_rows
         self.context_length = self.engine.context_length

@@ -136,6 +136,21 @@ class ServeConfig(_Section):
         description="Replay the decode step as CUDA graphs on GPUs (Llama-family bases); false runs it "
         "eagerly, for debugging.",
     )
+    compile_decode: bool = Field(
+        True,
+        description="Compile the decode step with torch.compile on GPUs (fewer, fused kernels; about a "
+        "minute more at start-up); false runs it uncompiled.",
+    )
+    prefix_cache_mb: float | Literal["auto"] = Field(
+        "auto",
+        description="Memory for the KV of shared prompt prefixes (system prompts, few-shot examples), reused "
+        "across requests of the same adapter version; `auto`: 5% of the KV cache, 0: off.",
+    )
+    prefill_chunk_tokens: int | Literal["auto"] = Field(
+        "auto",
+        description="Prompts longer than this are prefilled over several steps, the running answers going on "
+        "between chunks; `auto`: 2048 on GPUs, 256 on CPUs; 0: whole prompts in one step.",
+    )
     context_length: int | None = Field(
         None, ge=2, description="Prompt + answer tokens per request (default: the base's, at most 4096)."
     )
@@ -149,6 +164,13 @@ class ServeConfig(_Section):
         "POST/DELETE /v1/adapters answer only clients on this machine (loopback).",
     )
     app_name: str = Field("fulcrum", description="The Serve application's name.")
+
+    @field_validator("prefix_cache_mb", "prefill_chunk_tokens")
+    @classmethod
+    def _not_negative(cls, value: Any) -> Any:
+        if value != "auto" and value < 0:
+            raise ValueError("give 0 or more, or `auto`")
+        return value
 
     @field_validator("ingress_replicas", mode="before")
     @classmethod

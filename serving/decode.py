@@ -294,6 +294,14 @@ class StaticDecoder:
             FusedProjections(_block(layer.mlp), ("gate_proj", "up_proj"), slot_state)
             for layer in self.inner.layers
         ]
+        # o and down alone, for the per-row LoRA kernels on GPUs (serving/lora_kernels.py).
+        self.o = [
+            FusedProjections(_attention_of(layer), ("o_proj",), slot_state) for layer in self.inner.layers
+        ]
+        self.down = [
+            FusedProjections(_block(layer.mlp), ("down_proj",), slot_state) for layer in self.inner.layers
+        ]
+        self.projections = [*self.qkv, *self.gate_up, *self.o, *self.down]
         self._allocate()
 
     # ------------------------------------------------------------------ the cache
@@ -374,7 +382,7 @@ class StaticDecoder:
         # adapters takes serving/lora.py's mixed path.
         single = slots[0] if not self.graphs and len(set(slots)) == 1 else None
         self.slot_state.use_buffer(self.inputs[3, :width], uniform=0 if base_only else single)
-        for fused in (*self.qkv, *self.gate_up):  # adapter layers installed or grown since: fuse again
+        for fused in self.projections:  # adapter layers installed or grown since: fuse again
             fused.refresh()
         logits = self._replay(width, span, base_only) if self.graphs else self._run(width, span)
         return logits.index_select(0, self._rows_on_device())
@@ -440,7 +448,6 @@ class StaticDecoder:
         rows: torch.Tensor,
         write_at: torch.Tensor,
     ) -> torch.Tensor:
-        attn = _block(module)
         width, dim = x.shape[0], self.head_dim
         q, k, v = self.qkv[i](x)
         q = q.view(width, 1, self.heads, dim).transpose(1, 2)
@@ -457,14 +464,14 @@ class StaticDecoder:
         out = F.scaled_dot_product_attention(
             q, cache_k[:width, :, :span], cache_v[:width, :, :span], attn_mask=visible, scale=self.scaling
         )
-        out = attn.o_proj(out.reshape(width, 1, self.heads * dim))
+        (out,) = self.o[i](out.reshape(width, 1, self.heads * dim))
         return module.adapt(out) if isinstance(module, SlotBottleneck) else out
 
     def _mlp(self, i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """transformers' gated MLP (llama, mistral, qwen2): down(act(gate(x)) * up(x)), gate/up fused."""
         mlp = _block(module)
         gate, up = self.gate_up[i](x)
-        out = mlp.down_proj(mlp.act_fn(gate) * up)
+        (out,) = self.down[i](mlp.act_fn(gate) * up)
         return module.adapt(out) if isinstance(module, SlotBottleneck) else out
 
 

@@ -56,6 +56,8 @@ def test_yaml_errors_name_file_line_and_field(tmp_path: Path) -> None:
         (head + "host: 0.0.0.0\n", ":4: host: 0.0.0.0 is reachable from other machines"),
         (head + "host: '::'\n", ":4: host: :: is reachable"),
         (head + "registry: s3://bucket/serve/\n", ":4: registry: give a file"),
+        (head + "prefix_cache_mb: -1\n", ":4: prefix_cache_mb: give 0 or more, or `auto`"),
+        (head + "prefill_chunk_tokens: lots\n", ":4: prefill_chunk_tokens:"),
         (
             "name: t\nmethod: {kind: lora}\nobjective: {kind: sft}\n",
             "this is a training spec, not a serve config",
