@@ -34,8 +34,11 @@ def _train(args: argparse.Namespace) -> int:
     from trainers.storage import RunDir, RunLock
 
     if args.resume:
-        if args.spec or args.output or args.overwrite:
-            raise SpecError("--resume RUN_DIR continues the run there; give no SPEC, --output or --overwrite")
+        if args.spec or args.output or args.overwrite or args.overrides:
+            raise SpecError(
+                "--resume RUN_DIR continues the run there with its own spec; give no SPEC, --output, "
+                "--overwrite or --set"
+            )
         run = RunDir(args.resume)
         if not run.is_run():
             raise SpecError(
@@ -55,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if not args.spec:
         raise FulcrumError("fulcrum train: give a SPEC.yaml, or --resume RUN_DIR")
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.overrides)
     if args.output:
         spec.output = storage.normalize(args.output)
     run = RunDir(str(spec.output))
@@ -136,15 +139,16 @@ def _validate(args: argparse.Namespace) -> int:
     """Everything that can be checked without training, for every command that would read the file: the
     spec, its data files' first rows, the model, tokenizer and teacher sources (an inline config is built on
     the meta device), the `tune` and `k8s` sections; or a serve YAML. One line per check."""
-    from cluster.workload import detect_kind, read_yaml
+    from cluster.workload import detect_kind, read_with_overrides, read_yaml
 
     _, _, data = read_yaml(args.spec)
     if detect_kind(data) == "serve":
+        read_with_overrides(args.spec, args.overrides)  # --set on a serve YAML: one line saying so
         return _validate_serve(args)
     from trainers.checks import check_data, check_sources
     from trainers.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.overrides)
     say(f"spec: ok: {spec.method.kind} / {spec.objective.kind}, output {spec.output}")
     for line in check_data(spec) + check_sources(spec):
         say(line)
@@ -160,6 +164,70 @@ def _validate(args: argparse.Namespace) -> int:
     if args.show:
         console.print(spec.to_yaml())
     return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    """`fulcrum data check SPEC`: duplicates, leakage, empty and cut answers, lengths, the mix
+    (trainers/data_check.py); exit 1 when a --max-* threshold is passed."""
+    from rich.table import Table
+
+    from trainers import storage
+    from trainers.data_check import check_data, load_check_tokenizer, write_report
+    from trainers.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    limits = {
+        "duplicates": args.max_duplicates,
+        "leakage": args.max_leakage,
+        "truncated": args.max_truncated,
+        "empty": args.max_empty,
+    }
+    with console.status("reading, tokenizing and comparing rows"):
+        tokenizer = load_check_tokenizer(spec)
+        report = check_data(
+            spec, tokenizer, threshold=args.near_threshold, sample=args.sample, thresholds=limits
+        )
+    mix = Table("split", "source", "format", "rows", "share", "weight", title="data mix")
+    for src in report.sources:
+        mix.add_row(
+            src["split"], escape(src["name"]), src["format"], str(src["rows"]), f"{src['share']:.1%}",
+            f"{src['weight']:g}",
+        )  # fmt: skip
+    console.print(mix)
+    lengths = Table("split", "tokens", "mean", "p50", "p95", "max", title="lengths (tokens)")
+    for split, summary in report.splits.items():
+        for what, stats in summary["tokens"].items():
+            if stats:
+                lengths.add_row(split, what, *(f"{stats[k]:g}" for k in ("mean", "p50", "p95", "max")))
+    console.print(lengths)
+    checks = Table("split", "check", "rows", "share", "first rows", title="checks")
+    for p in report.problems:
+        shown = "\n".join(escape(w) for w in p.examples[:3]) + (
+            f"\n... {p.count - 3} more" if p.count > 3 else ""
+        )
+        checks.add_row(p.split, p.kind.replace("_", " "), str(p.count), f"{p.fraction:.1%}", shown)
+    if report.problems:
+        console.print(checks)
+    else:
+        console.print("[green]no duplicates, leakage, empty or cut answers found[/]")
+    if report.near_skipped:
+        note(f"near duplicates not searched: {report.near_skipped}")
+    out = storage.normalize(args.out) if args.out else str(Path("data-check", spec.name).resolve())
+    path, png = write_report(report, out)
+    console.print(f"wrote {path} and {png}", highlight=False, soft_wrap=True)
+    for line in report.failed:
+        err_line("[bold red]failed:[/]", line)
+    return 1 if report.failed else 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value:g}")
+    return value
 
 
 def say(line: str) -> None:
@@ -233,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     options.add_runtime_env(train)
+    options.add_set(train)
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="compare base and tuned model of a finished run (eval.json)")
@@ -265,7 +334,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("spec", help="a job spec or a serve YAML")
     validate.add_argument("--show", action="store_true", help="print the resolved spec")
+    options.add_set(validate)
     validate.set_defaults(func=_validate)
+
+    data = sub.add_parser("data", help="look at a spec's data before training on it")
+    data_verbs = data.add_subparsers(dest="data_command", required=True)
+    check = data_verbs.add_parser(
+        "check",
+        help="duplicates, train/eval leakage, empty and cut answers, token lengths and the mix of sources; "
+        "exit 1 past a --max-* threshold",
+    )
+    check.add_argument("spec", help="the job spec (YAML)")
+    check.add_argument(
+        "--out",
+        type=options.directory_to_write,
+        help="folder (or URI) for report.json and lengths.png (default: data-check/<name>)",
+    )
+    check.add_argument(
+        "--near-threshold",
+        type=_fraction,
+        default=0.9,
+        help="Jaccard similarity of word 5-shingles from which two rows are near duplicates (default 0.9)",
+    )
+    check.add_argument("--sample", type=_count(1), help="read only the first N rows of each source")
+    for name, default, what in (
+        ("duplicates", 0.05, "exact + near duplicate rows in a split"),
+        ("leakage", 0.0, "eval rows that are (near) duplicates of train rows"),
+        ("truncated", 0.1, "rows whose answer data.max_length cuts"),
+        ("empty", 0.0, "rows with an empty answer"),
+    ):
+        check.add_argument(
+            f"--max-{name}",
+            type=_fraction,
+            default=default,
+            help=f"largest share of {what} (default {default:g})",
+        )
+    options.add_set(check)
+    check.set_defaults(func=_data_check)
 
     # The other workloads register their own subcommands (serve; tune; submit and jobs; k8s).
     from cluster import jobs_cmd, k8s_cmd, serve_cmd, tune_cmd
@@ -387,7 +492,8 @@ def _train_state(args: argparse.Namespace, again: str) -> str:
     else:
         from trainers.spec import load_spec
 
-        location = storage.normalize(args.output) if args.output else str(load_spec(args.spec).output)
+        spec_output = None if args.output else load_spec(args.spec, args.overrides).output
+        location = storage.normalize(args.output) if args.output else str(spec_output)
     run = RunDir(location)
     if not run.is_run():
         return f"before the run started; nothing was written. Start it again with `{again}`"

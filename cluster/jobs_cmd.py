@@ -23,7 +23,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from cluster import jobs
     from cluster.workload import load_workload
 
-    workload = load_workload(args.spec)
+    workload = load_workload(args.spec, overrides=args.overrides)  # staged as it will run: --set applied
     if args.output:
         if workload.spec is None:
             raise FulcrumError("--output applies to train and tune specs, not to a serve YAML")
@@ -154,6 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="do not upload fulcrum's packages (the cluster's image has fulcrum installed)",
     )
+    options.add_set(submit)
     submit.set_defaults(func=_cmd_submit)
 
     jobs = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")

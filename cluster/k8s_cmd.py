@@ -10,16 +10,17 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from cluster import options
 from trainers.errors import FulcrumError
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _render(path: str, namespace: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+def _render(args: argparse.Namespace, path: str) -> tuple[list[dict[str, Any]], list[str]]:
     from cluster.manifests import render_file
 
-    return render_file(path, namespace=namespace)
+    return render_file(path, namespace=args.namespace, overrides=args.overrides)
 
 
 def _print_notes(notes: list[str]) -> None:
@@ -30,7 +31,7 @@ def _print_notes(notes: list[str]) -> None:
 def _target(args: argparse.Namespace) -> tuple[str, str, str]:
     """(kind, namespace, name) from TARGET: a spec / serve YAML file, or an object name."""
     if Path(args.target).is_file():
-        manifests, _ = _render(args.target, args.namespace)
+        manifests, _ = _render(args, args.target)  # (--set name=... names another object: pass it again)
         obj = next(m for m in manifests if m["apiVersion"].startswith("ray.io"))
         return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     kind = "RayService" if args.service else "RayJob"
@@ -48,7 +49,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     if args.output:
         _check_output(Path(args.output))  # before rendering: a bad target costs nothing
-    manifests, notes = _render(args.spec, args.namespace)
+    manifests, notes = _render(args, args.spec)
     _print_notes(notes)
     text = to_yaml_text(values(manifests)) if args.values else to_yaml(manifests)
     if args.output:
@@ -98,7 +99,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from cluster import k8s
 
     cluster = _connect(args)  # a missing or invalid kubeconfig: one line, before anything else
-    manifests, notes = _render(args.spec, args.namespace)
+    manifests, notes = _render(args, args.spec)
     _print_notes(notes)
     for line in k8s.apply(cluster, manifests, dry_run=args.dry_run):
         console.print(f"{line}{' (dry run)' if args.dry_run else ''}", highlight=False)
@@ -182,6 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     def common(p: argparse.ArgumentParser, target: bool = True) -> None:
         p.add_argument("-n", "--namespace", help="override k8s.namespace (default: the spec's, else default)")
+        options.add_set(p)  # (status, logs, delete: when TARGET is a spec, it names the object)
         if target:
             p.add_argument(
                 "--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster)"

@@ -13,6 +13,7 @@ manifests; `values()` wraps them for the Helm chart, which renders them verbatim
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import yaml
 
 from cluster import placement
 from cluster.k8s_settings import K8sSettings, dns_name
-from cluster.workload import Workload, load_workload, read_yaml
+from cluster.workload import Workload, load_workload, read_with_overrides
+from trainers.spec import Override
 
 SPEC_MOUNT = "/etc/fulcrum"
 STOCK_IMAGE = "rayproject/ray"
@@ -43,11 +45,14 @@ def load_settings(workload: Workload) -> K8sSettings:
     return probe.validate_section("k8s", K8sSettings)
 
 
-def render_file(path: str | Path, namespace: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Manifests for the YAML at `path` and notes for the user (how workers were packed; warnings about
-    the image and literal secrets start with "warning:")."""
-    _, _, raw = read_yaml(path)
-    workload = load_workload(path, cluster_prefixes=placement.mounts_for(raw, "k8s"))
+def render_file(
+    path: str | Path, namespace: str | None = None, overrides: Sequence[Override] = ()
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Manifests for the YAML at `path` (with the `--set` overrides: the ConfigMap carries the spec as it
+    will run) and notes for the user (how workers were packed; warnings about the image and literal
+    secrets start with "warning:")."""
+    _, _, raw = read_with_overrides(path, overrides)
+    workload = load_workload(path, cluster_prefixes=placement.mounts_for(raw, "k8s"), overrides=overrides)
     settings = load_settings(workload)
     if namespace:
         settings = settings.model_copy(update={"namespace": namespace})

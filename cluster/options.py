@@ -1,6 +1,6 @@
 """Options that several `fulcrum` commands share, defined once: the Ray address, the Ray Jobs (dashboard)
 address, --runtime-env, --output, --env and job ids. Each value is checked by argparse, so a bad one is one
-line and exit 2 before anything starts."""
+line and exit 2 before anything starts. --set (spec overrides) is here too."""
 
 from __future__ import annotations
 
@@ -125,3 +125,32 @@ def add_runtime_env(parser: argparse.ArgumentParser) -> None:
 
 def add_output(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--output", type=directory_to_write, help=help_text)
+
+
+def spec_override(text: str) -> Any:
+    """--set KEY=VALUE: a dotted spec field and a YAML value (checked here; applied by load_spec)."""
+    from trainers.errors import SpecError
+    from trainers.spec import parse_override
+
+    try:
+        return parse_override(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--set ")) from None
+
+
+spec_override.__name__ = "--set"  # (argparse names the type in some messages)
+
+
+def add_set(parser: argparse.ArgumentParser) -> None:
+    """--set a.b=c (repeatable): change a spec field for this run without editing the file; the value is
+    YAML and meets the same checks as the file's. Stored as `args.overrides` (a list of Overrides)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=spec_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set train.lr=1e-4 --set method.target_modules=[q_proj,v_proj] "
+        "(repeat; the value is YAML)",
+    )

@@ -13,6 +13,7 @@ Anything else is an error that names the field. Hub ids (`org/model`, `pkg:llm-s
 
 from __future__ import annotations
 
+import functools
 import math
 import posixpath
 import re
@@ -32,6 +33,26 @@ SHIP_LIMIT: dict[str, int] = {"ray-jobs": 100 * 1024 * 1024, "k8s": 900 * 1024}
 MEMORY_PER_RANK_GI = 16  # default pod memory per rank when k8s.worker.memory is not given
 DATA_FIELDS = (("data", "train"), ("data", "eval"))
 MODEL_FIELDS = (("model", "base"), ("objective", "teacher", "base"))
+
+
+def data_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], Any, Any]]:
+    """(field location, local path or URI, a setter for it) for every data source of a dumped spec:
+    `data.train`, `data.train.1`, `data.train.1.path`, ... (Hub datasets have no path and are skipped)."""
+    found: list[tuple[tuple[str | int, ...], Any, Any]] = []
+    section = data.get("data") or {}
+    for split in ("train", "eval"):
+        value = section.get(split)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            loc: tuple[str | int, ...] = ("data", split, i) if isinstance(value, list) else ("data", split)
+            if isinstance(item, dict):
+                if item.get("path") is not None:
+                    found.append(((*loc, "path"), item["path"], functools.partial(item.__setitem__, "path")))
+            elif isinstance(value, list):
+                found.append((loc, item, functools.partial(value.__setitem__, i)))
+            else:
+                found.append((loc, item, functools.partial(section.__setitem__, split)))
+    return found
 
 
 def is_uri(value: Any) -> bool:
@@ -143,8 +164,7 @@ def place_spec(
     many = nodes is not None and nodes > 1
 
     budget = SHIP_LIMIT[target]
-    for loc in DATA_FIELDS:
-        value = data["data"][loc[1]]
+    for loc, value, put in data_paths(data):
         if value is None or is_uri(value) or loc in kept or under_any(str(value), mounts):
             continue
         local = Path(value)
@@ -165,11 +185,12 @@ def place_spec(
                     loc,
                     f"local data file {value} ({size} bytes) is too large to ship with the job (ConfigMap "
                     f"limit ~{SHIP_LIMIT['k8s'] // 1024} KiB in all); copy it to {where} and point "
-                    f"{'.'.join(loc)} there",
+                    f"{'.'.join(map(str, loc))} there",
                 )
-        name = f"{loc[1]}-{local.name}"
+        index = "-".join(str(part) for part in loc[2:] if part != "path")
+        name = f"{loc[1]}{'-' + index if index else ''}-{local.name}"
         placed.ship[name] = local
-        data["data"][loc[1]] = f"{ship_prefix}{name}"
+        put(f"{ship_prefix}{name}")
 
     for loc in MODEL_FIELDS:
         section = data.get("model") if loc[0] == "model" else (data.get("objective") or {}).get("teacher")

@@ -19,9 +19,10 @@ def _tune(args: argparse.Namespace) -> int:
     from tuning.space import check_tune
 
     if args.resume:
-        if args.spec or args.overwrite or args.output:
+        if args.spec or args.overwrite or args.output or args.overrides:
             raise FulcrumError(
-                "--resume DIR continues the sweep there; give no SPEC, --output or --overwrite"
+                "--resume DIR continues the sweep there with its own spec; give no SPEC, --output, "
+                "--overwrite or --set"
             )
         from trainers.outputs import load_run
 
@@ -39,7 +40,7 @@ def _tune(args: argparse.Namespace) -> int:
         return _outcome(outcome, location)
     if not args.spec:
         raise FulcrumError("fulcrum tune: give a SPEC.yaml (with a `tune` section), or --resume DIR")
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.overrides)
     if args.output:
         spec.output = storage.normalize(args.output)
     # Everything that does not need Ray, before Ray: the space, the metric, the schedule, the output.
@@ -84,7 +85,7 @@ def interrupted_sweep(args: argparse.Namespace, again: str) -> str:
         from trainers.spec import load_spec
         from tuning.layout import sweep_location
 
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, args.overrides)
         if args.output:
             spec.output = storage.normalize(args.output)
         location = sweep_location(spec)
@@ -112,4 +113,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tune.add_argument("--overwrite", action="store_true", help="replace a previous sweep in the output")
     tune.add_argument("--no-eval", action="store_true", help="skip each trial's before/after comparison")
     options.add_ray_address(tune)
+    options.add_set(tune)
     tune.set_defaults(func=_tune)

@@ -4,12 +4,14 @@ on the cluster (a shared volume's mount path) do not fail the local existence ch
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cluster.placement import data_paths
 from trainers.errors import SpecError
-from trainers.spec import JobSpec, parse_spec
+from trainers.spec import JobSpec, Override, apply_overrides, parse_spec
 from trainers.spec import read_yaml as read_spec_yaml
 
 Kind = Literal["train", "tune", "serve"]
@@ -23,7 +25,7 @@ class Workload:
     path: Path
     raw: dict[str, Any]
     spec: JobSpec | None = None  # train and tune
-    remote_paths: dict[tuple[str, ...], str] = field(default_factory=dict)  # field -> cluster-only path
+    remote_paths: dict[tuple[str | int, ...], str] = field(default_factory=dict)  # field -> cluster-only path
 
     @property
     def name(self) -> str:
@@ -58,16 +60,42 @@ def detect_kind(data: dict[str, Any]) -> Kind:
 _PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("objective", "teacher", "base"))
 
 
-def load_workload(path: str | Path, cluster_prefixes: tuple[str, ...] = ()) -> Workload:
-    """Parse a job spec or serve YAML. Paths under one of `cluster_prefixes` (a shared volume's mount
-    path) are cluster-side: they are kept as written instead of being checked on this machine."""
+def _put_data(spec: Any, loc: tuple[str | int, ...], value: str) -> None:
+    """Set one data source's path back to the cluster-side one (loc as `data_paths` gives it)."""
+    split = str(loc[1])
+    current = getattr(spec.data, split)
+    if len(loc) == 2:
+        setattr(spec.data, split, value)
+        return
+    items = list(current)
+    i = int(loc[2])
+    items[i] = items[i].model_copy(update={"path": value}) if len(loc) == 4 else value
+    setattr(spec.data, split, items)
+
+
+def read_with_overrides(
+    path: str | Path, overrides: Sequence[Override] = ()
+) -> tuple[Path, str, dict[str, Any]]:
+    """`read_yaml` with the `--set` overrides applied (job specs only: a serve YAML has no `--set`)."""
     p, text, data = read_yaml(path)
+    if overrides and detect_kind(data) == "serve":
+        raise SpecError(f"{p}: --set applies to job specs (train, tune), not to a serve YAML; edit the file")
+    return p, text, apply_overrides(data, overrides, str(p))
+
+
+def load_workload(
+    path: str | Path, cluster_prefixes: tuple[str, ...] = (), overrides: Sequence[Override] = ()
+) -> Workload:
+    """Parse a job spec or serve YAML. Paths under one of `cluster_prefixes` (a shared volume's mount
+    path) are cluster-side: they are kept as written instead of being checked on this machine.
+    `overrides` (`--set`) are applied first, so `raw`, `spec` and what is staged for the cluster hold them."""
+    p, text, data = read_with_overrides(path, overrides)
     kind = detect_kind(data)
     if kind == "serve":
         return Workload(kind=kind, path=p, raw=data)
     stand_in = copy.deepcopy(data)
-    remote: dict[tuple[str, ...], str] = {}
-    for loc in _PATH_FIELDS:
+    remote: dict[tuple[str | int, ...], str] = {}
+    for loc in _PATH_FIELDS[2:]:
         parent = stand_in
         for part in loc[:-1]:
             parent = parent.get(part) if isinstance(parent, dict) else None
@@ -75,13 +103,21 @@ def load_workload(path: str | Path, cluster_prefixes: tuple[str, ...] = ()) -> W
         if isinstance(value, str) and any(_under(value, prefix) for prefix in cluster_prefixes):
             remote[loc] = value
             # load_spec checks that local files exist; this one only exists on the cluster.
-            parent[loc[-1]] = str(p.resolve()) if loc[0] == "data" else "cluster-side/stand-in"
-    spec = parse_spec(stand_in, source=str(p), text=text, spec_dir=p.resolve().parent)
+            parent[loc[-1]] = "cluster-side/stand-in"
+    data_remote: list[tuple[tuple[str | int, ...], str]] = []
+    for loc, value, put in data_paths(stand_in):  # every data source (a list, {path: ...} items)
+        if isinstance(value, str) and any(_under(value, prefix) for prefix in cluster_prefixes):
+            data_remote.append((loc, value))
+            put(str(p.resolve()))  # a file that exists here, for parse_spec's check
+    spec = parse_spec(stand_in, source=str(p), text=text, spec_dir=p.resolve().parent, overrides=overrides)
     for loc, value in remote.items():
         target: Any = spec
         for part in loc[:-1]:
             target = getattr(target, part)
         setattr(target, loc[-1], value)
+    for loc, value in data_remote:
+        _put_data(spec, loc, value)
+        remote[loc] = value
     return Workload(kind=kind, path=p, raw=data, spec=spec, remote_paths=remote)
 
 

@@ -23,10 +23,12 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     *((f"method: {kind}", cls) for kind, cls in s.METHOD_CLASSES.items()),
     *((f"objective: {kind}", cls) for kind, cls in s.OBJECTIVE_CLASSES.items()),
     ("data", s.DataSpec),
+    ("data: a source (`data.train` / `data.eval` items)", s.DataSource),
     ("train", s.TrainSpec),
     ("scaling", s.ScalingSpec),
     ("eval", s.EvalSpec),
     ("storage", s.StorageSpec),
+    ("tracking", s.TrackingSpec),
 ]
 
 
@@ -42,9 +44,22 @@ def _plain(annotation: Any) -> Any:
 
 
 def type_name(annotation: Any) -> str:
+    if "DataSource" in str(annotation) and "list" in str(annotation):  # data.train / data.eval
+        return "source or list of sources" + (
+            " \\| null" if str(annotation).startswith("typing.Optional") else ""
+        )
     annotation = _plain(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section"
+    members = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else ()
+    )
+    if len(members) == 2 and type(None) in members:  # an optional section (tracking)
+        other = next(m for m in members if m is not type(None))
+        if isinstance(other, type) and issubclass(other, BaseModel):
+            return "section \\| null"
     if typing.get_origin(annotation) is typing.Annotated:
         return "section (by kind)"
     text = str(annotation).replace("typing.", "").replace("NoneType", "null")
@@ -56,7 +71,9 @@ def type_name(annotation: Any) -> str:
 
 def default_of(field: Any) -> str:
     if field.default_factory is not None:
-        return "(section defaults)" if field.default_factory not in (list, dict) else "[]"
+        if field.default_factory is dict:
+            return "{}"
+        return "(section defaults)" if field.default_factory is not list else "[]"
     if field.default is PydanticUndefined:
         return "**required**"
     return json.dumps(field.default)

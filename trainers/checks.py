@@ -361,25 +361,30 @@ def check_sources(spec: Any) -> list[str]:
 def check_data(spec: Any, rows: int = 20) -> list[str]:
     """Open the data files and check the format of their first `rows` rows; one line per file. Raises
     DataError naming the file and line (the full check of every row runs when training)."""
-    from trainers.data import column_names, detect_format, read_rows, row_problem
+    from trainers.data import column_names, detect_format, row_problem
+    from trainers.sources import read_source
 
     lines: list[str] = []
-    fmt = spec.data.format
     for field in ("train", "eval"):
-        path = getattr(spec.data, field)
-        if path is None:
-            continue
-        raw = read_rows(path, spec.data.skip_bad_rows)
-        fmt = detect_format(raw, fmt, spec.objective.kind)
-        first = [raw.rows[i] for i in range(min(rows, len(raw.rows)))]
-        bad = [(i, problem) for i, row in enumerate(first) if (problem := row_problem(row, fmt))]
-        if bad and not spec.data.skip_bad_rows:
-            i, problem = bad[0]
-            raise DataError(f"{path}: {raw.where(i)}: {problem}; fix the row or set data.skip_bad_rows: true")
-        skipped = len(raw.skipped) + len(bad)
-        note = f"; {skipped} bad rows will be skipped" if skipped else ""
-        lines.append(
-            f"data.{field}: ok: {len(raw.rows) + len(raw.skipped)} rows, format `{fmt}` "
-            f"(columns {', '.join(column_names(raw))}); first {len(first)} rows checked{note}"
-        )
+        sources = getattr(spec.data, f"{field}_sources")
+        for source in sources:
+            raw = read_source(source, spec.data.skip_bad_rows)
+            own = source.format if source.format != "auto" else spec.data.format
+            fmt = detect_format(raw, "chat" if own == "sharegpt" else own, spec.objective.kind)
+            first = [raw.rows[i] for i in range(min(rows, len(raw.rows)))]
+            bad = [(i, problem) for i, row in enumerate(first) if (problem := row_problem(row, fmt))]
+            if bad and not spec.data.skip_bad_rows:
+                i, problem = bad[0]
+                raise DataError(
+                    f"{raw.path}: {raw.where(i)}: {problem}; fix the row or set data.skip_bad_rows: true"
+                )
+            skipped = len(raw.skipped) + len(bad)
+            note = f"; {skipped} bad rows will be skipped" if skipped else ""
+            name = f"data.{field}"
+            if len(sources) > 1:
+                name += f" ({source.label}, weight {source.weight:g})"
+            lines.append(
+                f"{name}: ok: {len(raw.rows) + len(raw.skipped)} rows, format `{fmt}` "
+                f"(columns {', '.join(column_names(raw))}); first {len(first)} rows checked{note}"
+            )
     return lines

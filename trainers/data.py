@@ -7,6 +7,7 @@ on a cluster whose workers cannot see the driver's disk.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
@@ -457,23 +458,42 @@ def pack_stream(ids: list[list[int]], labels: list[list[int]], block: int) -> di
     return out  # the last partial block is dropped, as usual for packing
 
 
-def pack_greedy(ids: list[list[int]], labels: list[list[int]], block: int) -> dict[str, list[list[int]]]:
-    """SFT packing: whole examples into rows of at most `block` tokens (first fit, longest first)."""
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+def assign_bins(lengths: list[int], block: int) -> list[list[int]]:
+    """Best-fit decreasing: each item, longest first (ties by index), goes to the bin with the least room
+    that still holds it; a new bin when none does. O(n log n): the sort, then a binary search over the
+    distinct room values (at most block + 1 of them, so keeping that list sorted is cheap). Returns bins of
+    item indices in creation order; deterministic for given lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins: list[list[int]] = []
-    room: list[int] = []
+    rooms: list[int] = []  # the distinct room values that some open bin has, ascending
+    with_room: dict[int, list[int]] = {}  # room -> bins that have exactly that room (a stack)
     for i in order:
-        n = len(ids[i])
-        for b, free in enumerate(room):
-            if free >= n:
-                bins[b].append(i)
-                room[b] -= n
-                break
-        else:
+        n = lengths[i]
+        j = bisect.bisect_left(rooms, n)
+        if j == len(rooms):  # nothing holds it (or it is longer than a block): a bin of its own
+            b, free = len(bins), block
             bins.append([i])
-            room.append(block - n)
+        else:
+            free = rooms[j]
+            stack = with_room[free]
+            b = stack.pop()
+            if not stack:
+                del rooms[j], with_room[free]
+            bins[b].append(i)
+        left = free - n
+        if left > 0:  # a full bin is never offered again
+            if left not in with_room:
+                bisect.insort(rooms, left)
+                with_room[left] = []
+            with_room[left].append(b)
+    return bins
+
+
+def pack_greedy(ids: list[list[int]], labels: list[list[int]], block: int) -> dict[str, list[list[int]]]:
+    """SFT packing: whole examples into rows of at most `block` tokens (best fit decreasing, see
+    assign_bins; an example longer than a block keeps a row of its own)."""
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in bins:
+    for members in assign_bins([len(x) for x in ids], block):
         out["input_ids"].append([t for i in members for t in ids[i]])
         # Like pack_stream: a document's first token is never predicted from the previous document.
         out["labels"].append([IGNORE if k == 0 else t for i in members for k, t in enumerate(labels[i])])
@@ -498,6 +518,8 @@ class PreparedData:
     format: str
     skipped: list[str]  # "file: line N: what is wrong", for every skipped row
     dropped: list[str] = field(default_factory=list)  # "file: line N: ...", rows cut away by max_length
+    eval_by_source: dict[str, PreparedSplit] = field(default_factory=dict)  # with several eval sources
+    mixture: dict[str, float] = field(default_factory=dict)  # train source -> weight, with several
 
 
 @dataclass
@@ -577,41 +599,59 @@ def _count_label_tokens(table: pa.Table) -> int:
 
 
 def prepare(spec: Any, tokenizer: Any) -> PreparedData:
-    """Read, check, split, tokenize and pack the train (and eval) data of a JobSpec."""
+    """Read, check, split, mix, tokenize and pack the train (and eval) data of a JobSpec: one source or
+    several (trainers/sources.py)."""
+    from trainers.sources import SOURCE, common_format, held_out, load_sources, mix, round_robin
+
     d = spec.data
-    raw = read_rows(d.train, d.skip_bad_rows)
-    fmt = detect_format(raw, d.format, spec.objective.kind)
-    train_read = len(raw.rows) + len(raw.skipped)  # rows plus lines that were not even JSON
-    rows = check_rows(raw, fmt, d.skip_bad_rows)
-    skipped = list(raw.skipped)
-    eval_rows = None
-    if d.eval:
-        raw_eval = read_rows(d.eval, d.skip_bad_rows)
-        detect_format(raw_eval, fmt, spec.objective.kind)
-        eval_rows = check_rows(raw_eval, fmt, d.skip_bad_rows)
-        skipped += raw_eval.skipped
-    elif d.eval_fraction > 0 and len(rows) >= 20:
-        split = rows.train_test_split(
-            test_size=max(1, int(len(rows) * d.eval_fraction)), seed=spec.train.seed
-        )
-        rows, eval_rows = split["train"], split["test"]
+    objective = spec.objective.kind
+    parts = load_sources(d.train_sources, d.format, objective, d.skip_bad_rows, "data.train")
+    fmt = common_format(parts, "data.train")
+    train_read = sum(p.read for p in parts)  # rows plus lines that were not even JSON
+    skipped = [m for p in parts for m in p.skipped]
+    if d.eval is not None:
+        evals = load_sources(d.eval_sources, d.format, objective, d.skip_bad_rows, "data.eval")
+        skipped += [m for p in evals for m in p.skipped]
+        common_format(evals, "data.eval", want=fmt)
+    else:
+        evals = [e for p in parts if (e := held_out(p, d.eval_fraction, spec.train.seed)) is not None]
+    rows = mix(parts, spec.train.seed)
     if len(rows) == 0:
-        raise DataError(f"{d.train}: no usable rows left (skipped {len(skipped)})")
+        where = parts[0].source.path or parts[0].label
+        raise DataError(f"{where}: no usable rows left (skipped {len(skipped)})")
     dropped: list[str] = []
 
-    def split_of(r: datasets.Dataset, read: int) -> PreparedSplit:
-        done = _finish(r, fmt, tokenizer, d.max_length, spec.packing, spec.objective.kind, d.skip_bad_rows)
+    def split_of(r: datasets.Dataset, read: int, label: str | None = None) -> PreparedSplit:
+        done = _finish(r, fmt, tokenizer, d.max_length, spec.packing, objective, d.skip_bad_rows)
         skipped.extend(done.skipped)
         dropped.extend(done.dropped)
         picked = r.select(range(min(len(r), max(32, spec.eval.samples))))
-        sample = [{k: v for k, v in dict(x).items() if k != WHERE} for x in picked]
+        tag = {"source": label} if label else {}
+        sample = [{k: v for k, v in dict(x).items() if k not in (WHERE, SOURCE)} | tag for x in picked]
         skipped_here = read - len(r) + len(done.skipped)
         tokens = _count_label_tokens(done.table)
         return PreparedSplit(done.table, read, skipped_here, tokens, sample, len(done.dropped))
 
     train = split_of(rows, train_read)
-    evals = split_of(eval_rows, len(eval_rows)) if eval_rows is not None and len(eval_rows) else None
-    return PreparedData(train, evals, fmt, skipped, dropped)
+    evals = [e for e in evals if len(e.rows)]
+    by_source = {e.label: split_of(e.rows, e.read, e.label if len(evals) > 1 else None) for e in evals}
+    eval_split = None
+    if len(by_source) == 1:
+        eval_split = next(iter(by_source.values()))
+    elif by_source:  # one eval table of all sources, and the prompts taken from each in turn
+        splits = list(by_source.values())
+        eval_split = PreparedSplit(
+            pa.concat_tables([s.table for s in splits]),
+            sum(s.rows_read for s in splits),
+            sum(s.rows_skipped for s in splits),
+            sum(s.tokens for s in splits),
+            round_robin([s.prompts for s in splits]),
+            sum(s.rows_dropped for s in splits),
+        )
+    return PreparedData(
+        train, eval_split, fmt, skipped, dropped, by_source if len(by_source) > 1 else {},
+        {p.label: p.source.weight for p in parts} if len(parts) > 1 else {},
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- in the worker

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ def sample_prompts(spec: Any, data: PreparedData) -> list[dict[str, Any]]:
         else:
             messages = to_messages(row, data.format)
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            samples.append({"messages": messages[:last], "reference": messages[last]["content"]})
+            sample = {"messages": messages[:last], "reference": messages[last]["content"]}
+            samples.append(sample | ({"source": row["source"]} if row.get("source") else {}))
     for prompt in spec.eval.prompts:
         samples.append(
             {"text": prompt} if data.format == "text" else {"messages": [{"role": "user", "content": prompt}]}
@@ -113,9 +115,11 @@ def generate_answers(
     device: torch.device,
     batch_size: int = 8,
     synced: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to each sample, several prompts per generate call (left-padded). `synced`: every rank
-    generates in lockstep (ZeRO-3 gathers each layer's weights collectively)."""
+    generates in lockstep (ZeRO-3 gathers each layer's weights collectively). `on_batch(answered)` after
+    each call: generation is the slow part of an evaluation, so that is where progress is counted."""
     texts = [
         tokenizer.apply_chat_template(s["messages"], tokenize=False, add_generation_prompt=True)
         if "messages" in s
@@ -141,6 +145,8 @@ def generate_answers(
             )
             for row in out[:, enc["input_ids"].shape[1] :]:
                 answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            if on_batch is not None:
+                on_batch(len(answers))
     finally:
         tokenizer.padding_side = side
         model.config.use_cache = False
@@ -222,9 +228,11 @@ def measure(
     rank: int = 0,
     world: int = 1,
     synced: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity on the eval split (split over ranks), and greedy answers to `samples` scored with
-    exact match and ROUGE-L. Every rank calls it; every rank gets the same result."""
+    exact match and ROUGE-L. Every rank calls it; every rank gets the same result. `progress(answered)`:
+    see prompt_progress."""
     metrics: dict[str, Any] = {}
     micro = spec.train.micro_batch_size
     dtype = next(model.parameters()).dtype
@@ -243,7 +251,13 @@ def measure(
                     model, eval_table, micro, tokenizer.pad_token_id, device, rank, world
                 )
         answers = generate_answers(
-            model, tokenizer, samples, spec.eval.max_new_tokens, device, synced=synced and world > 1
+            model,
+            tokenizer,
+            samples,
+            spec.eval.max_new_tokens,
+            device,
+            synced=synced and world > 1,
+            on_batch=progress,
         )
     # Exact match and ROUGE-L score answers to prompts (sft, dpo); a text continuation has no single answer.
     scored = [
@@ -255,7 +269,31 @@ def measure(
         metrics["exact_match"] = sum(exact_match(a, r) for a, r in scored) / len(scored)
         metrics["rouge_l"] = sum(rouge_l(a, r) for a, r in scored) / len(scored)
         metrics["scored_prompts"] = len(scored)
+        by_source: dict[str, list[tuple[str, str]]] = {}
+        for a, s in zip(answers, samples, strict=True):
+            if s.get("source") and s.get("reference") and "messages" in s:
+                by_source.setdefault(s["source"], []).append((a, s["reference"]))
+        if len(by_source) > 1:  # several tasks: which got better, which got worse
+            for name, pairs in by_source.items():
+                metrics[f"exact_match/{name}"] = sum(exact_match(a, r) for a, r in pairs) / len(pairs)
+                metrics[f"rouge_l/{name}"] = sum(rouge_l(a, r) for a, r in pairs) / len(pairs)
     return {"metrics": metrics, "answers": answers}
+
+
+def prompt_progress(
+    send: Callable[[dict[str, Any]], None] | None, phase: str, total: int, offset: int = 0
+) -> Callable[[int], None] | None:
+    """A `measure(progress=...)` callback that sends `eval_progress` records (prompts answered out of all
+    the prompts of this comparison: before and after count together) to the driver, which shows them
+    (trainers/run.py). Sends `done = offset` at once, so the driver's clock starts with the phase."""
+    if send is None or total <= 0:
+        return None
+
+    def report(answered: int) -> None:
+        send({"event": "eval_progress", "phase": phase, "done": offset + answered, "total": total})
+
+    report(0)
+    return report
 
 
 def comparison_of(
@@ -324,7 +362,7 @@ def probe_check(model: Any, run_dir: Any, dtype: torch.dtype, device: torch.devi
 
 
 @ray.remote
-def _compare_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dict[str, Any]:
     from trainers.export import attach_artifact
     from trainers.spec import JobSpec
 
@@ -336,27 +374,48 @@ def _compare_task(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     load_args = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
     base_source = local_source(config["base_source"], packed)
     tokenizer_source = local_source(config["tokenizer_source"], packed)
-    tokenizer = load_tokenizer(tokenizer_source, **(load_args if tokenizer_source == base_source else {}))
+    tokenizer = load_tokenizer(
+        tokenizer_source,
+        **(load_args if tokenizer_source == base_source else {}),
+        chat_template=spec.chat_template,
+    )
     eval_table = ray.get(config["eval_ref"]) if config["eval_ref"] is not None else None
     samples = config["samples"]
+    send = (lambda r: sink.log.remote(r)) if sink is not None else None
+    n = len(samples)
     base = load_model(base_source, dtype=dtype, quantization=spec.quantization, device=device, **load_args)
     base.eval()
+
+    def before_on(model: Any) -> dict[str, Any]:
+        return measure(
+            model,
+            tokenizer,
+            eval_table,
+            samples,
+            spec,
+            device,
+            progress=prompt_progress(send, "before", 2 * n),
+        )
+
     if spec.is_peft:
         tuned = attach_artifact(run_dir, spec, base, dtype, device)
         tuned.eval()
         with tuned.disable_adapter():  # the same weights without the adapter are the base
-            before = measure(tuned, tokenizer, eval_table, samples, spec, device)
+            before = before_on(tuned)
     else:
-        before = measure(base, tokenizer, eval_table, samples, spec, device)
+        before = before_on(base)
         del base
         tuned = attach_artifact(run_dir, spec, None, dtype, device)
         tuned.eval()
-    after = measure(tuned, tokenizer, eval_table, samples, spec, device)
+    after = measure(
+        tuned, tokenizer, eval_table, samples, spec, device, progress=prompt_progress(send, "after", 2 * n, n)
+    )
     return comparison_of(before, after, samples, probe_check(tuned, run_dir, dtype, device))
 
 
-def compare_before_after(run_dir: Any, prepared: Any, gpus: float) -> dict[str, Any]:
+def compare_before_after(run_dir: Any, prepared: Any, gpus: float, sink: Any = None) -> ray.ObjectRef:
     """`fulcrum eval`: the comparison as one Ray task with a worker's resources (a model that fits one
-    device); training itself compares inside its workers."""
+    device); training itself compares inside its workers. Returns the task's ref, so that the caller can
+    show the `eval_progress` records the task sends to `sink` (a MetricsSink actor) while it waits."""
     task = _compare_task.options(num_cpus=1, num_gpus=min(gpus, 1.0))
-    return ray.get(task.remote(str(run_dir), prepared.worker_config()))
+    return task.remote(str(run_dir), prepared.worker_config(), sink)

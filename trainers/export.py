@@ -95,6 +95,7 @@ def export_run(run_dir: str, output: str | Path, merge: bool, dtype: str = "auto
                 source,
                 spec.model.revision if same else None,
                 spec.model.trust_remote_code if same else False,
+                spec.chat_template,
             ).save_pretrained(tmp)
             kind = "merged model"
         if output.exists():

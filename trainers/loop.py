@@ -45,6 +45,7 @@ from trainers.evaluate import (
     comparison_of,
     evaluate_objective,
     measure,
+    prompt_progress,
     reload_check,
 )
 from trainers.manifest import MANIFEST_FILE, build_manifest
@@ -96,7 +97,8 @@ class Session:
         """Return once every reported checkpoint is registered."""
 
     def record(self, record: dict[str, Any]) -> None:
-        """A record for metrics.jsonl (start, step, eval, checkpoint, warning, end, comparison)."""
+        """A record for metrics.jsonl (start, step, eval, checkpoint, warning, end, comparison), or for the
+        driver's display only (eval_progress)."""
 
 
 class RaySession(Session):
@@ -203,7 +205,9 @@ class Recipe:
         tokenizer_source = local_source(config["tokenizer_source"], self.packed)
         # The base's revision and remote-code permission apply to its own tokenizer, not to a separate one.
         own = tokenizer_source == self.base_source
-        self.tokenizer = load_tokenizer(tokenizer_source, **(self.load_args if own else {}))
+        self.tokenizer = load_tokenizer(
+            tokenizer_source, **(self.load_args if own else {}), chat_template=spec.chat_template
+        )
         self.pad_id = self.tokenizer.pad_token_id
         self._build_model()
         self._build_engine()
@@ -212,6 +216,10 @@ class Recipe:
         )
         self.train_table = _fetched(config["train_ref"])
         self.eval_table = _fetched(config["eval_ref"]) if config.get("eval_ref") is not None else None
+        # Several eval sources (a mixture): each one's loss too, so a run shows which task moved.
+        self.eval_sources = {
+            name: _fetched(ref) for name, ref in (config.get("eval_source_refs") or {}).items()
+        }
         self.indices = shard_rows(self.train_table.num_rows, self.rank, self.world, spec.train.seed)
         self.accum, self.micro = spec.grad_accum, spec.train.micro_batch_size
         self.per_epoch = steps_per_epoch(len(self.indices), self.micro, self.accum)
@@ -399,7 +407,12 @@ class Recipe:
         """A full or freeze run changes the weights themselves, so the base is measured before training."""
         c = self.config
         if c.get("evaluate") and not self.spec.is_peft and self.global_step == 0 and not c.get("have_before"):
-            self.before = measure(self.engine.module, *self._measure_args(), synced=self.plan.zero_stage == 3)
+            self.before = measure(
+                self.engine.module,
+                *self._measure_args(),
+                synced=self.plan.zero_stage == 3,
+                progress=self._prompt_progress("before", 1),
+            )
             if self.rank == 0:
                 storage.write_json(storage.join(self.run_dir, "eval_before.json"), self.before)
 
@@ -520,6 +533,18 @@ class Recipe:
             self.world,
         )
         self.latest_eval.update({"eval_loss": eval_loss, **prefixed(stats)})
+        for name, table in self.eval_sources.items():
+            loss, _ = evaluate_objective(
+                self.forward,
+                self.objective,
+                table,
+                self.micro,
+                self.pad_id,
+                self.device,
+                self.rank,
+                self.world,
+            )
+            self.latest_eval[f"eval_loss/{name}"] = loss
         self.log({"event": "eval", "step": self.global_step, **self.latest_eval})
         return eval_loss
 
@@ -590,15 +615,26 @@ class Recipe:
         """Before/after: loss, perplexity and sample answers of the base and of the trained model."""
         module, args = self.engine.module, self._measure_args()
         before = self.before
+        # PEFT answers before and after here; full and freeze answered "before" ahead of training.
+        sides = 2 if self.spec.is_peft else 1
         if self.spec.is_peft:
             with module.disable_adapter():  # the same weights without the adapter are the base
-                before = measure(module, *args)
+                before = measure(module, *args, progress=self._prompt_progress("before", sides))
         elif before is None:
             before = storage.read_json_or_none(storage.join(self.run_dir, "eval_before.json"))
-        after = measure(module, *args, synced=self.plan.zero_stage == 3)
+        after = measure(
+            module, *args, synced=self.plan.zero_stage == 3, progress=self._prompt_progress("after", sides)
+        )
         if self.rank == 0:
             comparison = comparison_of(before or {}, after, self.config.get("samples") or [], check)
             self.log({"event": "comparison", "comparison": comparison})
+
+    def _prompt_progress(self, phase: str, sides: int) -> Any:
+        """Rank 0's progress through the prompts, to the driver's display only (not metrics.jsonl)."""
+        n = len(self.config.get("samples") or [])
+        offset = n if phase == "after" and sides == 2 else 0
+        send = self.session.record if self.rank == 0 else None
+        return prompt_progress(send, phase, sides * n, offset)
 
     def _measure_args(self) -> tuple[Any, ...]:
         samples = self.config.get("samples") or []

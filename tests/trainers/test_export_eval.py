@@ -76,6 +76,8 @@ def test_export_merge_refuses_prompt_methods_and_eval_scores_answers(
     assert main(["eval", str(run), "--samples", "6", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "before / after" in out and "rouge_l" in out and "exact_match" in out
+    # Not a terminal: plain progress lines (before and after count together), not a bar.
+    assert "eval before: 0/12 prompts, time left" in out and "eval after: 12/12 prompts, 0m00s left" in out
     comparison = json.loads((run / "eval.json").read_text())
     for side in ("before", "after"):
         assert comparison[side]["scored_prompts"] == 6

@@ -204,3 +204,75 @@ def test_missing_relative_model_path_is_not_found_at_once(
     assert "model.base: not found: models/tiny-llama" in msg
     spec["model"] = {"config": dict(TINY_LLAMA), "tokenizer": "./my-tokenizer"}
     assert "model.tokenizer: not found: ./my-tokenizer" in error_of(tmp_path, spec)
+
+
+# --------------------------------------------------------------------------- --set overrides
+def test_set_overrides_are_yaml_values(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, tiny_spec(tmp_path, data={"train": [str(tmp_path / "train.jsonl")]}))
+    spec = load_spec(
+        path,
+        [
+            "train.lr=1e-4",
+            "data.packing=false",
+            "name=x",
+            "method={kind: lora, rank: 4}",
+            "method.target_modules=[q_proj,v_proj]",
+            "data.train.0={path: train.jsonl, weight: 2}",
+            "tune.num_samples=3",  # a missing section is created
+        ],
+    )
+    assert (spec.train.lr, spec.data.packing, spec.name) == (1e-4, False, "x")
+    assert (spec.method.kind, spec.method.rank, spec.method.target_modules) == (
+        "lora",
+        4,
+        ["q_proj", "v_proj"],
+    )
+    assert spec.data.train[0].weight == 2  # type: ignore[union-attr, index]
+    assert spec.tune == {"num_samples": 3}
+    assert "lr: 0.0001" in spec.to_yaml()  # the resolved spec (what a run stores) holds the overrides
+
+
+@pytest.mark.parametrize(
+    ("given", "parts"),
+    [
+        ("train.lr=abc", ["--set train.lr=abc: train.lr:", "valid number", "'abc'"]),
+        ("train.lrr=1", ["--set train.lrr=1: train.lrr: unknown field `lrr`", "did you mean `lr`"]),
+        ("method.kind=lorax", ["--set method.kind=lorax: method.kind: unknown kind 'lorax'"]),
+        (
+            "train.lr.x=1",
+            ["--set train.lr.x=1: train.lr is a number (0.003), not a section", "train.lr=VALUE"],
+        ),
+        ("data.train=nope.jsonl", ["--set data.train=nope.jsonl: data.train: file not found: nope.jsonl"]),
+        ("train.lr=.inf", ["--set train.lr=.inf: train.lr:", "not a finite number"]),
+        ("data.train.3.weight=2", ["data.train is a string", "not a section"]),
+        ("noequals", ["--set noequals: expected KEY=VALUE"]),
+        ("=3", ["--set =3: the key before `=` is empty"]),
+        ("a..b=1", ["--set a..b=1: the key 'a..b' has an empty part"]),
+        ("name=[x", ["--set name=[x: the value is not valid YAML"]),
+    ],
+)
+def test_set_errors_name_the_field_and_the_set(tmp_path: Path, given: str, parts: list[str]) -> None:
+    path = write_spec(tmp_path, tiny_spec(tmp_path))
+    with pytest.raises(SpecError) as info:
+        load_spec(path, [given])
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1
+    for part in parts:
+        assert part in msg, msg
+    assert f"{path}:" not in msg.split("--set")[0] or msg.startswith(f"{path}: --set")  # no file line
+
+
+def test_set_list_index_out_of_range(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, tiny_spec(tmp_path, data={"train": [str(tmp_path / "train.jsonl")]}))
+    with pytest.raises(SpecError, match=r"data.train is a list of 1; name an item by its index 0..0"):
+        load_spec(path, ["data.train.1.weight=2"])
+
+
+def test_section_checks_name_the_set(tmp_path: Path) -> None:
+    """tune and k8s are validated later (tuning/space.py, cluster/manifests.py): still the --set's name."""
+    from tuning.space import check_tune
+
+    path = write_spec(tmp_path, tiny_spec(tmp_path))
+    spec = load_spec(path, ["tune={space: {train.lr: {choice: [0.1]}}, num_samples: abc}"])
+    with pytest.raises(SpecError, match=r"--set tune=.*: tune.num_samples:"):
+        check_tune(spec)

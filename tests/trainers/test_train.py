@@ -12,7 +12,8 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from tests.helpers import TINY_LLAMA, chat_rows, tiny_spec, write_jsonl, write_spec
+from tests.helpers import TINY_LLAMA, alpaca_rows, chat_rows, tiny_spec, write_jsonl, write_spec
+from trainers.chat_templates import ZEPHYR
 from trainers.run import run_job
 from trainers.spec import load_spec
 
@@ -184,22 +185,44 @@ def test_freeze_trains_only_the_top_layers(tmp_path: Path) -> None:
     assert not torch.equal(tuned["lm_head.weight"], base["lm_head.weight"])
 
 
-def test_sft_chat_with_before_after_eval(tmp_path: Path) -> None:
+def test_sft_mixture_with_before_after_eval_per_source(tmp_path: Path) -> None:
+    """A chat source and an alpaca source, weighted 1:2: eval per source in metrics.jsonl and eval.json."""
     write_jsonl(tmp_path / "chat.jsonl", chat_rows(80))
+    write_jsonl(tmp_path / "add.jsonl", alpaca_rows(60))
     summary, run = train(
         tmp_path,
         evaluate=True,
         objective={"kind": "sft"},
-        data={"train": str(tmp_path / "chat.jsonl"), "max_length": 128, "eval_fraction": 0.1},
+        data={
+            "train": [str(tmp_path / "chat.jsonl"), {"path": str(tmp_path / "add.jsonl"), "weight": 2}],
+            "max_length": 128,
+            "eval_fraction": 0.1,
+        },
         method={"kind": "lora", "rank": 8, "alpha": 16},
         train={"lr": 1.0e-2, "max_steps": 10},
-        eval={"samples": 2, "max_new_tokens": 8},
+        eval={"samples": 4, "max_new_tokens": 8},
+        chat_template="zephyr",
     )
+    # the spec's chat template trained the rows and travels with the adapter, for `fulcrum serve`
+    assert json.loads((run / "adapter" / "fulcrum.json").read_text())["chat_template"] == ZEPHYR
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(run / "adapter").chat_template == ZEPHYR
     report = json.loads((run / "eval.json").read_text())
     assert report["after"]["loss"] < report["before"]["loss"]
     assert report["after"]["perplexity"] < report["before"]["perplexity"]
-    assert len(report["samples"]) == 2 and all(s["reference"] for s in report["samples"])
+    assert len(report["samples"]) == 4 and all(s["reference"] for s in report["samples"])
     assert summary["eval_loss_before"] == pytest.approx(report["before"]["loss"])
+    for side in ("before", "after"):
+        assert {"rouge_l/chat", "rouge_l/add", "exact_match/add"} <= set(report[side])
+    evals = [
+        r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"
+    ]
+    last = evals[-1]
+    assert last["eval_loss/chat"] > 0 and last["eval_loss/add"] > 0
+    # the overall eval loss lies between the two sources' (it is their token-weighted mean)
+    low, high = sorted((last["eval_loss/chat"], last["eval_loss/add"]))
+    assert low - 1e-6 <= last["eval_loss"] <= high + 1e-6
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def test_asha_sweep_stops_a_bad_trial_and_returns_the_best(tmp_path: Path) -> No
         "evals": 3,
     }
     spec = parse_spec(sweep_spec(tmp_path, tune, train={"max_steps": 6}))
-    out = run_sweep(spec, console=Console(file=io.StringIO(), width=150))
+    printed = io.StringIO()  # not a terminal, as RayJob logs: one line per trial event, as it happens
+    out = run_sweep(spec, console=Console(file=printed, width=150))
     sweep = tmp_path / "sweep"
     rows = out["rows"]
     assert len(rows) == 4
@@ -91,6 +92,16 @@ def test_asha_sweep_stops_a_bad_trial_and_returns_the_best(tmp_path: Path) -> No
             assert not (run / "summary.json").exists() and not (run / "adapter").exists()
     for plot in ("results.png", "curves.png"):
         assert (sweep / plot).read_bytes()[:4] == b"\x89PNG"
+    lines = printed.getvalue().splitlines()
+    for row in rows:
+        mine = [line for line in lines if line.startswith(f"trial {row['trial']} ")]
+        assert mine[0].startswith(f"trial {row['trial']} started: train.lr=") and "method.rank=" in mine[0]
+        assert any(" reported eval_loss " in line for line in mine), mine
+        ended = "completed" if row["status"] == "completed" else "stopped early by ASHA"
+        assert mine[-1].startswith(f"trial {row['trial']} {ended}: eval_loss "), mine
+        assert mine[-1].endswith(f" at step {row['steps']}"), mine
+    # The per-trial lines come before the final table, as the trials end.
+    assert lines.index(mine[-1]) < next(i for i, line in enumerate(lines) if line.startswith("trials ranked"))
 
 
 @pytest.mark.slow  # two processes, three trials: about two minutes on 2 idle cores
