@@ -229,10 +229,11 @@ def measure(
     world: int = 1,
     synced: bool = False,
     progress: Callable[[int], None] | None = None,
+    by_source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity on the eval split (split over ranks), and greedy answers to `samples` scored with
     exact match and ROUGE-L. Every rank calls it; every rank gets the same result. `progress(answered)`:
-    see prompt_progress."""
+    see prompt_progress. `by_source`: each eval source's own table (a mixture), for `loss/<source>`."""
     metrics: dict[str, Any] = {}
     micro = spec.train.micro_batch_size
     dtype = next(model.parameters()).dtype
@@ -246,6 +247,10 @@ def measure(
         if eval_table is not None:
             loss = evaluate_loss(model, eval_table, micro, tokenizer.pad_token_id, device, rank, world)
             metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+            for name, table in (by_source or {}).items():
+                metrics[f"loss/{name}"] = evaluate_loss(
+                    model, table, micro, tokenizer.pad_token_id, device, rank, world
+                )
             if "rejected_input_ids" in eval_table.column_names:
                 metrics["preference_accuracy"] = preference_accuracy(
                     model, eval_table, micro, tokenizer.pad_token_id, device, rank, world
@@ -380,6 +385,7 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
         chat_template=spec.chat_template,
     )
     eval_table = ray.get(config["eval_ref"]) if config["eval_ref"] is not None else None
+    by_source = {name: ray.get(ref) for name, ref in (config.get("eval_source_refs") or {}).items()}
     samples = config["samples"]
     send = (lambda r: sink.log.remote(r)) if sink is not None else None
     n = len(samples)
@@ -395,6 +401,7 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
             spec,
             device,
             progress=prompt_progress(send, "before", 2 * n),
+            by_source=by_source,
         )
 
     if spec.is_peft:
@@ -408,7 +415,14 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
         tuned = attach_artifact(run_dir, spec, None, dtype, device)
         tuned.eval()
     after = measure(
-        tuned, tokenizer, eval_table, samples, spec, device, progress=prompt_progress(send, "after", 2 * n, n)
+        tuned,
+        tokenizer,
+        eval_table,
+        samples,
+        spec,
+        device,
+        progress=prompt_progress(send, "after", 2 * n, n),
+        by_source=by_source,
     )
     return comparison_of(before, after, samples, probe_check(tuned, run_dir, dtype, device))
 

@@ -412,6 +412,7 @@ class Recipe:
                 *self._measure_args(),
                 synced=self.plan.zero_stage == 3,
                 progress=self._prompt_progress("before", 1),
+                by_source=self.eval_sources,
             )
             if self.rank == 0:
                 storage.write_json(storage.join(self.run_dir, "eval_before.json"), self.before)
@@ -619,11 +620,20 @@ class Recipe:
         sides = 2 if self.spec.is_peft else 1
         if self.spec.is_peft:
             with module.disable_adapter():  # the same weights without the adapter are the base
-                before = measure(module, *args, progress=self._prompt_progress("before", sides))
+                before = measure(
+                    module,
+                    *args,
+                    progress=self._prompt_progress("before", sides),
+                    by_source=self.eval_sources,
+                )
         elif before is None:
             before = storage.read_json_or_none(storage.join(self.run_dir, "eval_before.json"))
         after = measure(
-            module, *args, synced=self.plan.zero_stage == 3, progress=self._prompt_progress("after", sides)
+            module,
+            *args,
+            synced=self.plan.zero_stage == 3,
+            progress=self._prompt_progress("after", sides),
+            by_source=self.eval_sources,
         )
         if self.rank == 0:
             comparison = comparison_of(before or {}, after, self.config.get("samples") or [], check)

@@ -214,7 +214,11 @@ def test_sft_mixture_with_before_after_eval_per_source(tmp_path: Path) -> None:
     assert len(report["samples"]) == 4 and all(s["reference"] for s in report["samples"])
     assert summary["eval_loss_before"] == pytest.approx(report["before"]["loss"])
     for side in ("before", "after"):
-        assert {"rouge_l/chat", "rouge_l/add", "exact_match/add"} <= set(report[side])
+        assert {"rouge_l/chat", "rouge_l/add", "exact_match/add", "loss/chat", "loss/add"} <= set(
+            report[side]
+        )
+    assert report["after"]["loss/add"] < report["before"]["loss/add"]
+    assert report["after"]["loss/chat"] < report["before"]["loss/chat"]
     evals = [
         r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"
     ]
