@@ -37,7 +37,8 @@ MODEL_FIELDS = (("model", "base"), ("objective", "teacher", "base"))
 
 def data_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], Any, Any]]:
     """(field location, local path or URI, a setter for it) for every data source of a dumped spec:
-    `data.train`, `data.train.1`, `data.train.1.path`, ... (Hub datasets have no path and are skipped)."""
+    `data.train`, `data.train.1`, `data.train.1.path`, ..., `data.replay.source` (Hub datasets have no path
+    and are skipped)."""
     found: list[tuple[tuple[str | int, ...], Any, Any]] = []
     section = data.get("data") or {}
     for split in ("train", "eval"):
@@ -52,6 +53,18 @@ def data_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], Any, A
                 found.append((loc, item, functools.partial(value.__setitem__, i)))
             else:
                 found.append((loc, item, functools.partial(section.__setitem__, split)))
+    replay = section.get("replay") or {}
+    source = replay.get("source")
+    if isinstance(source, dict) and source.get("path") is not None:
+        found.append(
+            (
+                ("data", "replay", "source", "path"),
+                source["path"],
+                functools.partial(source.__setitem__, "path"),
+            )
+        )
+    elif isinstance(source, str):
+        found.append((("data", "replay", "source"), source, functools.partial(replay.__setitem__, "source")))
     return found
 
 

@@ -63,6 +63,10 @@ _PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("object
 def _put_data(spec: Any, loc: tuple[str | int, ...], value: str) -> None:
     """Set one data source's path back to the cluster-side one (loc as `data_paths` gives it)."""
     split = str(loc[1])
+    if split == "replay":
+        source = spec.data.replay.source
+        spec.data.replay.source = source.model_copy(update={"path": value}) if len(loc) == 4 else value
+        return
     current = getattr(spec.data, split)
     if len(loc) == 2:
         setattr(spec.data, split, value)

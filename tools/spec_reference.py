@@ -24,6 +24,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     *((f"objective: {kind}", cls) for kind, cls in s.OBJECTIVE_CLASSES.items()),
     ("data", s.DataSpec),
     ("data: a source (`data.train` / `data.eval` items)", s.DataSource),
+    ("data: replay", s.ReplaySpec),
     ("train", s.TrainSpec),
     ("scaling", s.ScalingSpec),
     ("eval", s.EvalSpec),

@@ -8,6 +8,7 @@ on a cluster whose workers cannot see the driver's disk.
 from __future__ import annotations
 
 import bisect
+import collections
 import csv
 import json
 import math
@@ -519,7 +520,7 @@ class PreparedData:
     skipped: list[str]  # "file: line N: what is wrong", for every skipped row
     dropped: list[str] = field(default_factory=list)  # "file: line N: ...", rows cut away by max_length
     eval_by_source: dict[str, PreparedSplit] = field(default_factory=dict)  # with several eval sources
-    mixture: dict[str, float] = field(default_factory=dict)  # train source -> weight, with several
+    mixture: dict[str, float] = field(default_factory=dict)  # source -> share of the rows, with several
 
 
 @dataclass
@@ -602,20 +603,27 @@ def prepare(spec: Any, tokenizer: Any) -> PreparedData:
     """Read, check, split, mix, tokenize and pack the train (and eval) data of a JobSpec: one source or
     several (trainers/sources.py)."""
     from trainers.sources import SOURCE, common_format, held_out, load_sources, mix, round_robin
+    from trainers.spec import as_sources
 
     d = spec.data
     objective = spec.objective.kind
     parts = load_sources(d.train_sources, d.format, objective, d.skip_bad_rows, "data.train")
-    fmt = common_format(parts, "data.train")
+    replay = None
+    if d.replay is not None:  # general data against forgetting: no eval held out from it
+        (replay,) = load_sources(
+            [as_sources(d.replay.source)[0]], d.format, objective, d.skip_bad_rows, "data.replay.source"
+        )
+        replay.label = "replay"
+    fmt = common_format([*parts, *([replay] if replay else [])], "data.train")
     train_read = sum(p.read for p in parts)  # rows plus lines that were not even JSON
-    skipped = [m for p in parts for m in p.skipped]
+    skipped = [m for p in parts for m in p.skipped] + (replay.skipped if replay else [])
     if d.eval is not None:
         evals = load_sources(d.eval_sources, d.format, objective, d.skip_bad_rows, "data.eval")
         skipped += [m for p in evals for m in p.skipped]
         common_format(evals, "data.eval", want=fmt)
     else:
         evals = [e for p in parts if (e := held_out(p, d.eval_fraction, spec.train.seed)) is not None]
-    rows = mix(parts, spec.train.seed)
+    rows = mix(parts, spec.train.seed, replay, d.replay.share if d.replay else 0.0)
     if len(rows) == 0:
         where = parts[0].source.path or parts[0].label
         raise DataError(f"{where}: no usable rows left (skipped {len(skipped)})")
@@ -650,8 +658,18 @@ def prepare(spec: Any, tokenizer: Any) -> PreparedData:
         )
     return PreparedData(
         train, eval_split, fmt, skipped, dropped, by_source if len(by_source) > 1 else {},
-        {p.label: p.source.weight for p in parts} if len(parts) > 1 else {},
+        _shares_of(rows, [p.label for p in parts] + (["replay"] if replay else [])),
     )  # fmt: skip
+
+
+def _shares_of(rows: datasets.Dataset, labels: list[str]) -> dict[str, float]:
+    """Each source's fraction of a mixed table's rows (empty for one source)."""
+    from trainers.sources import SOURCE
+
+    if SOURCE not in rows.column_names:
+        return {}
+    counts = collections.Counter(rows[SOURCE])
+    return {label: counts[i] / len(rows) for i, label in enumerate(labels)}
 
 
 # --------------------------------------------------------------------------- in the worker

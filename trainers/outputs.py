@@ -7,7 +7,7 @@ from typing import Any
 
 from trainers import storage
 from trainers.errors import FulcrumError
-from trainers.spec import JobSpec, load_spec
+from trainers.spec import JobSpec, as_sources, load_spec
 from trainers.storage import RunDir
 
 
@@ -70,6 +70,7 @@ def refuse_overlap(spec: JobSpec, run_dir: RunDir) -> None:
     for label, value in (
         *((f"data.train ({src.label})", src.path) for src in spec.data.train_sources),
         *((f"data.eval ({src.label})", src.path) for src in spec.data.eval_sources),
+        ("data.replay.source", spec.data.replay and as_sources(spec.data.replay.source)[0].path),
         ("model.base", spec.model.base),
         ("model.tokenizer", spec.model.tokenizer),
         ("objective.teacher.base", getattr(getattr(spec.objective, "teacher", None), "base", None)),

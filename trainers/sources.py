@@ -237,14 +237,21 @@ def shares(total: int, weights: list[float]) -> list[int]:
     return counts
 
 
-def mix(parts: list[LoadedSource], seed: int) -> datasets.Dataset:
+def mix(
+    parts: list[LoadedSource], seed: int, replay: LoadedSource | None = None, share: float = 0.0
+) -> datasets.Dataset:
     """One table of the parts' rows: as many rows as all sources hold, each source's share in proportion
     to its weight (a source's rows repeat, reshuffled, when its share is larger than it), in a seeded
-    order. Each row keeps its source's index (SOURCE) and its file:line (WHERE)."""
-    if len(parts) == 1:
+    order. Each row keeps its source's index (SOURCE) and its file:line (WHERE). `replay` (general data)
+    then makes up `share` of the whole, however large it is: the task's rows stay as many as they were."""
+    if len(parts) == 1 and replay is None:
         return parts[0].rows
     rng = random.Random(seed)
-    counts = shares(sum(len(p.rows) for p in parts), [p.source.weight for p in parts])
+    task_rows = sum(len(p.rows) for p in parts)
+    counts = shares(task_rows, [p.source.weight for p in parts])
+    if replay is not None:
+        parts = [*parts, replay]
+        counts.append(max(1, round(task_rows * share / (1 - share))))
     rows: list[dict[str, Any]] = []
     for i, (part, count) in enumerate(zip(parts, counts, strict=True)):
         table = part.rows.to_list()

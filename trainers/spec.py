@@ -364,6 +364,18 @@ def as_sources(value: Sources | None) -> list[DataSource]:
     return out
 
 
+class ReplaySpec(_Section):
+    """General data mixed into training, against forgetting (as "replay" in continual learning)."""
+
+    source: Source = Field(description="The general data: a path, URI, `hf://org/name` or a source mapping.")
+    share: Float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Fraction of the training rows drawn from it (repeated when it is small).",
+    )
+
+
 class DataSpec(_Section):
     train: Sources = Field(
         description="Training data: one source or a list (a weighted mixture). A source is a path or URI "
@@ -388,6 +400,11 @@ class DataSpec(_Section):
     packing: bool | None = Field(None, description="Default: on for cpt, off for sft.")
     skip_bad_rows: bool = Field(False, description="Skip and count malformed rows instead of stopping.")
     shuffle: bool = Field(True, description="Reshuffle each worker's rows every epoch (seeded).")
+    replay: ReplaySpec | None = Field(
+        None,
+        description="Mix a share of general data into training, so the model keeps what it knew: "
+        "{source, share}. No eval is held out from it.",
+    )
 
     @field_validator("train", "eval")
     @classmethod
@@ -857,6 +874,11 @@ def parse_spec(
             continue
         resolved = _resolve_sources(value, spec_dir, lambda loc, msg, f=field: fail(("data", f, *loc), msg))
         setattr(spec.data, field, resolved)
+    if spec.data.replay is not None:
+        replay = spec.data.replay
+        replay.source = _resolve_sources(  # type: ignore[assignment]
+            replay.source, spec_dir, lambda loc, msg: fail(("data", "replay", "source", *loc), msg)
+        )
     if spec.chat_template is not None:
         from trainers.chat_templates import resolve
 

@@ -135,7 +135,7 @@ def test_weighted_mixture_is_seeded_and_in_proportion(tmp_path: Path, tok) -> No
     spec = sft_spec(tmp_path, train)
     first, again = prepare(spec, tok), prepare(spec, tok)
     assert first.format == "chat"  # alpaca + sharegpt: both as chat rows
-    assert first.mixture == {"a": 3.0, "b": 1.0}
+    assert first.mixture == {"a": 0.75, "b": 0.25}  # shares of the mixed rows
     assert first.train.table.num_rows == 80
     assert first.train.table.equals(again.train.table)  # the same table every time: resumes see it too
     origin = collections.Counter("plus one" in str(p["messages"]) for p in first.train.prompts)
@@ -199,7 +199,12 @@ def test_eval_per_source_and_samples_from_each(tmp_path: Path, tok) -> None:
 
 def test_data_paths_of_a_dumped_spec(tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(3))
-    spec = sft_spec(tmp_path, [str(a), {"path": str(a), "weight": 2}, "hf://org/name"], eval=str(a))
+    spec = sft_spec(
+        tmp_path,
+        [str(a), {"path": str(a), "weight": 2}, "hf://org/name"],
+        eval=str(a),
+        replay={"source": str(a)},
+    )
     dumped = spec.model_dump(mode="json")
     found = data_paths(dumped)
     assert [loc for loc, _, _ in found] == [
@@ -207,8 +212,32 @@ def test_data_paths_of_a_dumped_spec(tmp_path: Path) -> None:
         ("data", "train", 1, "path"),
         ("data", "train", 2),
         ("data", "eval"),
+        ("data", "replay", "source"),
     ]
     for _, _, put in found:
         put("shipped")
     assert dumped["data"]["train"][0] == "shipped" and dumped["data"]["train"][1]["path"] == "shipped"
-    assert dumped["data"]["eval"] == "shipped"
+    assert dumped["data"]["eval"] == "shipped" and dumped["data"]["replay"]["source"] == "shipped"
+
+
+def test_replay_makes_up_its_share_and_holds_no_eval(tmp_path: Path, tok) -> None:
+    task = write_jsonl(tmp_path / "task.jsonl", alpaca_rows(60, seed=5))
+    general = write_jsonl(tmp_path / "general.jsonl", chat_rows(500, seed=6))  # larger than the task
+    spec = sft_spec(
+        tmp_path, str(task), eval_fraction=0.1, replay={"source": {"path": str(general)}, "share": 0.25}
+    )
+    data = prepare(spec, tok)
+    assert data.format == "chat"  # alpaca task + chat replay
+    task_rows = 60 - 6  # 10% held out for eval, from the task only
+    assert data.train.table.num_rows == task_rows + round(task_rows * 0.25 / 0.75)
+    assert data.mixture == pytest.approx({"task": 0.75, "replay": 0.25}, abs=0.01)
+    assert data.eval is not None and data.eval.table.num_rows == 6  # no eval from the replay source
+    assert prepare(spec, tok).train.table.equals(data.train.table)
+
+
+def test_replay_source_errors_name_the_field(tmp_path: Path) -> None:
+    task = write_jsonl(tmp_path / "task.jsonl", alpaca_rows(5))
+    with pytest.raises(SpecError, match=r"data\.replay\.share"):
+        sft_spec(tmp_path, str(task), replay={"source": str(task), "share": 1.5})
+    with pytest.raises(SpecError, match=r"data\.replay\.source: file not found: general\.jsonl"):
+        sft_spec(tmp_path, str(task), replay={"source": "general.jsonl"})
