@@ -807,7 +807,9 @@ def test_health_and_metrics_move(served: Any) -> None:
         name = f"fulcrum_{hist}_seconds_count"
         assert after[name] >= before[name] + 3, name
         assert after[f'fulcrum_{hist}_seconds_bucket{{le="+Inf"}}'] == after[name]
-    assert after["fulcrum_adapter_loads_total"] >= 1 and after["fulcrum_replicas_reporting"] == 1
+    # One replica serves this app; a replica that Serve replaced (a health check missed on a busy 2-core
+    # machine) still counts until its last snapshot is STALE_S old, so allow that one.
+    assert after["fulcrum_adapter_loads_total"] >= 1 and 1 <= after["fulcrum_replicas_reporting"] <= 2
 
 
 def ray_export(app: str, names: tuple[str, ...]) -> dict[str, float]:
