@@ -387,7 +387,9 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
     eval_table = ray.get(config["eval_ref"]) if config["eval_ref"] is not None else None
     by_source = {name: ray.get(ref) for name, ref in (config.get("eval_source_refs") or {}).items()}
     samples = config["samples"]
-    send = (lambda r: sink.log.remote(r)) if sink is not None else None
+    # Waited on: a record still in flight when the task returns would never be shown (the driver stops
+    # reading the sink once the task is done). Records are few (every ~10% or 15 s).
+    send = (lambda r: ray.get(sink.log.remote(r))) if sink is not None else None
     n = len(samples)
     base = load_model(base_source, dtype=dtype, quantization=spec.quantization, device=device, **load_args)
     base.eval()
