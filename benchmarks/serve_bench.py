@@ -188,31 +188,53 @@ DECODE_MODES = {  # --decode name -> (engine arguments, table label, serving/lor
 }
 
 
+def add_engine_options(
+    parser: argparse.ArgumentParser, prompts: int, prompt_tokens: int, new_tokens: int, out: str
+) -> None:
+    """The flags serve_exact.py and serve_profile.py share: model shape, device and the request batch."""
+    parser.add_argument("--shape", default="small", choices=["small", *SHAPES])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def engine_with_adapters(
+    args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], **options: Any
+) -> tuple[BatchEngine, Any]:
+    """A fresh base and engine sized for --prompts rows, every request exactly --new-tokens long (EOS
+    ignored), with `adapters` loaded as lora-0, lora-1, ...; returns (engine, tokenizer)."""
+    model, tokenizer = load_base(spec, args.device)
+    engine = BatchEngine(
+        model,
+        tokenizer,
+        base_identity=base_identity(spec),
+        max_adapters=len(adapters),
+        max_batch_rows=args.prompts,
+        context_length=args.prompt_tokens + args.new_tokens + 8,
+        prefix_cache_bytes=0,  # repeats and warm-ups send the same prompts: cached prefixes skip prefill
+        **options,
+    )
+    engine.eos_ids = set()
+    for i, path in enumerate(adapters):
+        engine.add_adapter(f"lora-{i}", str(path))
+    return engine, tokenizer
+
+
 def bench_engine(
     args: argparse.Namespace, spec: ModelSpec, adapters: list[Path], counts: list[int], mode: str
 ) -> list[dict]:
     """The engine in one decode mode; each row keeps its requests' tokens (`_tokens`) for the agreement
     check between modes."""
-    model, tokenizer = load_base(spec, args.device)
     options, label, lora_mode, fuse = DECODE_MODES[mode]
-    engine = BatchEngine(
-        model,
-        tokenizer,
-        base_identity=base_identity(spec),
-        max_adapters=max(counts),
-        max_batch_rows=args.prompts,
-        context_length=args.prompt_tokens + args.new_tokens + 8,
-        prefix_cache_bytes=0,  # the repeats send the same prompts: cached prefixes would skip their prefill
-        **options,
-    )
-    engine.eos_ids = set()  # every request generates exactly --new-tokens, as peft's runs below
+    engine, tokenizer = engine_with_adapters(args, spec, adapters[: max(counts)], **options)
     engine.slot_state.lora_mode = lora_mode
     for fused in getattr(engine._decoder, "projections", []):
         fused.enabled = fuse  # off: each projection its own GEMM (serving/fused.py's ablation)
-    loads = []
-    for i, path in enumerate(adapters[: max(counts)]):
-        engine.add_adapter(f"lora-{i}", str(path))
-        loads.append(engine.load_seconds(f"lora-{i}"))
+    loads = [engine.load_seconds(f"lora-{i}") for i in range(max(counts))]
     cold = statistics.median(loads[1:] or loads) * 1e3  # the first one also installs the slot layers
     prompts = [tokenizer.encode(t) for t in prompt_texts(args.prompts, args.prompt_tokens)]
     asyncio.run(engine_run(engine, prompts[:2], ["lora-0"] * 2, 2))  # warm-up
@@ -233,7 +255,7 @@ def bench_engine(
         system = f"{label}: Poisson arrivals, {args.poisson:.0%} of peak ({rate:.1f} req/s)"
         rows.append({"system": system, "adapters": n, **result})
     print(f"{label}: decode step ran as `{engine.decode_mode}`")
-    del engine, model
+    del engine  # and with it the base it holds
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return rows

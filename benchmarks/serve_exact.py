@@ -18,9 +18,15 @@ from typing import Any
 import torch
 
 from benchmarks.common import SHAPES
-from benchmarks.serve_bench import SMALL, engine_run, make_adapters, prompt_texts
-from serving.engine import BatchEngine, load_base
-from trainers.manifest import base_identity
+from benchmarks.serve_bench import (
+    SMALL,
+    add_engine_options,
+    engine_run,
+    engine_with_adapters,
+    make_adapters,
+    prompt_texts,
+)
+from serving.engine import load_base
 from trainers.spec import ModelSpec
 
 MODES = {  # --modes name -> (engine arguments, SlotState.lora_mode)
@@ -38,21 +44,8 @@ def engine_tokens(
     options: dict,
     mode: str,
 ) -> tuple[list[list[int]], str]:
-    model, tokenizer = load_base(spec, args.device)
-    engine = BatchEngine(
-        model,
-        tokenizer,
-        base_identity=base_identity(spec),
-        max_adapters=len(adapters),
-        max_batch_rows=args.prompts,
-        context_length=args.prompt_tokens + args.new_tokens + 8,
-        prefix_cache_bytes=0,
-        **options,
-    )
-    engine.eos_ids = set()
+    engine, tokenizer = engine_with_adapters(args, spec, adapters, **options)
     engine.slot_state.lora_mode = mode
-    for i, path in enumerate(adapters):
-        engine.add_adapter(f"lora-{i}", str(path))
     prompts = [tokenizer.encode(t) for t in prompt_texts(args.prompts, args.prompt_tokens)]
     result = asyncio.run(engine_run(engine, prompts, ids, args.new_tokens))  # type: ignore[arg-type]
     return result["_tokens"], engine.decode_mode
@@ -86,14 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", default="small", choices=["small", *SHAPES])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/fulcrum-serve-exact"))
+    add_engine_options(parser, prompts=32, prompt_tokens=64, new_tokens=32, out="/tmp/fulcrum-serve-exact")
     parser.add_argument("--modes", default=",".join(MODES), help="engine modes, comma-separated")
     args = parser.parse_args()
     config = SMALL if args.shape == "small" else SHAPES[args.shape]

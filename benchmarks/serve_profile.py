@@ -17,14 +17,18 @@ import cProfile
 import io
 import pstats
 import time
-from pathlib import Path
 
 import torch
 
 from benchmarks.common import SHAPES
-from benchmarks.serve_bench import SMALL, engine_run, make_adapters, prompt_texts
-from serving.engine import BatchEngine, load_base
-from trainers.manifest import base_identity
+from benchmarks.serve_bench import (
+    SMALL,
+    add_engine_options,
+    engine_run,
+    engine_with_adapters,
+    make_adapters,
+    prompt_texts,
+)
 from trainers.spec import ModelSpec
 
 
@@ -32,15 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", default="small", choices=["small", *SHAPES])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--rank", type=int, default=16)
+    add_engine_options(parser, prompts=16, prompt_tokens=32, new_tokens=16, out="/tmp/fulcrum-serve-profile")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/fulcrum-serve-profile"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -48,20 +45,7 @@ def main() -> None:
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     spec = ModelSpec.model_validate({"config": dict(shape), "tokenizer": "bytes", "dtype": dtype})
     adapters = make_adapters(spec, args.device, args.adapters, args.rank, args.out / "adapters")
-    model, tokenizer = load_base(spec, args.device)
-    engine = BatchEngine(
-        model,
-        tokenizer,
-        base_identity=base_identity(spec),
-        max_adapters=args.adapters,
-        max_batch_rows=args.prompts,
-        context_length=args.prompt_tokens + args.new_tokens + 8,
-        cuda_graphs=not args.no_graphs,
-        prefix_cache_bytes=0,  # the warm-up sends the same prompts: cached prefixes would skip their prefill
-    )
-    engine.eos_ids = set()  # every request generates exactly --new-tokens
-    for i, path in enumerate(adapters):
-        engine.add_adapter(f"lora-{i}", str(path))
+    engine, tokenizer = engine_with_adapters(args, spec, adapters, cuda_graphs=not args.no_graphs)
     prompts = [tokenizer.encode(t) for t in prompt_texts(args.prompts, args.prompt_tokens)]
     ids = [f"lora-{i % args.adapters}" for i in range(args.prompts)]
 

@@ -361,16 +361,15 @@ def check_sources(spec: Any) -> list[str]:
 def check_data(spec: Any, rows: int = 20) -> list[str]:
     """Open the data files and check the format of their first `rows` rows; one line per file. Raises
     DataError naming the file and line (the full check of every row runs when training)."""
-    from trainers.data import column_names, detect_format, row_problem
-    from trainers.sources import read_source
+    from trainers.data import column_names, row_problem
+    from trainers.sources import read_source, source_format
 
     lines: list[str] = []
     for field in ("train", "eval"):
         sources = getattr(spec.data, f"{field}_sources")
         for source in sources:
             raw = read_source(source, spec.data.skip_bad_rows)
-            own = source.format if source.format != "auto" else spec.data.format
-            fmt = detect_format(raw, "chat" if own == "sharegpt" else own, spec.objective.kind)
+            fmt = source_format(raw, source, spec.data.format, spec.objective.kind)
             first = [raw.rows[i] for i in range(min(rows, len(raw.rows)))]
             bad = [(i, problem) for i, row in enumerate(first) if (problem := row_problem(row, fmt))]
             if bad and not spec.data.skip_bad_rows:

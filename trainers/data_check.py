@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.data import IGNORE, detect_format, row_problem, to_messages, tokenize_sft
+from trainers.data import IGNORE, row_problem, to_messages, tokenize_sft
 
 SHINGLE = 5  # words per shingle: short enough to see paraphrase-free copies, long enough to ignore topic
 NUM_PERM = 128
@@ -44,15 +44,14 @@ class SourceRows:
 def read_split(spec: Any, split: str, limit: int | None = None) -> Iterator[SourceRows]:
     """Each source of `data.<split>` as (name, format, rows with their locations): the only place this
     module reads data (trainers/sources.py reads the files, Hub datasets and column mappings)."""
-    from trainers.sources import read_source
+    from trainers.sources import read_source, source_format
 
     d = spec.data
     sources = d.train_sources if split == "train" else d.eval_sources
     labels: set[str] = set()
     for i, source in enumerate(sources):
         raw = read_source(source, skip_bad=True)  # unreadable lines are reported, not fatal
-        own = source.format if source.format != "auto" else d.format
-        fmt = detect_format(raw, "chat" if own == "sharegpt" else own, spec.objective.kind)
+        fmt = source_format(raw, source, d.format, spec.objective.kind)
         label = source.label if source.label not in labels else f"{source.label}-{i}"
         labels.add(label)
         n = len(raw.rows) if limit is None else min(limit, len(raw.rows))

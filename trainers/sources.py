@@ -169,6 +169,13 @@ def _as_chat(turns: Any) -> Any:
     return out
 
 
+def source_format(raw: RawRows, source: DataSource, declared: str, objective: str) -> str:
+    """A read source's row format: its own `format:`, else `data.format`, else detected (ShareGPT rows
+    were turned into chat rows by `normalize`)."""
+    own = source.format if source.format != "auto" else declared
+    return detect_format(raw, "chat" if own == "sharegpt" else own, objective)
+
+
 # --------------------------------------------------------------------------- loading a split
 def load_sources(
     sources: list[DataSource], declared: str, objective: str, skip_bad: bool, what: str
@@ -178,8 +185,7 @@ def load_sources(
     labels: set[str] = set()
     for i, source in enumerate(sources):
         raw = read_source(source, skip_bad)
-        own = source.format if source.format != "auto" else declared
-        fmt = detect_format(raw, "chat" if own == "sharegpt" else own, objective)
+        fmt = source_format(raw, source, declared, objective)
         read = len(raw.rows) + len(raw.skipped)
         rows = check_rows(raw, fmt, skip_bad)
         label = source.label
