@@ -796,7 +796,7 @@ class OpenAIIngress:
 
         app_name = serve.get_replica_context().app_name
         snaps = await asyncio.to_thread(metrics.collect, app_name)
-        if not snaps:  # no replica has published yet: wake one (it publishes from then on)
+        if not any(s["live"] for s in snaps):  # no live replica has published yet: wake one
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.model.ready.remote(), HEALTH_TIMEOUT_S)
                 await asyncio.sleep(metrics.PUBLISH_S * 1.5)

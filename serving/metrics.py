@@ -145,7 +145,11 @@ def forget(key: str) -> None:
 
 
 def collect(app: str) -> list[dict[str, Any]]:
-    """The fresh snapshots of every model replica of application `app` (blocking)."""
+    """Every snapshot of application `app`'s model replicas, each marked `live` (fresh) or not (blocking).
+
+    A replica that is gone (replaced, scaled down, crashed) keeps its last snapshot in the store: its
+    counters and histograms are totals that happened, so they stay in the sums and the application's
+    counters never go down when Serve replaces a replica. Gauges only count live replicas."""
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
 
     out = []
@@ -153,8 +157,8 @@ def collect(app: str) -> list[dict[str, Any]]:
         raw = _internal_kv_get(key, namespace=NAMESPACE)
         if raw:
             snap = json.loads(raw)
-            if time.time() - snap.get("at", 0) < STALE_S:
-                out.append(snap)
+            snap["live"] = time.time() - snap.get("at", 0) < STALE_S
+            out.append(snap)
     return out
 
 
@@ -169,8 +173,9 @@ def _total(snapshots: list[dict[str, Any]], counter: str) -> float:
 
 
 def render(snapshots: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
-    """Prometheus text format (version 0.0.4) of the sum of `snapshots`."""
+    """Prometheus text format (version 0.0.4) of the sum of `snapshots` (gauges: of the live ones)."""
     lines: list[str] = []
+    live = [s for s in snapshots if s.get("live", True)]
     for name, (doc, bounds) in HISTOGRAMS.items():
         counts = [0] * (len(bounds) + 1)
         total = 0.0
@@ -187,9 +192,9 @@ def render(snapshots: list[dict[str, Any]], extra: dict[str, Any] | None = None)
             lines.append(f'{name}_bucket{{le="{le}"}} {running}')
         lines += [f"{name}_sum {total}", f"{name}_count {running}"]
     for name, doc in GAUGES.items():
-        value = sum(s["gauges"].get(name, 0.0) for s in snapshots)
-        if name == "fulcrum_kv_cache_usage_perc" and snapshots:
-            value /= len(snapshots)  # a fraction: the replicas' mean
+        value = sum(s["gauges"].get(name, 0.0) for s in live)
+        if name == "fulcrum_kv_cache_usage_perc" and live:
+            value /= len(live)  # a fraction: the replicas' mean
         elif name == "fulcrum_prefix_cache_hit_rate":  # a ratio: of the summed counters
             queries = _total(snapshots, "fulcrum_prefix_cache_queries_total")
             value = _total(snapshots, "fulcrum_prefix_cache_hits_total") / queries if queries else 0.0
@@ -207,5 +212,5 @@ def render(snapshots: list[dict[str, Any]], extra: dict[str, Any] | None = None)
             lines.append(f"{name}{label} {merged[adapter]}")
     for name, value in (extra or {}).items():
         lines += [f"# TYPE {name} gauge", f"{name} {value}"]
-    lines += ["# TYPE fulcrum_replicas_reporting gauge", f"fulcrum_replicas_reporting {len(snapshots)}"]
+    lines += ["# TYPE fulcrum_replicas_reporting gauge", f"fulcrum_replicas_reporting {len(live)}"]
     return "\n".join(lines) + "\n"

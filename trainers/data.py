@@ -521,6 +521,7 @@ class PreparedData:
     dropped: list[str] = field(default_factory=list)  # "file: line N: ...", rows cut away by max_length
     eval_by_source: dict[str, PreparedSplit] = field(default_factory=dict)  # with several eval sources
     mixture: dict[str, float] = field(default_factory=dict)  # source -> share of the rows, with several
+    stream: dict[str, Any] | None = None  # streaming: the plan the workers follow; `train` is a sample
 
 
 @dataclass
@@ -538,7 +539,10 @@ def _finish(
     packing: bool,
     objective: str,
     skip_bad: bool = False,
+    allow_empty: bool = False,
 ) -> _Finished:
+    """Tokenize, drop rows without an answer token, pack. `allow_empty`: a chunk of a stream may end up
+    with nothing (all its answers cut, too few tokens for a block): an empty table, not an error."""
     where = rows[WHERE] if WHERE in rows.column_names else [f"row {i}" for i in range(len(rows))]
     tok = tokenize_rows(rows, fmt, tokenizer, max_length)
     skipped: list[str] = []
@@ -568,7 +572,7 @@ def _finish(
                     f"{where[i]}: no answer token within data.max_length={max_length} "
                     "(the prompt fills it); raise max_length or shorten the row"
                 )
-        if not keep:
+        if not keep and not allow_empty:
             raise DataError(
                 f"no row has an answer token within data.max_length={max_length} "
                 f"({len(dropped)} dropped, e.g. {dropped[0].split(': no answer')[0] if dropped else '-'}); "
@@ -582,7 +586,7 @@ def _finish(
             if objective == "cpt"
             else pack_greedy(ids, labels, max_length)
         )
-        if not packed["input_ids"]:
+        if not packed["input_ids"] and not allow_empty:
             raise DataError(
                 f"the data holds fewer than max_length={max_length} tokens, so packing made no block; "
                 "lower data.max_length or add data"
@@ -602,25 +606,35 @@ def _count_label_tokens(table: pa.Table) -> int:
 def prepare(spec: Any, tokenizer: Any) -> PreparedData:
     """Read, check, split, mix, tokenize and pack the train (and eval) data of a JobSpec: one source or
     several (trainers/sources.py)."""
+    from trainers import streaming
     from trainers.sources import SOURCE, common_format, held_out, load_sources, mix, round_robin
     from trainers.spec import as_sources
 
     d = spec.data
     objective = spec.objective.kind
-    parts = load_sources(d.train_sources, d.format, objective, d.skip_bad_rows, "data.train")
+    stream: dict[str, Any] | None = None
+    held: list[Any] = []
     replay = None
-    if d.replay is not None:  # general data against forgetting: no eval held out from it
-        (replay,) = load_sources(
-            [as_sources(d.replay.source)[0]], d.format, objective, d.skip_bad_rows, "data.replay.source"
-        )
-        replay.label = "replay"
-    fmt = common_format([*parts, *([replay] if replay else [])], "data.train")
+    if streaming.wanted(spec):  # only the heads: the workers read the rest as they train
+        plan, parts, held = streaming.read_heads(spec, d.eval_rows if d.eval is None else 0)
+        replay = parts.pop() if d.replay is not None else None
+        fmt, stream = plan.fmt, plan.to_json()
+    else:
+        parts = load_sources(d.train_sources, d.format, objective, d.skip_bad_rows, "data.train")
+        if d.replay is not None:  # general data against forgetting: no eval held out from it
+            (replay,) = load_sources(
+                [as_sources(d.replay.source)[0]], d.format, objective, d.skip_bad_rows, "data.replay.source"
+            )
+            replay.label = "replay"
+        fmt = common_format([*parts, *([replay] if replay else [])], "data.train")
     train_read = sum(p.read for p in parts)  # rows plus lines that were not even JSON
     skipped = [m for p in parts for m in p.skipped] + (replay.skipped if replay else [])
     if d.eval is not None:
         evals = load_sources(d.eval_sources, d.format, objective, d.skip_bad_rows, "data.eval")
         skipped += [m for p in evals for m in p.skipped]
         common_format(evals, "data.eval", want=fmt)
+    elif stream is not None:
+        evals = held
     else:
         evals = [e for p in parts if (e := held_out(p, d.eval_fraction, spec.train.seed)) is not None]
     rows = mix(parts, spec.train.seed, replay, d.replay.share if d.replay else 0.0)
@@ -658,7 +672,7 @@ def prepare(spec: Any, tokenizer: Any) -> PreparedData:
         )
     return PreparedData(
         train, eval_split, fmt, skipped, dropped, by_source if len(by_source) > 1 else {},
-        _shares_of(rows, [p.label for p in parts] + (["replay"] if replay else [])),
+        _shares_of(rows, [p.label for p in parts] + (["replay"] if replay else [])), stream,
     )  # fmt: skip
 
 
@@ -746,7 +760,9 @@ def steps_per_epoch(rows_per_rank: int, micro_batch_size: int, grad_accum: int) 
     return rows_per_rank // (micro_batch_size * grad_accum)
 
 
-def total_steps(spec: Any, train_rows: int) -> int:
+def total_steps(spec: Any, train_rows: int, streaming: bool = False) -> int:
+    if streaming:  # the rows are not counted: the spec gives the length (checked: trainers/spec.py)
+        return int(spec.train.max_steps)
     per_rank = train_rows // spec.scaling.workers
     per_epoch = steps_per_epoch(per_rank, spec.train.micro_batch_size, spec.grad_accum)
     if per_epoch == 0:

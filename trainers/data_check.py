@@ -45,12 +45,14 @@ def read_split(spec: Any, split: str, limit: int | None = None) -> Iterator[Sour
     """Each source of `data.<split>` as (name, format, rows with their locations): the only place this
     module reads data (trainers/sources.py reads the files, Hub datasets and column mappings)."""
     from trainers.sources import read_source, source_format
+    from trainers.streaming import head
 
     d = spec.data
     sources = d.train_sources if split == "train" else d.eval_sources
     labels: set[str] = set()
     for i, source in enumerate(sources):
-        raw = read_source(source, skip_bad=True)  # unreadable lines are reported, not fatal
+        # A sample is read lazily (the head of a corpus of any size); the whole check reads everything.
+        raw = head(source, limit, skip_bad=True) if limit is not None else read_source(source, skip_bad=True)
         fmt = source_format(raw, source, d.format, spec.objective.kind)
         label = source.label if source.label not in labels else f"{source.label}-{i}"
         labels.add(label)

@@ -106,6 +106,62 @@ def sample_prompts(spec: Any, data: PreparedData) -> list[dict[str, Any]]:
     return samples
 
 
+def few_shot_samples(spec: Any, data: PreparedData, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The prompting baseline's prompts: each scored sample after the instruction and `eval.few_shot`
+    examples drawn (seeded) from the training rows, as chat turns. Eval rows are never examples, and an
+    example equal to the prompt it precedes is replaced. Empty for text data (no prompt/answer pairs)."""
+    import random
+
+    k = spec.eval.few_shot
+    if k <= 0 or data.format in ("text",):
+        return []
+    pool = []
+    for row in data.train.prompts:
+        messages = to_messages(row, data.format)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is not None:
+            pool.append([m for m in messages[: last + 1] if m["role"] != "system"])
+    if not pool:
+        return []
+    rng = random.Random(spec.train.seed)
+    out = []
+    for sample in samples:
+        if not sample.get("reference") or "messages" not in sample:
+            continue
+        asked = [m for m in sample["messages"] if m["role"] != "system"]
+        candidates = [p for p in pool if p[:-1] != asked]
+        shots = rng.sample(candidates, min(k, len(candidates)))
+        system = [m["content"] for m in sample["messages"] if m["role"] == "system"]
+        instruction = "\n\n".join([spec.eval.instruction, *system])
+        turns = [{"role": "system", "content": instruction}, *(m for shot in shots for m in shot), *asked]
+        out.append({**sample, "messages": turns})
+    return out
+
+
+def score(answers: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact match and ROUGE-L of answers to prompts with a reference (overall, and per source when the
+    samples come from several); a text continuation has no single answer and is not scored."""
+    metrics: dict[str, Any] = {}
+    scored = [
+        (a, s["reference"])
+        for a, s in zip(answers, samples, strict=True)
+        if s.get("reference") and "messages" in s
+    ]
+    if scored:
+        metrics["exact_match"] = sum(exact_match(a, r) for a, r in scored) / len(scored)
+        metrics["rouge_l"] = sum(rouge_l(a, r) for a, r in scored) / len(scored)
+        metrics["scored_prompts"] = len(scored)
+        by_source: dict[str, list[tuple[str, str]]] = {}
+        for a, s in zip(answers, samples, strict=True):
+            if s.get("source") and s.get("reference") and "messages" in s:
+                by_source.setdefault(s["source"], []).append((a, s["reference"]))
+        if len(by_source) > 1:  # several tasks: which got better, which got worse
+            for name, pairs in by_source.items():
+                metrics[f"exact_match/{name}"] = sum(exact_match(a, r) for a, r in pairs) / len(pairs)
+                metrics[f"rouge_l/{name}"] = sum(rouge_l(a, r) for a, r in pairs) / len(pairs)
+    return metrics
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -230,10 +286,12 @@ def measure(
     synced: bool = False,
     progress: Callable[[int], None] | None = None,
     by_source: dict[str, Any] | None = None,
+    prompted: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity on the eval split (split over ranks), and greedy answers to `samples` scored with
     exact match and ROUGE-L. Every rank calls it; every rank gets the same result. `progress(answered)`:
-    see prompt_progress. `by_source`: each eval source's own table (a mixture), for `loss/<source>`."""
+    see prompt_progress. `by_source`: each eval source's own table (a mixture), for `loss/<source>`.
+    `prompted`: few-shot prompts (`few_shot_samples`) answered too, under "prompted" (the base's side)."""
     metrics: dict[str, Any] = {}
     micro = spec.train.micro_batch_size
     dtype = next(model.parameters()).dtype
@@ -264,25 +322,17 @@ def measure(
             synced=synced and world > 1,
             on_batch=progress,
         )
-    # Exact match and ROUGE-L score answers to prompts (sft, dpo); a text continuation has no single answer.
-    scored = [
-        (a, s["reference"])
-        for a, s in zip(answers, samples, strict=True)
-        if s.get("reference") and "messages" in s
-    ]
-    if scored:
-        metrics["exact_match"] = sum(exact_match(a, r) for a, r in scored) / len(scored)
-        metrics["rouge_l"] = sum(rouge_l(a, r) for a, r in scored) / len(scored)
-        metrics["scored_prompts"] = len(scored)
-        by_source: dict[str, list[tuple[str, str]]] = {}
-        for a, s in zip(answers, samples, strict=True):
-            if s.get("source") and s.get("reference") and "messages" in s:
-                by_source.setdefault(s["source"], []).append((a, s["reference"]))
-        if len(by_source) > 1:  # several tasks: which got better, which got worse
-            for name, pairs in by_source.items():
-                metrics[f"exact_match/{name}"] = sum(exact_match(a, r) for a, r in pairs) / len(pairs)
-                metrics[f"rouge_l/{name}"] = sum(rouge_l(a, r) for a, r in pairs) / len(pairs)
-    return {"metrics": metrics, "answers": answers}
+    metrics |= score(answers, samples)
+    out = {"metrics": metrics, "answers": answers}
+    if prompted:  # the same model after an instruction and a few examples: the prompting baseline
+        with eval_mode(model), autocast:
+            shown = (lambda n: progress(len(samples) + n)) if progress is not None else None
+            prompted_answers = generate_answers(
+                model, tokenizer, prompted, spec.eval.max_new_tokens, device,
+                synced=synced and world > 1, on_batch=shown,
+            )  # fmt: skip
+        out["prompted"] = {"metrics": score(prompted_answers, prompted), "answers": prompted_answers}
+    return out
 
 
 def prompt_progress(
@@ -310,12 +360,20 @@ def comparison_of(
         {"prompt": prompt_text(s), "before": b, "after": a, "reference": s.get("reference")}
         for s, b, a in zip(samples, before_answers, after["answers"], strict=True)
     ]
-    return {
+    out = {
         "before": before.get("metrics", {}),
         "after": after["metrics"],
         "reload_check": check,
         "samples": rows,
     }
+    prompted = before.get("prompted")
+    if prompted:  # the few-shot answers belong to the scored rows, in order
+        answers = iter(prompted["answers"])
+        scored = [r for r, s in zip(rows, samples, strict=True) if s.get("reference") and "messages" in s]
+        for row in scored:
+            row["prompted"] = next(answers, "")
+        out["prompted"] = prompted["metrics"]
+    return out
 
 
 def reload_check(artifact: Path, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -394,6 +452,9 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
     base = load_model(base_source, dtype=dtype, quantization=spec.quantization, device=device, **load_args)
     base.eval()
 
+    prompted = config.get("few_shot_samples") or []
+    total = 2 * n + len(prompted)
+
     def before_on(model: Any) -> dict[str, Any]:
         return measure(
             model,
@@ -402,8 +463,9 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
             samples,
             spec,
             device,
-            progress=prompt_progress(send, "before", 2 * n),
+            progress=prompt_progress(send, "before", total),
             by_source=by_source,
+            prompted=prompted,
         )
 
     if spec.is_peft:
@@ -423,7 +485,7 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
         samples,
         spec,
         device,
-        progress=prompt_progress(send, "after", 2 * n, n),
+        progress=prompt_progress(send, "after", total, n + len(prompted)),
         by_source=by_source,
     )
     return comparison_of(before, after, samples, probe_check(tuned, run_dir, dtype, device))

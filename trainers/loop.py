@@ -11,6 +11,7 @@ the CPU (tests/trainers/test_loop.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -29,6 +30,8 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from trainers import storage
+from trainers.best import STATE_KEY as BEST_KEY
+from trainers.best import BestTracker
 from trainers.data import collate, micro_batches, shard_order, shard_rows, steps_per_epoch
 from trainers.engine import (
     DeepSpeedEngine,
@@ -61,6 +64,7 @@ from trainers.models import (
 )
 from trainers.objectives import build_objective, eval_mode, token_logits
 from trainers.spec import JobSpec
+from trainers.streaming import StreamPlan, stream_batches
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +218,20 @@ class Recipe:
         self.objective = build_objective(
             spec, self.engine.module, self._load_frozen, config["frozen_sources"], self.plan.compiled
         )
+        self.best = BestTracker(spec, self.engine.module, self.rank)  # early stopping, keep_best
         self.train_table = _fetched(config["train_ref"])
         self.eval_table = _fetched(config["eval_ref"]) if config.get("eval_ref") is not None else None
         # Several eval sources (a mixture): each one's loss too, so a run shows which task moved.
         self.eval_sources = {
             name: _fetched(ref) for name, ref in (config.get("eval_source_refs") or {}).items()
         }
-        self.indices = shard_rows(self.train_table.num_rows, self.rank, self.world, spec.train.seed)
         self.accum, self.micro = spec.grad_accum, spec.train.micro_batch_size
-        self.per_epoch = steps_per_epoch(len(self.indices), self.micro, self.accum)
+        self.stream = StreamPlan(**config["stream"]) if config.get("stream") else None
+        if self.stream is not None:  # no row count: "epoch" reads as the fraction of the run
+            self.indices, self.per_epoch = [], max(1, self.total_steps)
+        else:
+            self.indices = shard_rows(self.train_table.num_rows, self.rank, self.world, spec.train.seed)
+            self.per_epoch = steps_per_epoch(len(self.indices), self.micro, self.accum)
 
     def _plan(self) -> None:
         """The memory plan, made from the model's config alone, so that ZeRO-3 can load partitioned."""
@@ -353,6 +362,7 @@ class Recipe:
             state = _read_json(directory / STATE_FILE)
             if not state.get("final"):
                 self.engine.load(directory)
+                self.best.load(state, directory)
                 rng = read_rng_state(directory, self.rank)
                 if rng is not None:
                     restore_rng(rng)
@@ -413,6 +423,7 @@ class Recipe:
                 synced=self.plan.zero_stage == 3,
                 progress=self._prompt_progress("before", 1),
                 by_source=self.eval_sources,
+                prompted=self.config.get("few_shot_samples"),
             )
             if self.rank == 0:
                 storage.write_json(storage.join(self.run_dir, "eval_before.json"), self.before)
@@ -433,12 +444,21 @@ class Recipe:
                     self.session.report(self._metrics())
                 if checkpointing:
                     self.checkpoint()
+                if self.best.should_stop:  # every rank saw the same eval numbers: all stop here
+                    break
 
     def batches(self) -> Iterator[list[Batch]]:
         """Each remaining step's micro-batches, from `global_step` on: the epoch's order of this rank's rows,
         the same again on resume. Pinned on CUDA, so that the copy to the device overlaps compute."""
         step = self.global_step
         pin = self.device.type == "cuda"
+        if self.stream is not None:  # trainers/streaming.py: read, tokenized and packed as it goes
+            groups = stream_batches(
+                self.spec, self.stream, self.tokenizer, self.rank, self.world, step, self.pad_id
+            )
+            for group in itertools.islice(groups, max(0, self.total_steps - step)):
+                yield [{k: v.pin_memory() for k, v in b.items()} for b in group] if pin else group
+            return
         while step < self.total_steps:
             epoch, done = divmod(step, self.per_epoch)
             order = shard_order(self.indices, self.spec.train.seed + epoch, self.spec.data.shuffle)
@@ -517,6 +537,11 @@ class Recipe:
         if not self._due(self.spec.train.eval_every):
             return False
         self.evaluate()
+        warning = self.best.observe(self.latest_eval, self.global_step)
+        if warning:
+            self.warn(warning)
+        if self.best.should_stop:
+            self.log({"event": "early_stop", "step": self.global_step, **self.best.record()})
         return True
 
     def evaluate(self) -> float | None:
@@ -555,10 +580,14 @@ class Recipe:
             d = Path(tmp)
             self.engine.save(d)
             write_rng_state(d / f"rank{self.rank}_{RNG_FILE}")  # each rank's dropout stream
+            self.best.save(d)  # each rank's copy of its best weights (keep_best)
             if self.rank == 0:
-                storage.write_json(
-                    str(d / STATE_FILE), {"step": self.global_step, "tokens_seen": self.tokens_seen}
-                )
+                state = {
+                    "step": self.global_step,
+                    "tokens_seen": self.tokens_seen,
+                    BEST_KEY: self.best.state(),
+                }
+                storage.write_json(str(d / STATE_FILE), state)
                 lines = "".join(json.dumps(r) + "\n" for r in self._since_checkpoint)
                 (d / RECORDS_FILE).write_text(lines, encoding="utf-8")
                 self._since_checkpoint = []
@@ -570,7 +599,11 @@ class Recipe:
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> None:
-        """Final eval, the artifact as the last checkpoint, then before/after on the same sharding."""
+        """Final eval, the artifact as the last checkpoint, then before/after on the same sharding.
+        With keep_best, the best evaluation's weights go back in first: they are what is evaluated and
+        exported."""
+        if self.best.restore():
+            self.log({"event": "kept_best", "step": self.global_step, **self.best.record()})
         eval_loss = self.evaluate()
         train_seconds = time.time() - self.started
         check = self._final_checkpoint()
@@ -585,6 +618,7 @@ class Recipe:
                 "eval_loss": eval_loss,
                 "frozen_checksum": frozen_checksum(self.engine.module),
                 "reload_check": check,
+                **self.best.record(),
             }
         )
         if self.config.get("evaluate"):
@@ -625,6 +659,7 @@ class Recipe:
                     *args,
                     progress=self._prompt_progress("before", sides),
                     by_source=self.eval_sources,
+                    prompted=self.config.get("few_shot_samples"),
                 )
         elif before is None:
             before = storage.read_json_or_none(storage.join(self.run_dir, "eval_before.json"))
@@ -642,9 +677,12 @@ class Recipe:
     def _prompt_progress(self, phase: str, sides: int) -> Any:
         """Rank 0's progress through the prompts, to the driver's display only (not metrics.jsonl)."""
         n = len(self.config.get("samples") or [])
-        offset = n if phase == "after" and sides == 2 else 0
+        m = len(self.config.get("few_shot_samples") or [])  # the base's few-shot answers, before
+        before = n + m
+        total = before + n if sides == 2 else (before if phase == "before" else n)
+        offset = before if phase == "after" and sides == 2 else 0
         send = self.session.record if self.rank == 0 else None
-        return prompt_progress(send, phase, sides * n, offset)
+        return prompt_progress(send, phase, total, offset)
 
     def _measure_args(self) -> tuple[Any, ...]:
         samples = self.config.get("samples") or []

@@ -105,6 +105,15 @@ def summary_table(summary: dict[str, Any]) -> Table:
                 f"{before:.4f} -> {summary['eval_loss']:.4f}" if before else f"{summary['eval_loss']:.4f}",
             )
         )
+    if summary.get("best_step") is not None:
+        best = f"{summary['best_metric']} {summary['best_value']:.4g} at step {summary['best_step']}"
+        if summary.get("kept_best"):
+            best += " (these weights were exported)"
+        if summary.get("stopped_early_at") is not None:
+            best += f"; stopped early at step {summary['stopped_early_at']}"
+        rows.append(("best eval", best))
+    if summary.get("prompting_baseline"):
+        rows.append(("vs prompting", summary["prompting_baseline"]["line"]))
     if summary.get("peak_memory_bytes"):
         label = "peak GPU memory" if summary.get("memory_kind") == "gpu" else "peak CPU memory (RSS)"
         rows.append((label, human_bytes(summary["peak_memory_bytes"])))

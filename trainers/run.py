@@ -36,7 +36,7 @@ from rich.progress import (
 from trainers import storage
 from trainers.data import PreparedData, prepare, total_steps
 from trainers.errors import DiskFull, FulcrumError
-from trainers.evaluate import PROBE_FILE, sample_prompts
+from trainers.evaluate import PROBE_FILE, few_shot_samples, sample_prompts
 from trainers.models import load_tokenizer, materialize_base, pack_directory, tokenizer_matches
 from trainers.models import tokenizer_source as tokenizer_source_for
 from trainers.outputs import check_output, run_state
@@ -174,12 +174,20 @@ def prepare_job(spec: JobSpec, console: Console | None = None) -> PreparedJob:
         check_teacher(tokenizer, frozen_sources["teacher"], spec.objective.teacher)  # type: ignore[union-attr]
     with console.status("reading and tokenizing data"):
         data = prepare(spec, tokenizer)
-    steps = total_steps(spec, data.train.table.num_rows)
+    if data.eval is None and (spec.train.early_stopping or spec.train.keep_best):
+        field = "early_stopping" if spec.train.early_stopping else "keep_best"
+        raise FulcrumError(
+            f"train.{field} needs eval data, and this run has none: give data.eval, or a "
+            "data.eval_fraction above 0 (data.eval_rows with streaming)"
+        )
+    steps = total_steps(spec, data.train.table.num_rows, data.stream is not None)
     refs: dict[str, Any] = {
-        "train_ref": ray.put(data.train.table),
+        "train_ref": ray.put(data.train.table),  # streaming: a sample of the head (the probe batch)
+        "stream": data.stream,
         "eval_ref": ray.put(data.eval.table) if data.eval else None,
         "eval_source_refs": {name: ray.put(split.table) for name, split in data.eval_by_source.items()},
-        "samples": sample_prompts(spec, data),
+        "samples": (samples := sample_prompts(spec, data)),
+        "few_shot_samples": few_shot_samples(spec, data, samples),
         # Materialized bases (a .gguf conversion, an inline config) exist only on this machine: ship them.
         "packed_models": {
             source: ray.put(pack_directory(source))
@@ -211,6 +219,14 @@ def data_check_line(spec: JobSpec, prepared: PreparedJob) -> str:
 
 def describe_data(spec: JobSpec, prepared: PreparedJob) -> str:
     data = prepared.data
+    if data.stream is not None:
+        sources = len(spec.data.train_sources) + (spec.data.replay is not None)
+        return (
+            f"data: {data.format} rows, streamed from {sources} source{'s' if sources > 1 else ''} by each "
+            f"worker ({'packed, ' if spec.packing else ''}shuffle buffer {spec.data.shuffle_buffer})"
+            + (f", {data.eval.table.num_rows} eval sequences" if data.eval else ", no eval split")
+            + f"; {prepared.steps} steps of {spec.train.batch_size} sequences (train.max_steps)"
+        )
     return (
         f"data: {data.format} rows, {data.train.rows_read - data.train.rows_skipped} train"
         f" ({data.train.table.num_rows} sequences{' packed' if spec.packing else ''},"
@@ -575,6 +591,7 @@ def finish_run(
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval_loss": end.get("eval_loss"),
+        **{k: end[k] for k in BEST_FIELDS if k in end},  # early stopping, keep_best
         "artifact": artifact,
         "artifact_bytes": storage.size(artifact),
         "ranks": sorted(starts, key=lambda s: (s["start_step"], s["rank"])),
@@ -594,6 +611,9 @@ def finish_run(
     run_dir.write_json("summary.json", summary)
     print_summary(console, summary)
     return summary
+
+
+BEST_FIELDS = ("best_metric", "best_value", "best_step", "stopped_early_at", "kept_best")
 
 
 def run_job(
@@ -818,7 +838,30 @@ def summary_of_comparison(comparison: dict[str, Any]) -> dict[str, Any]:
         "eval_loss_before": comparison.get("before", {}).get("loss"),
         "eval_loss_after": comparison.get("after", {}).get("loss"),
         "reload_check": comparison.get("reload_check"),
+        **({"prompting_baseline": v} if (v := prompting_verdict(comparison)) else {}),
     }
+
+
+def prompting_verdict(comparison: dict[str, Any]) -> dict[str, Any] | None:
+    """Did fine-tuning beat the base given an instruction and a few examples? On ROUGE-L (exact match
+    when ROUGE-L is missing), the tuned model against `prompted`; None without a baseline."""
+    prompted, after = comparison.get("prompted") or {}, comparison.get("after", {})
+    metric = next((m for m in ("rouge_l", "exact_match") if m in prompted and m in after), None)
+    if metric is None:
+        return None
+    tuned, base = after[metric], prompted[metric]
+    margin = tuned - base
+    both = f"{tuned:.3f} tuned, {base:.3f} base + prompt"
+    if abs(margin) < 0.01:
+        line = f"fine-tuning matched prompting: {metric} {both}"
+    elif margin > 0:
+        line = f"fine-tuning beat prompting by {margin:.3f} {metric} ({both})"
+    else:
+        line = (
+            f"prompting beat fine-tuning by {-margin:.3f} {metric} ({base:.3f} base + prompt, {tuned:.3f} "
+            "tuned): try the prompt before training"
+        )
+    return {"metric": metric, "tuned": tuned, "prompted": base, "margin": margin, "line": line}
 
 
 def print_comparison(console: Console, comparison: dict[str, Any], show: int = 6) -> None:
@@ -831,19 +874,29 @@ def print_comparison(console: Console, comparison: dict[str, Any], show: int = 6
         show_lines=True,
         title_justify="left",
     )
-    for col in ("prompt", "before", "after", "reference"):
+    prompted = comparison.get("prompted")
+    columns = ("prompt", "before", *(("base + prompt",) if prompted else ()), "after", "reference")
+    for col in columns:
         table.add_column(col, overflow="fold", ratio=1)
     for row in samples[:show]:
-        table.add_row(row["prompt"][-300:], row["before"], row["after"], row.get("reference") or "")
+        extra = (row.get("prompted", ""),) if prompted else ()
+        table.add_row(row["prompt"][-300:], row["before"], *extra, row["after"], row.get("reference") or "")
     console.print(table)
     before, after = comparison.get("before", {}), comparison.get("after", {})
     metrics = Table(title="evaluation", title_justify="left")
-    for col in ("metric", "base", "tuned"):
+    for col in ("metric", "base", *(("base + prompt",) if prompted else ()), "tuned"):
         metrics.add_column(col, justify="right" if col != "metric" else "left")
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
     for key in [k for k in after if isinstance(after[k], float | int)]:
-        b, a = before.get(key), after[key]
-        metrics.add_row(key, "-" if b is None else f"{b:.4g}", f"{a:.4g}")
+        extra = (cell(prompted.get(key)),) if prompted else ()
+        metrics.add_row(key, cell(before.get(key)), *extra, cell(after[key]))
     console.print(metrics)
+    verdict = prompting_verdict(comparison)
+    if verdict:
+        console.print(escape(verdict["line"]), highlight=False)
     check = comparison.get("reload_check")
     if check and not check["ok"]:
         console.print(

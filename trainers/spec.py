@@ -405,6 +405,23 @@ class DataSpec(_Section):
         description="Mix a share of general data into training, so the model keeps what it knew: "
         "{source, share}. No eval is held out from it.",
     )
+    streaming: bool | Literal["auto"] = Field(
+        "auto",
+        description="Read the training rows lazily: each worker mixes, tokenizes, packs and shuffles its "
+        "share as training goes, so memory stays flat however large the corpus (needs train.max_steps). "
+        "`auto`: on when the training files add up to more than 1 GiB and train.max_steps is set.",
+    )
+    eval_rows: Int = Field(
+        256,
+        ge=0,
+        description="With streaming and no data.eval: the first rows of each source held out for eval "
+        "(data.eval_fraction needs the row count, which streaming does not take).",
+    )
+    shuffle_buffer: Int = Field(
+        1000,
+        ge=0,
+        description="With streaming: sequences each worker holds to shuffle from (0: the stream's order).",
+    )
 
     @field_validator("train", "eval")
     @classmethod
@@ -439,6 +456,17 @@ class StorageSpec(_Section):
         return None if value is None else (value.rstrip("/") or "/")
 
 
+class EarlyStoppingSpec(_Section):
+    metric: str = Field(
+        "eval_loss",
+        pattern=r"^eval_",
+        description="An eval record's field: eval_loss, eval_loss/<source>, or an objective's eval_ stat.",
+    )
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better (losses); max: higher.")
+    patience: Int = Field(3, ge=1, description="Stop after this many evaluations without improvement.")
+    min_delta: Float = Field(0.0, ge=0, description="An improvement smaller than this does not count.")
+
+
 class TrainSpec(_Section):
     epochs: Float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: Int | None = Field(
@@ -471,6 +499,16 @@ class TrainSpec(_Section):
     keep_checkpoints: Int = Field(2, ge=1, description="Older checkpoints are deleted beyond this many.")
     log_every: Int = Field(1, ge=1, description="Steps between metric records (each costs a host sync).")
     seed: Int = Field(0, description="Seeds the data order and dropout.")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None,
+        description="Stop when the eval metric has not improved for `patience` evaluations "
+        "({metric, mode, patience, min_delta}); needs eval data and eval_every.",
+    )
+    keep_best: bool = Field(
+        False,
+        description="Export the weights of the best evaluation (early_stopping.metric, else eval_loss) "
+        "instead of the last step's; needs eval data and eval_every.",
+    )
 
 
 class ScalingSpec(_Section):
@@ -517,6 +555,17 @@ class EvalSpec(_Section):
     )
     max_new_tokens: Int = Field(64, ge=1, description="Length limit of each before/after answer.")
     prompts: list[str] = Field(default_factory=list, description="Extra prompts to answer before/after.")
+    few_shot: Int = Field(
+        3,
+        ge=0,
+        description="The prompting baseline (`base + prompt`): the base answers each eval prompt after an "
+        "instruction and this many examples from the training rows (never from eval); 0: no baseline. "
+        "Prompt/answer data only (sft, dpo, distill on chat or alpaca rows).",
+    )
+    instruction: str = Field(
+        "Answer the last request the way the examples answer theirs.",
+        description="The baseline's instruction (its system message), before the examples.",
+    )
 
 
 class TrackingSpec(_Section):
@@ -668,6 +717,19 @@ def _check_consistency(spec: JobSpec) -> None:
             ("data", "packing"),
             f"method `{spec.method.kind}` prepends virtual tokens, which packed sequences cannot carry; "
             "set packing: false",
+        )
+    for field_name in ("early_stopping", "keep_best"):
+        if getattr(spec.train, field_name) and spec.train.eval_every == 0:
+            raise _FieldProblem(
+                ("train", field_name),
+                "looks at the evaluations every train.eval_every steps, and eval_every is 0; set it "
+                "(e.g. eval_every: 50)",
+            )
+    if spec.data.streaming is True and spec.train.max_steps is None:
+        raise _FieldProblem(
+            ("data", "streaming"),
+            "streaming does not count the rows up front, so the run's length must be given: set "
+            "train.max_steps",
         )
     if spec.data.packing and spec.objective.kind == "dpo":
         raise _FieldProblem(("data", "packing"), "dpo compares whole answers; set packing: false")

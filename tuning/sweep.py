@@ -91,7 +91,7 @@ def run_trial(config: dict[str, Any], prepared: PreparedJob, sweep: str, evals: 
     trial_id = tune.get_context().get_trial_id()
     run_dir = RunDir(storage.join(sweep, TRIALS_DIR, trial_id))
     spec = trial_spec(prepared.spec, config, run_dir.location)
-    steps = total_steps(spec, prepared.data.train.table.num_rows)
+    steps = total_steps(spec, prepared.data.train.table.num_rows, prepared.data.stream is not None)
     set_eval_cadence(spec, steps, evals)
     job = dataclasses.replace(prepared, spec=spec, steps=steps)
     # The trial's own progress and tables go to a file; the sweep's console shows the live table.

@@ -241,3 +241,26 @@ def test_replay_source_errors_name_the_field(tmp_path: Path) -> None:
         sft_spec(tmp_path, str(task), replay={"source": str(task), "share": 1.5})
     with pytest.raises(SpecError, match=r"data\.replay\.source: file not found: general\.jsonl"):
         sft_spec(tmp_path, str(task), replay={"source": "general.jsonl"})
+
+
+def test_few_shot_baseline_prompts_take_examples_from_train_never_eval(tmp_path: Path, tok) -> None:
+    """`eval.few_shot: 3`: each scored eval prompt is preceded by the instruction and 3 training rows as
+    chat turns; eval rows are never examples, and text data has no baseline."""
+    from trainers.evaluate import few_shot_samples
+
+    path = write_jsonl(tmp_path / "add.jsonl", alpaca_rows(60))
+    spec = sft_spec(tmp_path, str(path), eval_fraction=0.2)
+    spec.eval.few_shot = 3
+    data = prepare(spec, tok)
+    samples = sample_prompts(spec, data)
+    shots = few_shot_samples(spec, data, samples)
+    assert len(shots) == len(samples) == 8
+    eval_users = {s["messages"][-1]["content"] for s in samples}
+    for shot, sample in zip(shots, samples, strict=True):
+        turns = shot["messages"]
+        assert turns[0] == {"role": "system", "content": spec.eval.instruction}
+        assert [m["role"] for m in turns[1:]] == ["user", "assistant"] * 3 + ["user"]
+        assert turns[-1] == sample["messages"][-1] and shot["reference"] == sample["reference"]
+        assert not {m["content"] for m in turns[1:-1] if m["role"] == "user"} & eval_users
+    spec.eval.few_shot = 0
+    assert few_shot_samples(spec, data, samples) == []

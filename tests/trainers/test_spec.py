@@ -276,3 +276,14 @@ def test_section_checks_name_the_set(tmp_path: Path) -> None:
     spec = load_spec(path, ["tune={space: {train.lr: {choice: [0.1]}}, num_samples: abc}"])
     with pytest.raises(SpecError, match=r"--set tune=.*: tune.num_samples:"):
         check_tune(spec)
+
+
+def test_early_stopping_and_keep_best_need_eval_every(tmp_path: Path) -> None:
+    from trainers.spec import parse_spec
+
+    for extra in ({"early_stopping": {"patience": 2}}, {"keep_best": True}):
+        spec = tiny_spec(tmp_path, train={"eval_every": 0, **extra})
+        with pytest.raises(SpecError, match=rf"train\.{next(iter(extra))}.*eval_every"):
+            parse_spec(spec)
+    with pytest.raises(SpecError, match=r"train\.early_stopping\.metric"):
+        parse_spec(tiny_spec(tmp_path, train={"eval_every": 5, "early_stopping": {"metric": "loss"}}))

@@ -213,6 +213,13 @@ def test_sft_mixture_with_before_after_eval_per_source(tmp_path: Path) -> None:
     assert report["after"]["perplexity"] < report["before"]["perplexity"]
     assert len(report["samples"]) == 4 and all(s["reference"] for s in report["samples"])
     assert summary["eval_loss_before"] == pytest.approx(report["before"]["loss"])
+    # the prompting baseline: the base after an instruction and 3 training examples, scored the same way
+    assert {"rouge_l", "exact_match"} <= set(report["prompted"])
+    assert all("prompted" in s for s in report["samples"])
+    verdict = summary["prompting_baseline"]
+    assert verdict["tuned"] == pytest.approx(report["after"]["rouge_l"])
+    assert verdict["prompted"] == pytest.approx(report["prompted"]["rouge_l"])
+    assert verdict["line"].startswith(("fine-tuning beat", "fine-tuning matched", "prompting beat"))
     for side in ("before", "after"):
         assert {"rouge_l/chat", "rouge_l/add", "exact_match/add", "loss/chat", "loss/add"} <= set(
             report[side]
@@ -242,3 +249,41 @@ def test_bad_rows_are_skipped_and_counted(tmp_path: Path) -> None:
     assert len(summary["rows_skipped"]) == 2
     assert "line 41: not valid JSON" in summary["rows_skipped"][0]
     assert "line 42: field `messages`" in summary["rows_skipped"][1]
+
+
+def test_streaming_two_workers_learn_and_evaluate_on_held_out_rows(tmp_path: Path) -> None:
+    """`data.streaming`: the driver reads only the head; two Ray Train workers each read, pack and
+    shuffle their share of the rows as they train, and eval runs on the rows held out from the head."""
+    from tests.helpers import text_rows
+
+    write_jsonl(tmp_path / "corpus.jsonl", text_rows(2000, words=20))
+    summary, run = train(
+        tmp_path,
+        method={"kind": "lora", "rank": 16, "alpha": 32},
+        scaling={"workers": 2},
+        data={"train": str(tmp_path / "corpus.jsonl"), "streaming": True, "eval_rows": 16, "max_length": 64},
+        train={"lr": 5.0e-2, "max_steps": 10, "scheduler": "constant", "eval_every": 10},
+    )
+    assert summary["last_loss"] < summary["first_loss"] - 0.2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals and evals[-1]["eval_loss"] < steps_of(run)[0]["loss"]
+    assert steps_of(run)[-1]["step"] == 10
+
+
+def test_early_stopping_and_keep_best_export_the_best_evaluation(tmp_path: Path) -> None:
+    """`mode: max` on eval_loss makes the first evaluation the best one (the loss only falls): the run stops
+    `patience` evaluations later, and keep_best exports the step-2 weights, whose final eval loss is the
+    step-2 eval loss again (the same weights on the same rows), not the lower loss of the last step."""
+    summary, run = train(
+        tmp_path,
+        method={"kind": "lora", "rank": 8, "alpha": 16},
+        train={"lr": 5.0e-2, "max_steps": 20, "scheduler": "constant", "eval_every": 2, "keep_best": True,
+               "early_stopping": {"metric": "eval_loss", "mode": "max", "patience": 2}},
+    )  # fmt: skip
+    assert summary["stopped_early_at"] == 6 and summary["steps"] == 6
+    assert summary["best_step"] == 2 and summary["kept_best"] is True
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    evals = {r["step"]: r["eval_loss"] for r in records if r["event"] == "eval"}
+    assert evals[6] < evals[2] == pytest.approx(summary["best_value"])
+    assert summary["eval_loss"] == pytest.approx(summary["best_value"], rel=1e-5)
