@@ -89,8 +89,10 @@ def main() -> None:
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     start = [*ray, "start", "--head", "--num-cpus", str(max(2, args.workers)), "--disable-usage-stats",
              "--include-dashboard=false", "--port", "6391"]  # fmt: skip
-    subprocess.run(start, check=True, capture_output=True)
-    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:6391"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # a local head, no token
+    subprocess.run(start, check=True, capture_output=True, env=base)
+    env = {**base, "RAY_ADDRESS": "127.0.0.1:6391"}
     rows = []
     try:
         for n in args.rows:
@@ -105,7 +107,7 @@ def main() -> None:
                 })  # fmt: skip
                 print(rows[-1], flush=True)
     finally:
-        subprocess.run([*ray, "stop", "--force"], capture_output=True)
+        subprocess.run([*ray, "stop", "--force"], capture_output=True, env=base)
     print(f"\n{platform.node()}: {os.cpu_count()} cores, {args.workers} worker(s), {args.steps} steps")
     print_table(rows, list(rows[0]))
 

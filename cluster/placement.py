@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainers.errors import SpecError
+from trainers.general import is_builtin
 
 if TYPE_CHECKING:
     from cluster.k8s_settings import K8sSettings
@@ -46,6 +47,8 @@ def data_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], Any, A
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
             loc: tuple[str | int, ...] = ("data", split, i) if isinstance(value, list) else ("data", split)
+            if is_builtin(item if isinstance(item, str) else (item or {}).get("path")):
+                continue  # built where it is read (trainers/general.py): nothing to ship or check
             if isinstance(item, dict):
                 if item.get("path") is not None:
                     found.append(((*loc, "path"), item["path"], functools.partial(item.__setitem__, "path")))
@@ -53,18 +56,16 @@ def data_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], Any, A
                 found.append((loc, item, functools.partial(value.__setitem__, i)))
             else:
                 found.append((loc, item, functools.partial(section.__setitem__, split)))
-    replay = section.get("replay") or {}
-    source = replay.get("source")
-    if isinstance(source, dict) and source.get("path") is not None:
-        found.append(
-            (
-                ("data", "replay", "source", "path"),
-                source["path"],
-                functools.partial(source.__setitem__, "path"),
-            )
-        )
-    elif isinstance(source, str):
-        found.append((("data", "replay", "source"), source, functools.partial(replay.__setitem__, "source")))
+    # One-source fields: data.replay.source and eval.general.
+    for loc, holder, key in (
+        (("data", "replay", "source"), section.get("replay") or {}, "source"),
+        (("eval", "general"), data.get("eval") or {}, "general"),
+    ):
+        source = holder.get(key)
+        if isinstance(source, dict) and source.get("path") is not None and not is_builtin(source["path"]):
+            found.append(((*loc, "path"), source["path"], functools.partial(source.__setitem__, "path")))
+        elif isinstance(source, str) and not is_builtin(source) and not source.startswith("hf://"):
+            found.append((loc, source, functools.partial(holder.__setitem__, key)))
     return found
 
 

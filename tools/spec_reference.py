@@ -26,6 +26,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("data: a source (`data.train` / `data.eval` items)", s.DataSource),
     ("data: replay", s.ReplaySpec),
     ("train", s.TrainSpec),
+    ("train: early_stopping", s.EarlyStoppingSpec),
     ("scaling", s.ScalingSpec),
     ("eval", s.EvalSpec),
     ("storage", s.StorageSpec),

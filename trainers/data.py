@@ -168,7 +168,13 @@ def _quiet_datasets() -> Iterator[None]:
 
 def read_rows(path: str, skip_bad: bool) -> RawRows:
     """Read one data file or saved dataset directory into a `datasets.Dataset`. A URI (s3://, gs://,
-    file://) is read from this machine's cache (downloaded once); messages still name the URI."""
+    file://) is read from this machine's cache (downloaded once); messages still name the URI. `builtin:`
+    sets (trainers/general.py) are built here, from the Python install."""
+    from trainers.general import builtin_rows, is_builtin
+
+    if is_builtin(path):
+        rows = builtin_rows(path)
+        return RawRows(datasets.Dataset.from_list(rows), path, lambda i: f"row {i}")
     if storage.is_uri(path):
         local = str(storage.cached_local(path))
         try:
@@ -674,6 +680,19 @@ def prepare(spec: Any, tokenizer: Any) -> PreparedData:
         train, eval_split, fmt, skipped, dropped, by_source if len(by_source) > 1 else {},
         _shares_of(rows, [p.label for p in parts] + (["replay"] if replay else [])), stream,
     )  # fmt: skip
+
+
+def prepare_general(spec: Any, tokenizer: Any) -> pa.Table | None:
+    """`eval.general`, tokenized for its loss (the forgetting row): text, alpaca or chat rows, whatever the
+    run's objective; None when the spec has none."""
+    from trainers.sources import load_sources
+    from trainers.spec import as_sources
+
+    if spec.eval.general is None:
+        return None
+    (part,) = load_sources([as_sources(spec.eval.general)[0]], "auto", "distill", spec.data.skip_bad_rows,
+                           "eval.general")  # fmt: skip
+    return _finish(part.rows, part.fmt, tokenizer, spec.data.max_length, False, "distill", True).table
 
 
 def _shares_of(rows: datasets.Dataset, labels: list[str]) -> dict[str, float]:

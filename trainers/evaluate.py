@@ -283,6 +283,7 @@ def measure(
     device: torch.device,
     rank: int = 0,
     world: int = 1,
+    general: Any = None,
     synced: bool = False,
     progress: Callable[[int], None] | None = None,
     by_source: dict[str, Any] | None = None,
@@ -291,7 +292,8 @@ def measure(
     """Loss and perplexity on the eval split (split over ranks), and greedy answers to `samples` scored with
     exact match and ROUGE-L. Every rank calls it; every rank gets the same result. `progress(answered)`:
     see prompt_progress. `by_source`: each eval source's own table (a mixture), for `loss/<source>`.
-    `prompted`: few-shot prompts (`few_shot_samples`) answered too, under "prompted" (the base's side)."""
+    `prompted`: few-shot prompts (`few_shot_samples`) answered too, under "prompted" (the base's side).
+    `general`: eval.general's table: `general_loss` and `general_perplexity` (forgetting, before vs after)."""
     metrics: dict[str, Any] = {}
     micro = spec.train.micro_batch_size
     dtype = next(model.parameters()).dtype
@@ -313,6 +315,9 @@ def measure(
                 metrics["preference_accuracy"] = preference_accuracy(
                     model, eval_table, micro, tokenizer.pad_token_id, device, rank, world
                 )
+        if general is not None:
+            g = evaluate_loss(model, general, micro, tokenizer.pad_token_id, device, rank, world)
+            metrics |= {"general_loss": g, "general_perplexity": math.exp(min(g, 50.0))}
         answers = generate_answers(
             model,
             tokenizer,
@@ -444,6 +449,7 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
     )
     eval_table = ray.get(config["eval_ref"]) if config["eval_ref"] is not None else None
     by_source = {name: ray.get(ref) for name, ref in (config.get("eval_source_refs") or {}).items()}
+    general = ray.get(config["general_ref"]) if config.get("general_ref") is not None else None
     samples = config["samples"]
     # Waited on: a record still in flight when the task returns would never be shown (the driver stops
     # reading the sink once the task is done). Records are few (every ~10% or 15 s).
@@ -463,6 +469,7 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
             samples,
             spec,
             device,
+            general=general,
             progress=prompt_progress(send, "before", total),
             by_source=by_source,
             prompted=prompted,
@@ -485,6 +492,7 @@ def _compare_task(run_dir: str, config: dict[str, Any], sink: Any = None) -> dic
         samples,
         spec,
         device,
+        general=general,
         progress=prompt_progress(send, "after", total, n + len(prompted)),
         by_source=by_source,
     )

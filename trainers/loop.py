@@ -46,6 +46,7 @@ from trainers.evaluate import (
     PROBE_FILE,
     all_reduce_sum,
     comparison_of,
+    evaluate_loss,
     evaluate_objective,
     measure,
     prompt_progress,
@@ -225,6 +226,10 @@ class Recipe:
         self.eval_sources = {
             name: _fetched(ref) for name, ref in (config.get("eval_source_refs") or {}).items()
         }
+        # eval.general: what the base knew besides the task, for forgetting (its plain LM loss).
+        self.general_table = (
+            _fetched(config["general_ref"]) if config.get("general_ref") is not None else None
+        )
         self.accum, self.micro = spec.grad_accum, spec.train.micro_batch_size
         self.stream = StreamPlan(**config["stream"]) if config.get("stream") else None
         if self.stream is not None:  # no row count: "epoch" reads as the fraction of the run
@@ -571,6 +576,10 @@ class Recipe:
                 self.world,
             )
             self.latest_eval[f"eval_loss/{name}"] = loss
+        if self.general_table is not None:
+            self.latest_eval["eval_loss/general"] = evaluate_loss(
+                self.forward, self.general_table, self.micro, self.pad_id, self.device, self.rank, self.world
+            )
         self.log({"event": "eval", "step": self.global_step, **self.latest_eval})
         return eval_loss
 
@@ -686,7 +695,8 @@ class Recipe:
 
     def _measure_args(self) -> tuple[Any, ...]:
         samples = self.config.get("samples") or []
-        return (self.tokenizer, self.eval_table, samples, self.spec, self.device, self.rank, self.world)
+        return (self.tokenizer, self.eval_table, samples, self.spec, self.device, self.rank, self.world,
+                self.general_table)  # fmt: skip
 
     # ------------------------------------------------------------------ records
     def log(self, record: dict[str, Any]) -> None:

@@ -112,6 +112,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         if summary.get("stopped_early_at") is not None:
             best += f"; stopped early at step {summary['stopped_early_at']}"
         rows.append(("best eval", best))
+    if summary.get("forgetting"):
+        rows.append(("forgetting", summary["forgetting"]["line"]))
     if summary.get("prompting_baseline"):
         rows.append(("vs prompting", summary["prompting_baseline"]["line"]))
     if summary.get("peak_memory_bytes"):

@@ -34,7 +34,7 @@ from rich.progress import (
 )
 
 from trainers import storage
-from trainers.data import PreparedData, prepare, total_steps
+from trainers.data import PreparedData, prepare, prepare_general, total_steps
 from trainers.errors import DiskFull, FulcrumError
 from trainers.evaluate import PROBE_FILE, few_shot_samples, sample_prompts
 from trainers.models import load_tokenizer, materialize_base, pack_directory, tokenizer_matches
@@ -186,6 +186,9 @@ def prepare_job(spec: JobSpec, console: Console | None = None) -> PreparedJob:
         "stream": data.stream,
         "eval_ref": ray.put(data.eval.table) if data.eval else None,
         "eval_source_refs": {name: ray.put(split.table) for name, split in data.eval_by_source.items()},
+        "general_ref": ray.put(general)
+        if (general := prepare_general(spec, tokenizer)) is not None
+        else None,
         "samples": (samples := sample_prompts(spec, data)),
         "few_shot_samples": few_shot_samples(spec, data, samples),
         # Materialized bases (a .gguf conversion, an inline config) exist only on this machine: ship them.
@@ -839,7 +842,20 @@ def summary_of_comparison(comparison: dict[str, Any]) -> dict[str, Any]:
         "eval_loss_after": comparison.get("after", {}).get("loss"),
         "reload_check": comparison.get("reload_check"),
         **({"prompting_baseline": v} if (v := prompting_verdict(comparison)) else {}),
+        **({"forgetting": f} if (f := forgetting(comparison)) else {}),
     }
+
+
+def forgetting(comparison: dict[str, Any]) -> dict[str, Any] | None:
+    """eval.general's loss before and after: what training cost the base's general knowledge."""
+    before, after = comparison.get("before", {}), comparison.get("after", {})
+    if "general_loss" not in before or "general_loss" not in after:
+        return None
+    b, a = before["general_loss"], after["general_loss"]
+    ratio = after["general_perplexity"] / before["general_perplexity"] - 1
+    word = "forgot" if a > b + 0.01 else "kept"
+    line = f"{word}: general loss {b:.4f} -> {a:.4f} ({a - b:+.4f}; perplexity {ratio:+.1%})"
+    return {"general_loss_before": b, "general_loss_after": a, "change": a - b, "line": line}
 
 
 def prompting_verdict(comparison: dict[str, Any]) -> dict[str, Any] | None:
@@ -892,7 +908,8 @@ def print_comparison(console: Console, comparison: dict[str, Any], show: int = 6
 
     for key in [k for k in after if isinstance(after[k], float | int)]:
         extra = (cell(prompted.get(key)),) if prompted else ()
-        metrics.add_row(key, cell(before.get(key)), *extra, cell(after[key]))
+        label = f"forgetting: {key.replace('_', ' ')}" if key.startswith("general_") else key
+        metrics.add_row(label, cell(before.get(key)), *extra, cell(after[key]))
     console.print(metrics)
     verdict = prompting_verdict(comparison)
     if verdict:

@@ -31,6 +31,8 @@ from pydantic import (
 )
 
 from trainers.errors import SpecError
+from trainers.general import is_builtin
+from trainers.general import problem as builtin_problem
 from trainers.validation import explain, located
 
 
@@ -562,6 +564,11 @@ class EvalSpec(_Section):
         "instruction and this many examples from the training rows (never from eval); 0: no baseline. "
         "Prompt/answer data only (sft, dpo, distill on chat or alpaca rows).",
     )
+    general: Source | None = Field(
+        None,
+        description="A general held-out set for the forgetting row: its loss and perplexity before and "
+        "after (and `eval_loss/general` at every eval). A source, or `builtin:python-docs` (shipped).",
+    )
     instruction: str = Field(
         "Answer the last request the way the examples answer theirs.",
         description="The baseline's instruction (its system message), before the examples.",
@@ -878,6 +885,10 @@ def _resolve_sources(value: Sources, spec_dir: Path, fail: Any) -> Sources:
 
     def one(item: str | DataSource, loc: tuple[str | int, ...]) -> str | DataSource:
         raw = item.path if isinstance(item, DataSource) else item
+        if raw is not None and is_builtin(raw):
+            if problem := builtin_problem(raw):
+                raise fail((*loc, "path") if isinstance(item, DataSource) else loc, problem)
+            return item
         if raw is None or raw.startswith("hf://"):
             return item
         path = _resolve_path(raw, spec_dir)
@@ -940,6 +951,10 @@ def parse_spec(
         replay = spec.data.replay
         replay.source = _resolve_sources(  # type: ignore[assignment]
             replay.source, spec_dir, lambda loc, msg: fail(("data", "replay", "source", *loc), msg)
+        )
+    if spec.eval.general is not None:
+        spec.eval.general = _resolve_sources(  # type: ignore[assignment]
+            spec.eval.general, spec_dir, lambda loc, msg: fail(("eval", "general", *loc), msg)
         )
     if spec.chat_template is not None:
         from trainers.chat_templates import resolve

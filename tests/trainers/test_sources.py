@@ -264,3 +264,26 @@ def test_few_shot_baseline_prompts_take_examples_from_train_never_eval(tmp_path:
         assert not {m["content"] for m in turns[1:-1] if m["role"] == "user"} & eval_users
     spec.eval.few_shot = 0
     assert few_shot_samples(spec, data, samples) == []
+
+
+def test_builtin_general_set_for_forgetting_and_replay(tmp_path: Path, tok) -> None:
+    """`builtin:python-docs` is text built from the Python install: a replay source and eval.general with
+    no file to ship; an unknown built-in name is refused at the field."""
+    from trainers.data import prepare_general
+    from trainers.general import builtin_rows
+
+    rows = builtin_rows("builtin:python-docs")
+    assert len(rows) > 300 and all(len(r["text"].split()) >= 20 for r in rows)
+    assert rows == builtin_rows("builtin:python-docs")  # the same set every time
+    write_jsonl(tmp_path / "train.jsonl", alpaca_rows(4))
+    spec = tiny_spec(tmp_path, data={"train": str(tmp_path / "train.jsonl"),
+                                     "replay": {"source": "builtin:python-docs", "share": 0.2}},
+                     eval={"general": "builtin:python-docs"})  # fmt: skip
+    parsed = parse_spec(spec)
+    general = prepare_general(parsed, tok)  # every row, cut into max_length pieces (text is not packed)
+    assert general.num_rows >= len(rows) and max(map(len, general.column("input_ids").to_pylist())) <= 64
+    shipped = [value for _, value, _ in data_paths(parsed.model_dump(mode="json")) if value is not None]
+    assert shipped == [str(tmp_path / "train.jsonl")]  # built-in sets are built where they are read
+    spec["eval"]["general"] = "builtin:wiki"
+    with pytest.raises(SpecError, match=r"eval\.general.*builtin:python-docs"):
+        parse_spec(spec)

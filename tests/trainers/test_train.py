@@ -200,7 +200,7 @@ def test_sft_mixture_with_before_after_eval_per_source(tmp_path: Path) -> None:
         },
         method={"kind": "lora", "rank": 8, "alpha": 16},
         train={"lr": 1.0e-2, "max_steps": 10},
-        eval={"samples": 4, "max_new_tokens": 8},
+        eval={"samples": 4, "max_new_tokens": 8, "general": "builtin:python-docs"},
         chat_template="zephyr",
     )
     # the spec's chat template trained the rows and travels with the adapter, for `fulcrum serve`
@@ -213,6 +213,11 @@ def test_sft_mixture_with_before_after_eval_per_source(tmp_path: Path) -> None:
     assert report["after"]["perplexity"] < report["before"]["perplexity"]
     assert len(report["samples"]) == 4 and all(s["reference"] for s in report["samples"])
     assert summary["eval_loss_before"] == pytest.approx(report["before"]["loss"])
+    # forgetting: eval.general's loss before and after (the shipped set), and at every eval
+    assert report["after"]["general_loss"] > 0 and report["before"]["general_loss"] > 0
+    gone = summary["forgetting"]
+    assert gone["change"] == pytest.approx(report["after"]["general_loss"] - report["before"]["general_loss"])
+    assert gone["line"].startswith(("forgot", "kept"))
     # the prompting baseline: the base after an instruction and 3 training examples, scored the same way
     assert {"rouge_l", "exact_match"} <= set(report["prompted"])
     assert all("prompted" in s for s in report["samples"])
@@ -231,6 +236,7 @@ def test_sft_mixture_with_before_after_eval_per_source(tmp_path: Path) -> None:
     ]
     last = evals[-1]
     assert last["eval_loss/chat"] > 0 and last["eval_loss/add"] > 0
+    assert last["eval_loss/general"] == pytest.approx(report["after"]["general_loss"], rel=1e-3)
     # the overall eval loss lies between the two sources' (it is their token-weighted mean)
     low, high = sorted((last["eval_loss/chat"], last["eval_loss/add"]))
     assert low - 1e-6 <= last["eval_loss"] <= high + 1e-6
