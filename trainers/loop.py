@@ -52,6 +52,7 @@ from trainers.evaluate import (
     prompt_progress,
     reload_check,
 )
+from trainers.ewc import EWC
 from trainers.manifest import MANIFEST_FILE, build_manifest
 from trainers.memory import count_from_config, plan_memory
 from trainers.methods import apply_method, count_parameters, decoder_layers, frozen_checksum
@@ -63,7 +64,7 @@ from trainers.models import (
     quiet_libraries,
     resolve_dtype,
 )
-from trainers.objectives import build_objective, eval_mode, token_logits
+from trainers.objectives import CausalLM, build_objective, eval_mode, token_logits
 from trainers.spec import JobSpec
 from trainers.streaming import StreamPlan, stream_batches
 
@@ -151,6 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not recipe.restore():
         return  # the final checkpoint exists: the driver collects the artifact and finishes the run
     recipe.announce()
+    recipe.consolidate()
     recipe.measure_before()
     recipe.train()
     recipe.finish()
@@ -220,6 +222,7 @@ class Recipe:
             spec, self.engine.module, self._load_frozen, config["frozen_sources"], self.plan.compiled
         )
         self.best = BestTracker(spec, self.engine.module, self.rank)  # early stopping, keep_best
+        self.ewc: EWC | None = None  # method.ewc: estimated in `consolidate`, or loaded from a checkpoint
         self.train_table = _fetched(config["train_ref"])
         self.eval_table = _fetched(config["eval_ref"]) if config.get("eval_ref") is not None else None
         # Several eval sources (a mixture): each one's loss too, so a run shows which task moved.
@@ -368,6 +371,9 @@ class Recipe:
             if not state.get("final"):
                 self.engine.load(directory)
                 self.best.load(state, directory)
+                ewc = getattr(self.spec.method, "ewc", None)
+                if ewc is not None:
+                    self.ewc = EWC.load(ewc.lambda_, self.engine.module, directory, self.rank, self.device)
                 rng = read_rng_state(directory, self.rank)
                 if rng is not None:
                     restore_rng(rng)
@@ -417,6 +423,25 @@ class Recipe:
             **shard_fractions(self.engine.module),
         }
         self.session.record(record)  # every rank's
+
+    def consolidate(self) -> None:
+        """method.ewc: the Fisher information of the trainable weights on eval.general, before training
+        (a resumed run loaded it with its checkpoint: the anchor stays the weights training started from)."""
+        ewc = getattr(self.spec.method, "ewc", None)
+        if ewc is None or self.ewc is not None:
+            return
+        if self.deepspeed:
+            raise FulcrumError(
+                "method.ewc runs on fulcrum's plain engine, and this run uses DeepSpeed (ZeRO stage "
+                f"{self.plan.zero_stage}); set scaling.zero_stage: 0, or drop method.ewc"
+            )
+        ddp = isinstance(self.forward, torch.nn.parallel.DistributedDataParallel)
+        forward = self.forward.module if ddp else self.forward
+        self.ewc = EWC.estimate(
+            ewc.lambda_, self.engine.module, forward, CausalLM(), self.general_table, self.micro, self.pad_id,
+            self.device, self.rank, self.world, ewc.batches,
+        )  # fmt: skip
+        self.log({"event": "ewc", "step": self.global_step, "lambda": ewc.lambda_, "batches": ewc.batches})
 
     def measure_before(self) -> None:
         """A full or freeze run changes the weights themselves, so the base is measured before training."""
@@ -485,11 +510,14 @@ class Recipe:
         weight, inputs = all_reduce_sum([local_weight, local_inputs], self.device)
         loss = torch.zeros((), device=self.device)
         stat_sums: dict[str, torch.Tensor] = {}
-        for b in group:
+        for i, b in enumerate(group):
             loss_sum, stats = self.objective(
                 self.forward, {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             )
-            self.engine.backward(loss_sum * (self.world / max(weight, 1.0)))
+            scaled = loss_sum * (self.world / max(weight, 1.0))
+            if i == 0 and self.ewc is not None:  # once a step; the same on every rank, so DDP keeps it
+                scaled = scaled + self.ewc.penalty()
+            self.engine.backward(scaled)
             self.engine.step()
             loss += loss_sum.detach()
             for k, v in stats.items():
@@ -520,6 +548,7 @@ class Recipe:
                 "tokens_seen": self.tokens_seen,
                 "tokens_per_s": (self.tokens_seen - self.tokens_at_start) / max(elapsed, 1e-9),
                 "epoch": stats.step / self.per_epoch,
+                **({"ewc_penalty": float(self.ewc.last)} if self.ewc is not None else {}),
             }
         )
 
@@ -590,6 +619,8 @@ class Recipe:
             self.engine.save(d)
             write_rng_state(d / f"rank{self.rank}_{RNG_FILE}")  # each rank's dropout stream
             self.best.save(d)  # each rank's copy of its best weights (keep_best)
+            if self.ewc is not None:
+                self.ewc.save(d, self.rank)
             if self.rank == 0:
                 state = {
                     "step": self.global_step,

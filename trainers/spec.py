@@ -85,20 +85,49 @@ class ModelSpec(_Section):
 
 
 # --------------------------------------------------------------------------- methods
-class FullMethod(_Section):
+class EWCSpec(_Section):
+    """Elastic weight consolidation against forgetting (trainers/ewc.py)."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, validate_by_name=True,
+        validate_by_alias=True, serialize_by_alias=True,
+    )  # fmt: skip
+    lambda_: Float = Field(
+        1.0,
+        ge=0,
+        alias="lambda",
+        description="Strength of the penalty lambda/2 * sum F_i (theta_i - theta*_i)^2, F normalized to "
+        "mean 1 (0: off).",
+    )
+    batches: Int = Field(
+        16, ge=1, description="Micro-batches of eval.general per worker that estimate the Fisher information."
+    )
+
+
+class _Consolidating(_Section):
+    """Methods whose weights add to the base's (full, freeze and the additive adapters) can take EWC."""
+
+    ewc: EWCSpec | None = Field(
+        None,
+        description="{lambda, batches}: an EWC penalty against forgetting, its Fisher information "
+        "estimated on eval.general before training (plain engine: ZeRO stage 0).",
+    )
+
+
+class FullMethod(_Consolidating):
     """Every weight trains: plain PyTorch at ZeRO stage 0, DeepSpeed ZeRO when sharded or offloaded."""
 
     kind: Literal["full"]
 
 
-class FreezeMethod(_Section):
+class FreezeMethod(_Consolidating):
     """Only the top N decoder layers, the final norm and the LM head train."""
 
     kind: Literal["freeze"]
     top_layers: Int = Field(2, ge=1, description="How many of the topmost decoder layers train.")
 
 
-class LoraMethod(_Section):
+class LoraMethod(_Consolidating):
     kind: Literal["lora"]
     rank: Int = Field(16, ge=1, description="Rank r of the low-rank update.")
     alpha: Float = Field(32.0, gt=0, description="Scale: the update is multiplied by alpha / rank.")
@@ -124,7 +153,7 @@ class DoraMethod(LoraMethod):
     kind: Literal["dora"]  # type: ignore[assignment]
 
 
-class IA3Method(_Section):
+class IA3Method(_Consolidating):
     """(IA)^3: learned vectors that rescale keys, values and the MLP's inner activations."""
 
     kind: Literal["ia3"]
@@ -137,7 +166,7 @@ class IA3Method(_Section):
     )
 
 
-class AdapterMethod(_Section):
+class AdapterMethod(_Consolidating):
     """Bottleneck adapters after the attention block and the MLP of every layer (Houlsby et al.)."""
 
     kind: Literal["adapter"]
@@ -724,6 +753,16 @@ def _check_consistency(spec: JobSpec) -> None:
             ("data", "packing"),
             f"method `{spec.method.kind}` prepends virtual tokens, which packed sequences cannot carry; "
             "set packing: false",
+        )
+    if getattr(spec.method, "ewc", None) is not None and spec.eval.general is None:
+        raise _FieldProblem(
+            ("method", "ewc"),
+            "EWC estimates the Fisher information on the general set: set eval.general (a source, or "
+            "builtin:python-docs)",
+        )
+    if getattr(spec.method, "ewc", None) is not None and spec.scaling.engine == "deepspeed":
+        raise _FieldProblem(
+            ("method", "ewc"), "EWC runs on the plain engine; remove scaling.engine: deepspeed"
         )
     for field_name in ("early_stopping", "keep_best"):
         if getattr(spec.train, field_name) and spec.train.eval_every == 0:

@@ -265,12 +265,17 @@ def test_streaming_two_workers_learn_and_evaluate_on_held_out_rows(tmp_path: Pat
     write_jsonl(tmp_path / "corpus.jsonl", text_rows(2000, words=20))
     summary, run = train(
         tmp_path,
-        method={"kind": "lora", "rank": 16, "alpha": 32},
+        method={"kind": "lora", "rank": 16, "alpha": 32, "ewc": {"lambda": 1.0, "batches": 2}},
         scaling={"workers": 2},
         data={"train": str(tmp_path / "corpus.jsonl"), "streaming": True, "eval_rows": 16, "max_length": 64},
         train={"lr": 5.0e-2, "max_steps": 10, "scheduler": "constant", "eval_every": 10},
+        eval={"samples": 1, "max_new_tokens": 4, "general": "builtin:python-docs"},
     )
     assert summary["last_loss"] < summary["first_loss"] - 0.2
+    # EWC (over DDP): the Fisher estimated on the general set before training, then a penalty that grows
+    # as the adapter moves away from where it started
+    steps = steps_of(run)
+    assert steps[0]["ewc_penalty"] < steps[-1]["ewc_penalty"] and steps[-1]["ewc_penalty"] > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]
     assert evals and evals[-1]["eval_loss"] < steps_of(run)[0]["loss"]
