@@ -373,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_data_check)
 
     # The other workloads register their own subcommands (serve; tune; submit and jobs; k8s).
-    from cluster import jobs_cmd, k8s_cmd, serve_cmd, tune_cmd
+    from cluster import compare_cmd, jobs_cmd, k8s_cmd, serve_cmd, tune_cmd
 
-    for module in (serve_cmd, tune_cmd, jobs_cmd, k8s_cmd):
+    for module in (serve_cmd, tune_cmd, compare_cmd, jobs_cmd, k8s_cmd):
         module.register(sub)
     return parser
 
