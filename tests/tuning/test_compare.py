@@ -35,7 +35,7 @@ def test_the_rules_pick_prompting_then_the_cheapest_close_adapter() -> None:
     assert recommend([full, row("lora", 0.80 * (1 - 2 * TOLERANCE), 10**6)])["approach"] == "full"
     # a score every method gets 0 on tells nothing: eval loss decides (and the prompt has none)
     zero = [
-        row("fewshot", 0.0, 0),
+        row("fewshot", 0.0, 0, eval_loss=None),
         row("full", 0.0, 10**8, eval_loss=2.0),
         row("lora", 0.0, 10**6, eval_loss=4.0),
     ]
