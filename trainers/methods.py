@@ -105,7 +105,7 @@ def _prefix(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
     # prefix: an MLP reparameterises the prefixes while training (more stable); P-tuning v2 trains them
     # directly. Either way the saved adapter holds only the prefixes.
     projection = cfg.kind == "prefix"
-    return _peft(
+    peft_model = _peft(
         model,
         PrefixTuningConfig(
             num_virtual_tokens=cfg.num_virtual_tokens,
@@ -114,6 +114,35 @@ def _prefix(model: Any, cfg: Any, tokenizer: Any = None) -> Any:
             task_type="CAUSAL_LM",
         ),
     )
+    if not projection and getattr(cfg, "init_text", None):
+        if tokenizer is None:
+            raise FulcrumError("method.init_text needs the tokenizer")
+        _prefix_from_text(peft_model, tokenizer, cfg.init_text, cfg.num_virtual_tokens)
+    return peft_model
+
+
+@torch.no_grad()
+def _prefix_from_text(peft_model: Any, tokenizer: Any, text: str, tokens: int) -> None:
+    """P-tuning v2's prefixes start as the base's own keys and values for `text` (repeated or cut to the
+    prefix length), as the prefix-tuning and P-tuning v2 papers initialise them: the model then starts
+    exactly as the base reading that text first, instead of attending to random vectors that wreck it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise FulcrumError("method.init_text: the text has no tokens")
+    ids = (ids * (tokens // len(ids) + 1))[:tokens]
+    config = peft_model.peft_config[peft_model.active_adapter]
+    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    device = embedding.weight.device
+    with peft_model.disable_adapter():
+        out = peft_model.get_base_model()(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    heads, head_dim = config.num_attention_heads, config.token_dim // config.num_attention_heads
+    layers = out.past_key_values.layers
+    # peft reads the embedding as (tokens, layers * 2, heads, head_dim): layer l's key at 2l, value at 2l+1.
+    kv = torch.empty(tokens, config.num_layers * 2, heads, head_dim, device=device)
+    for i, layer in enumerate(layers):
+        kv[:, 2 * i] = layer.keys[0].transpose(0, 1)  # (heads, tokens, head_dim) -> (tokens, heads, ...)
+        kv[:, 2 * i + 1] = layer.values[0].transpose(0, 1)
+    embedding.weight.copy_(kv.reshape(tokens, -1).to(embedding.weight.dtype))
 
 
 def _prompt(model: Any, cfg: Any, tokenizer: Any = None) -> Any:

@@ -211,6 +211,11 @@ class PtuningV2Method(_Section):
 
     kind: Literal["ptuning_v2"]
     num_virtual_tokens: Int = Field(20, ge=1, description="Length of the prefix at every layer.")
+    init_text: str | None = Field(
+        "You are a helpful assistant. Answer the question exactly as asked.",
+        description="The prefixes start as the base's own keys and values for this text (repeated to "
+        "the prefix length), so training starts from the base as it reads the text; null: random.",
+    )
 
 
 METHOD_CLASSES: dict[str, type[_Section]] = {
