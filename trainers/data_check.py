@@ -57,7 +57,9 @@ def read_split(spec: Any, split: str, limit: int | None = None) -> Iterator[Sour
         label = source.label if source.label not in labels else f"{source.label}-{i}"
         labels.add(label)
         n = len(raw.rows) if limit is None else min(limit, len(raw.rows))
-        rows = [(f"{raw.path}: {raw.where(k)}", _as_dict(raw.rows[k])) for k in range(n)]
+        # One conversion, not a datasets lookup per row (which builds a table each time).
+        values = raw.rows.select(range(n)).to_list() if hasattr(raw.rows, "select") else raw.rows[:n]
+        rows = [(f"{raw.path}: {raw.where(k)}", _as_dict(v)) for k, v in enumerate(values)]
         yield SourceRows(split, label, fmt, source.weight, rows, list(raw.skipped))
 
 
