@@ -32,6 +32,7 @@ def test_example_spec_tunes_smollm2(tmp_path: Path) -> None:
     assert report["after"]["loss"] < 0.8 * report["before"]["loss"]
     assert summary["trainable_params"] < 0.05 * summary["total_params"]
     assert "before / after" in out.getvalue()
-    # Answered inside the workers, shown by the driver: plain lines when not a terminal (1 prompt, 2 sides).
-    assert "eval before: 0/2 prompts, time left" in out.getvalue()
-    assert "eval after: 2/2 prompts, 0m00s left" in out.getvalue()
+    # Answered inside the workers, shown by the driver: plain lines when not a terminal (1 prompt, 2 sides,
+    # and the base's few-shot answer to it).
+    assert "eval before: 0/3 prompts, time left" in out.getvalue()
+    assert "eval after: 3/3 prompts, 0m00s left" in out.getvalue()

@@ -76,8 +76,9 @@ def test_export_merge_refuses_prompt_methods_and_eval_scores_answers(
     assert main(["eval", str(run), "--samples", "6", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "before / after" in out and "rouge_l" in out and "exact_match" in out
-    # Not a terminal: plain progress lines (before and after count together), not a bar.
-    assert "eval before: 0/12 prompts, time left" in out and "eval after: 12/12 prompts, 0m00s left" in out
+    # Not a terminal: plain progress lines (before, the base's few-shot answers and after count together).
+    assert "eval before: 0/18 prompts, time left" in out and "eval after: 18/18 prompts, 0m00s left" in out
+    assert "base + prompt" in out
     comparison = json.loads((run / "eval.json").read_text())
     for side in ("before", "after"):
         assert comparison[side]["scored_prompts"] == 6
